@@ -1,0 +1,104 @@
+"""The attention backend interface and its registry.
+
+The model code calls ``backend.forward`` and never asks which backend runs. Adding a
+backend means one new module that subclasses ``AttentionBackend`` and decorates it
+with ``register_backend``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+
+_REGISTRY: dict[str, type[AttentionBackend]] = {}
+
+
+class AttentionBackend(ABC):
+    """Paged attention over per-layer KV pools of shape ``[blocks, block_size, kv_heads, d]``."""
+
+    name: str = ""
+
+    @classmethod
+    def is_available(cls, device: torch.device) -> bool:
+        """Whether this backend can run on ``device`` in this process."""
+        return True
+
+    @abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Store the step's new K/V (``[tokens, kv_heads, d]``) at ``meta.slot_mapping``."""
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of the new queries ``[tokens, heads, d]`` over their contexts."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write this step's K/V into the pools, then attend; returns ``[tokens, heads, d]``."""
+        self.write_kv(key, value, k_cache, v_cache, meta)
+        return self.attend(query, k_cache, v_cache, meta, scale)
+
+
+def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    """Class decorator adding a backend to the registry under ``name``."""
+
+    def decorate(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends."""
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Instantiate backend ``name`` (``auto`` picks the best one for ``device``)."""
+    device = torch.device(device)
+    if name == "auto":
+        name = _auto_choice(device)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of auto, "
+            + ", ".join(available_backends())
+        )
+    cls = _REGISTRY[name]
+    if not cls.is_available(device):
+        raise ValueError(f"attention backend {name!r} is not available on device {device}")
+    return cls()
+
+
+def _auto_choice(device: torch.device) -> str:
+    for name in ("flash-attn", "triton"):
+        cls = _REGISTRY.get(name)
+        if cls is not None and cls.is_available(device):
+            return name
+    return "torch"

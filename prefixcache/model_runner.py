@@ -1,0 +1,60 @@
+"""Turns a step's scheduled work into tensors, runs the model, and returns logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from kernels import AttentionBackend, AttentionMetadata
+from prefixcache.forward_context import ForwardContext
+from prefixcache.kv_cache import KVCache
+
+
+class SequenceChunk(NamedTuple):
+    """One sequence's share of a step: new tokens after ``num_computed`` cached ones."""
+
+    token_ids: Sequence[int]
+    num_computed: int
+    block_ids: Sequence[int]
+
+
+class ModelRunner:
+    """Owns the model, the KV pools and the attention backend for one device."""
+
+    def __init__(
+        self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, device: torch.device
+    ) -> None:
+        self.model, self.kv_cache, self.backend, self.device = model, kv_cache, backend, device
+
+    @torch.inference_mode()
+    def run(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
+        """Forward the step; logits of each chunk's last token (or of every token)."""
+        input_ids, positions, ctx = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, ctx)
+        if not all_logits:
+            last = ctx.meta.query_start_loc[1:].long() - 1
+            hidden = hidden[last]
+        return self.model.compute_logits(hidden)
+
+    def _prepare(self, chunks: Sequence[SequenceChunk]):
+        ids: list[int] = []
+        positions: list[int] = []
+        for chunk in chunks:
+            ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.num_computed, chunk.num_computed + len(chunk.token_ids)))
+        meta = AttentionMetadata.build(
+            query_lens=[len(c.token_ids) for c in chunks],
+            seq_lens=[c.num_computed + len(c.token_ids) for c in chunks],
+            block_tables=[list(c.block_ids) for c in chunks],
+            block_size=self.kv_cache.block_size,
+            device=self.device,
+        )
+        ctx = ForwardContext(meta, self.kv_cache.layers, self.backend)
+        return _long_tensor(ids, self.device), _long_tensor(positions, self.device), ctx
+
+
+def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
