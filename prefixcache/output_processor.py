@@ -1,0 +1,73 @@
+"""Per-request text and stop handling: detokenize, cut at stop strings, decide finish."""
+
+from __future__ import annotations
+
+from prefixcache.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prefixcache.outputs import RequestDelta, RequestOutput
+from prefixcache.sequence import Sequence
+
+
+class RequestState:
+    """A request's sequence plus its streaming text state."""
+
+    def __init__(self, seq: Sequence, tokenizer, eos_token_ids: frozenset[int]) -> None:
+        self.seq = seq
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_matcher = StopStringMatcher(seq.params.stop_strings)
+        self.stop_ids = frozenset(seq.params.stop_token_ids or ())
+        if not seq.params.ignore_eos:
+            self.stop_ids |= eos_token_ids
+        self.text = ""
+
+    def append_token(self, token_id: int, max_model_len: int) -> RequestDelta:
+        """Record a sampled token; set the finish reason when a stop condition holds."""
+        seq = self.seq
+        seq.token_ids.append(token_id)
+        if token_id in self.stop_ids:
+            return self._finish("stop", self._drain())
+        result = self.stop_matcher.feed(self.detokenizer.add(token_id))
+        if result.stopped:
+            return self._finish("stop", result.text)
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= max_model_len:
+            return self._finish("length", result.text + self._drain())
+        return self._delta([token_id], result.text)
+
+    def _drain(self) -> str:
+        """Text still held back by the detokenizer and the stop matcher."""
+        tail = self.stop_matcher.feed(self.detokenizer.flush())
+        return tail.text if tail.stopped else tail.text + self.stop_matcher.flush()
+
+    def abort(self) -> RequestDelta:
+        """Finish the request because the caller gave up on it."""
+        return self._finish("abort", "", token_ids=[])
+
+    def _finish(self, reason: str, text: str, token_ids: list[int] | None = None) -> RequestDelta:
+        self.seq.finish_reason = reason
+        if token_ids is None:
+            token_ids = self.seq.token_ids[-1:]
+        return self._delta(token_ids, text)
+
+    def _delta(self, token_ids: list[int], text: str) -> RequestDelta:
+        self.text += text
+        seq = self.seq
+        return RequestDelta(
+            seq.request_id,
+            token_ids,
+            text,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_cached_tokens,
+        )
+
+    def output(self) -> RequestOutput:
+        """The request's result so far."""
+        seq = self.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=self.text,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+        )

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefixcache.testing import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Return `(arch, **overrides) -> Path`, building each distinct tiny model once."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple[str, str], Path] = {}
+
+    def factory(arch: str = "llama", **overrides: Any) -> Path:
+        key = (arch, json.dumps(overrides, sort_keys=True, default=repr))
+        if key not in built:
+            built[key] = make_tiny_model(root / f"{arch}-{len(built)}", arch, **overrides)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory: Callable[..., Path]) -> Path:
+    """The default tiny llama model folder."""
+    return tiny_model_factory("llama")
