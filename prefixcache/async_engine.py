@@ -1,0 +1,175 @@
+"""An asyncio front for the engine: the step loop runs in its own thread.
+
+Only the loop thread touches the engine. Callers hand it work through a command
+queue; it hands results back to each request's asyncio queue on the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from prefixcache.engine import Engine, Prompt
+from prefixcache.outputs import RequestDelta
+from prefixcache.sampling_params import SamplingParams
+from prefixcache.tokenizer import render_chat
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped because of an error; no further requests are served."""
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` in a background thread and streams deltas to coroutines."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: list[Callable[[], None]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wakeup = threading.Condition()
+        self._running = True
+        self._error: BaseException | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="prefixcache-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public API
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        salt: str | None = None,
+    ) -> AsyncIterator[RequestDelta]:
+        """Stream a request's deltas; leaving the iteration early aborts the request.
+
+        Bad input raises ValueError before anything is queued.
+        """
+        token_ids = self.engine.tokenize_prompt(prompt)
+        self.engine.check_fits(len(token_ids), params)
+        self._raise_if_dead()
+        request_id = request_id or f"async-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, queue)
+        self._submit(lambda: self._add(token_ids, params, request_id, salt))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort(request_id))
+
+    def render_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt token ids for a message list (raises ValueError on bad messages)."""
+        return render_chat(self.engine.tokenizer, messages)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request wherever it is; its stream ends with finish_reason ``abort``."""
+        self._submit(lambda: self._deliver([self.engine.abort(request_id)]))
+
+    def call(self, fn: Callable[[Engine], Any]) -> asyncio.Future:
+        """Run ``fn(engine)`` on the loop thread; await the returned future for its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as exc:  # handed to the awaiting caller
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._submit(run)
+        return future
+
+    def shutdown(self) -> None:
+        """Stop the loop thread (pending requests are abandoned)."""
+        with self._wakeup:
+            self._running = False
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the loop thread has died of an error or was shut down."""
+        return self._thread.is_alive() and self._error is None
+
+    # ------------------------------------------------------------ loop thread
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        try:
+            while self._next_commands():
+                for command in self._take_commands():
+                    command()
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+        except BaseException as exc:  # the loop must report, not vanish
+            logger.exception("engine loop died")
+            self._error = exc
+            self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _add(self, token_ids: list[int], params: SamplingParams, request_id: str, salt) -> None:
+        try:
+            self.engine.add_request(token_ids, params, request_id, salt)
+        except ValueError as exc:  # e.g. a request id already in use: that caller's error
+            target = self._streams.get(request_id)
+            if target is not None:
+                target[0].call_soon_threadsafe(target[1].put_nowait, exc)
+
+    def _next_commands(self) -> bool:
+        """Sleep while idle; False when asked to stop."""
+        with self._wakeup:
+            while self._running and not self._commands and not self.engine.has_unfinished_requests():
+                self._wakeup.wait()
+            return self._running
+
+    def _take_commands(self) -> list[Callable[[], None]]:
+        with self._wakeup:
+            commands, self._commands = self._commands, []
+        return commands
+
+    def _deliver(self, deltas: Sequence[RequestDelta | None]) -> None:
+        for delta in deltas:
+            if delta is None:
+                continue
+            target = self._streams.get(delta.request_id)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for loop, queue in list(self._streams.values()):
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}")
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

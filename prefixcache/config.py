@@ -1,0 +1,74 @@
+"""Engine configuration: one frozen dataclass, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("auto", "torch", "triton", "flash-attn")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs to size and run itself (all defaults already resolved)."""
+
+    model: str
+    device: str
+    dtype: str
+    max_model_len: int
+    block_size: int = 16
+    chunk_size: int = 256
+    kv_cache_tokens: int = 65536
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_prefix_caching: bool = True
+    host_cache_tokens: int = 0
+    disk_cache_dir: str | None = None
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("max_model_len", self.max_model_len)
+        _positive("block_size", self.block_size)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_seqs", self.max_num_seqs)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.chunk_size <= 0 or self.chunk_size % self.block_size:
+            raise ValueError(
+                f"chunk_size must be a positive multiple of block_size ({self.block_size}), "
+                f"got {self.chunk_size}"
+            )
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"kv_cache_tokens must hold at least one block of {self.block_size} tokens, "
+                f"got {self.kv_cache_tokens}"
+            )
+        if self.host_cache_tokens < 0:
+            raise ValueError(f"host_cache_tokens must be >= 0, got {self.host_cache_tokens}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks in the device KV pool."""
+        return self.kv_cache_tokens // self.block_size
+
+    @property
+    def model_path(self) -> Path:
+        """The model folder."""
+        return Path(self.model)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,35 @@
+"""What the engine hands back: finished results and streaming deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's prompt, generated tokens and text, and how much came from the cache."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once the request stopped for any reason."""
+        return self.finish_reason is not None
+
+
+class RequestDelta(NamedTuple):
+    """What one engine step added to one request (for streaming)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int

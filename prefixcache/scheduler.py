@@ -1,0 +1,111 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from prefixcache.block_manager import BlockManager
+from prefixcache.sequence import Sequence, SequenceStatus
+
+
+class ScheduledSeq(NamedTuple):
+    """A sequence and how many of its uncomputed tokens run this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the sequence's end, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    """Packs decode tokens first, then chunked prefill, under a per-step token budget.
+
+    A long prompt is prefilled over several steps, never more than the budget at once.
+    When blocks run out, the youngest running sequence is preempted: its computed
+    blocks go to the prefix cache, so its recompute is mostly a cache hit.
+    """
+
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.token_budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        """Choose this step's work."""
+        budget = self.token_budget
+        scheduled: list[ScheduledSeq] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            num = min(seq.num_uncomputed_tokens, budget)
+            if num == 0:
+                continue
+            if not self._allocate_or_preempt(seq, num, scheduled):
+                preempted = True
+                continue
+            scheduled.append(ScheduledSeq(seq, num))
+            budget -= num
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return scheduled
+
+    def _allocate_or_preempt(self, seq: Sequence, num: int, scheduled: list) -> bool:
+        """Allocate for ``seq``, preempting younger sequences; False if ``seq`` itself went."""
+        while not self.blocks.allocate(seq, num):
+            victim = self.running[-1]
+            self._preempt(victim, scheduled)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> None:
+        self.running.remove(seq)
+        scheduled[:] = [s for s in scheduled if s.seq is not seq]
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            num = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.allocate(seq, num):
+                self.blocks.free(seq, cache_blocks=False)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num))
+            budget -= num
+        return budget
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED

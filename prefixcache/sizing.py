@@ -1,0 +1,59 @@
+"""Default sizes that depend on the model and the device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from prefixcache.model_config import ModelConfig
+
+_CPU_KV_FRACTION = 0.2
+_CPU_KV_CAP_BYTES = 8 << 30
+_GPU_KV_FRACTION = 0.85
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
+    """The longest prompt plus output the engine accepts."""
+    limit = config.max_position_embeddings
+    if config.sliding_window:
+        # Full attention equals sliding-window attention while contexts fit the window.
+        limit = min(limit, config.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(
+            f"max_model_len {requested} exceeds what the model supports ({limit} tokens)"
+        )
+    return requested
+
+
+def resolve_kv_cache_tokens(
+    requested: int | None, bytes_per_token: int, max_model_len: int, device: torch.device
+) -> int:
+    """KV pool size in tokens: the request, else a share of the device's free memory."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * _GPU_KV_FRACTION)
+    else:
+        budget = min(int(_total_ram() * _CPU_KV_FRACTION), _CPU_KV_CAP_BYTES)
+    tokens = budget // bytes_per_token
+    if device.type == "cpu":
+        tokens = min(tokens, max(max_model_len, 65536))
+    return tokens
+
+
+def default_batched_tokens(device: torch.device) -> int:
+    """Per-step token budget for chunked prefill."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,53 @@
+"""Tokenizer loading, end-of-sequence ids, and chat rendering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's Hugging Face tokenizer (fast when available)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a tokenizer from {folder}: {exc}") from exc
+
+
+def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase, config_eos) -> frozenset[int]:
+    """End-of-sequence ids from generation_config.json, the tokenizer and config.json."""
+    ids = set(config_eos)
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        value = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def validate_messages(messages: Sequence[dict]) -> None:
+    """Raise ValueError unless ``messages`` is a non-empty list of role/content dicts."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ValueError("a conversation must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
+        if message.get("role") not in _ROLES:
+            raise ValueError(f"message {i} has unknown role {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} content must be a string")
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template, ready for a reply."""
+    validate_messages(messages)
+    if not tokenizer.chat_template:
+        raise ValueError("this model's tokenizer has no chat template; use generate()")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
