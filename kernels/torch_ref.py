@@ -13,7 +13,7 @@ from kernels.backend import AttentionBackend, register_backend
 from kernels.metadata import AttentionMetadata
 
 QUERY_TILE = 512
-KEY_TILE = 4096
+KEY_TILE = 16384
 # Decode steps whose padded contexts stay under this many tokens run as one batched op.
 BATCHED_DECODE_TOKENS = 1 << 18
 
@@ -24,8 +24,12 @@ class TorchReferenceBackend(AttentionBackend):
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         """Scatter new K/V rows into their slots."""
-        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = key.to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = value.to(v_cache.dtype)
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(
+            0, meta.slot_mapping, key.to(k_cache.dtype)
+        )
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(
+            0, meta.slot_mapping, value.to(v_cache.dtype)
+        )
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """Attention of each sequence's new queries over its cached and new keys."""
@@ -73,47 +77,61 @@ def _attend_sequence(q, k_cache, v_cache, block_table, total: int, scale: float)
 
 
 def _attend_tile(q, first_pos: int, k_cache, v_cache, block_table, scale: float):
-    """Queries at positions ``first_pos..`` over keys ``0..last query position``."""
+    """Queries at positions ``first_pos..`` over keys ``0..last query position``.
+
+    Keys before ``first_pos`` need no mask and are taken ``KEY_TILE`` at a time; the
+    tile's own keys get a square causal mask. Partial results merge by log-sum-exp.
+    """
     t, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
-    group = heads // kv_heads
-    qg = q.float().view(t, kv_heads, group, dim).permute(1, 2, 0, 3)  # [kvh, g, t, d]
-    key_end = first_pos + t
-    q_pos = torch.arange(first_pos, key_end, device=q.device)
-    state = None
-    for k0 in range(0, key_end, KEY_TILE):
-        k1 = min(k0 + KEY_TILE, key_end)
-        keys, values = _gather(k_cache, v_cache, block_table, k0, k1)
-        scores = torch.einsum("kgtd,skd->kgts", qg, keys) * scale
-        if k1 > first_pos:  # the tile reaches the new tokens: causal mask
-            k_pos = torch.arange(k0, k1, device=q.device)
-            scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        state = _merge(state, scores, values)
-    m, denom, acc = state
-    out = acc / denom.unsqueeze(-1)  # [kvh, g, t, d]
-    return out.permute(2, 0, 1, 3).reshape(t, heads, dim).to(q.dtype)
+    group = heads // k_cache.shape[2]
+    qh = q.permute(1, 0, 2).unsqueeze(0)  # [1, heads, t, d]
+    parts = []
+    for k0 in range(0, first_pos, KEY_TILE):
+        keys, values = _gather(k_cache, v_cache, block_table, k0, min(k0 + KEY_TILE, first_pos))
+        parts.append(_attention_with_lse(qh, keys, values, group, scale, causal=False))
+    keys, values = _gather(k_cache, v_cache, block_table, first_pos, first_pos + t)
+    parts.append(_attention_with_lse(qh, keys, values, group, scale, causal=True))
+    out = _merge(parts)  # [1, heads, t, d]
+    return out[0].permute(1, 0, 2).to(q.dtype)
 
 
 def _gather(k_cache, v_cache, block_table, k0: int, k1: int):
+    """Keys and values of positions ``k0..k1`` as ``[1, kv_heads, k1 - k0, d]``."""
     block_size = k_cache.shape[1]
     first, last = k0 // block_size, (k1 + block_size - 1) // block_size
     blocks = block_table[first:last].long()
     offset = k0 - first * block_size
     keys = k_cache[blocks].flatten(0, 1)[offset : offset + k1 - k0]
     values = v_cache[blocks].flatten(0, 1)[offset : offset + k1 - k0]
-    return keys.float(), values.float()
+    return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
 
 
-def _merge(state, scores, values):
-    """Fold one key tile into the running (max, denominator, accumulator) triple."""
-    tile_max = scores.amax(dim=-1)
-    if state is None:
-        probs = torch.exp(scores - tile_max.unsqueeze(-1))
-        return tile_max, probs.sum(-1), torch.einsum("kgts,skd->kgtd", probs, values)
-    m, denom, acc = state
-    new_m = torch.maximum(m, tile_max)
-    probs = torch.exp(scores - new_m.unsqueeze(-1))
-    correction = torch.exp(m - new_m)
-    denom = denom * correction + probs.sum(-1)
-    acc = acc * correction.unsqueeze(-1) + torch.einsum("kgts,skd->kgtd", probs, values)
-    return new_m, denom, acc
+def _attention_with_lse(q, keys, values, group: int, scale: float, causal: bool):
+    """Softmax attention and its log-sum-exp; ``causal`` needs as many keys as queries."""
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    if _FUSED_CPU is not None and q.device.type == "cpu":
+        out, lse = _FUSED_CPU(q, keys, values, 0.0, causal, scale=scale)
+        return out.float(), lse
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
+    if causal:
+        n = scores.shape[-1]
+        upper = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores.masked_fill_(upper, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, values.float()), lse
+
+
+def _merge(parts):
+    """Combine attention over disjoint key sets, each given as (output, log-sum-exp)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])  # [parts, 1, heads, t]
+    weights = torch.softmax(lses, dim=0).unsqueeze(-1)
+    return sum(w * out for w, (out, _) in zip(weights, parts, strict=True))
+
+
+# The fused CPU kernel that also returns the log-sum-exp; absent in some torch builds.
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

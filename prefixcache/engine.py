@@ -148,7 +148,9 @@ class Engine:
             return []
         chunks = [
             SequenceChunk(
-                s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_tokens],
+                s.seq.token_ids[
+                    s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_tokens
+                ],
                 s.seq.num_computed_tokens,
                 s.seq.block_ids,
             )
@@ -210,7 +212,9 @@ class Engine:
         param_list = _as_param_list(params, len(prompts))
         for p, sp in zip(prompts, param_list, strict=True):  # validate all before queueing any
             self.check_fits(len(p), sp)
-        ids = [self.add_request(p, sp, salt=salt) for p, sp in zip(prompts, param_list, strict=True)]
+        ids = [
+            self.add_request(p, sp, salt=salt) for p, sp in zip(prompts, param_list, strict=True)
+        ]
         states = [self.requests[i] for i in ids]
         pending = set(ids)
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:

@@ -50,7 +50,8 @@ def resolve_model_path(model: str | Path) -> Path:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
         return Path(snapshot_download(str(model), allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; all mean "not available"
-        raise FileNotFoundError(f"cannot find model {model!r} locally or on the hub: {exc}") from exc
+        message = f"cannot find model {model!r} locally or on the hub: {exc}"
+        raise FileNotFoundError(message) from exc
 
 
 def load_model(

@@ -91,16 +91,15 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+        supported = "default, linear, llama3"
+        raise ValueError(f"unsupported rope type {rope_type!r} (supported: {supported})")
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
         factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", 8192)
-        ),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
     )
 
 

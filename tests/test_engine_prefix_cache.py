@@ -65,8 +65,10 @@ def _conversations(seed: int, count: int) -> list[list[str]]:
     for _ in range(count):
         base = shared if rng.random() < 0.5 else ""
         turns = [base + " " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))]
-        turns += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
-                  for _ in range(rng.randint(1, 3))]
+        turns += [
+            " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+            for _ in range(rng.randint(1, 3))
+        ]
         convs.append(turns)
     return convs
 

@@ -76,8 +76,10 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_llama, tmp_path):
     folder = _copy(tiny_llama, tmp_path / "m")
     tensors = load_file(folder / "model.safetensors")
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for file, part in shards.items():
         save_file({n: tensors[n] for n in part}, folder / file)
     (folder / "model.safetensors").unlink()
@@ -85,8 +87,9 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_llama, tmp_path):
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     sharded, single = _load(folder), _load(tiny_llama)
-    for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        sharded.state_dict().items(), single.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -61,8 +61,10 @@ def test_prompt_in_three_chunks_matches_hf(tiny_model_factory, arch):
     folder = tiny_model_factory(arch)
     ids = _prompt(70, 300, seed=2)
     runner, blocks = _runner(folder), [7, 3, 11, 2, 9]  # scattered blocks on purpose
-    parts = [runner.run([SequenceChunk(ids[a:b], a, blocks)], all_logits=True)
-             for a, b in ((0, 17), (17, 48), (48, 70))]
+    parts = [
+        runner.run([SequenceChunk(ids[a:b], a, blocks)], all_logits=True)
+        for a, b in ((0, 17), (17, 48), (48, 70))
+    ]
     _assert_close(torch.cat(parts), _hf_logits(folder, ids))
 
 
