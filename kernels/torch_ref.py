@@ -8,6 +8,7 @@ processed in tiles and merged with an online (log-sum-exp) softmax, so a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.backend import AttentionBackend, register_backend
 from kernels.metadata import AttentionMetadata
@@ -52,17 +53,20 @@ def _padded_tokens(meta: AttentionMetadata) -> int:
 def _batched_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     """One query per sequence: gather padded contexts and attend in a single op."""
     num_seqs, heads, dim = query.shape
-    kv_heads = k_cache.shape[2]
-    keys = k_cache[meta.block_tables.long()].flatten(1, 2).float()  # [B, S, kvh, d]
-    values = v_cache[meta.block_tables.long()].flatten(1, 2).float()
-    q = query.float().view(num_seqs, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("bkgd,bskd->bkgs", q, keys) * scale
-    positions = torch.arange(keys.shape[1], device=query.device)
-    beyond = positions[None, :] >= meta.seq_lens[:, None].to(positions.device)
-    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, values)
-    return out.reshape(num_seqs, heads, dim).to(query.dtype)
+    tables = meta.block_tables.long()
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, S, d]
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=query.device)
+    visible = positions[None, :] < meta.seq_lens[:, None].to(query.device)
+    out = F.scaled_dot_product_attention(
+        query.view(num_seqs, heads, 1, dim),
+        keys,
+        values,
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=heads != keys.shape[1],
+    )
+    return out.view(num_seqs, heads, dim)
 
 
 def _attend_sequence(q, k_cache, v_cache, block_table, total: int, scale: float):

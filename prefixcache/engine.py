@@ -205,8 +205,12 @@ class Engine:
         """Reply to each OpenAI-style message list through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [render_chat(self.tokenizer, c) for c in conversations]
+        prompts = [self.chat_prompt_ids(c) for c in conversations]
         return self._run_all(prompts, params, use_tqdm, salt)
+
+    def chat_prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt token ids of one message list through the chat template."""
+        return render_chat(self.tokenizer, messages)
 
     def _run_all(self, prompts, params, use_tqdm: bool, salt: str | None) -> list[RequestOutput]:
         param_list = _as_param_list(params, len(prompts))

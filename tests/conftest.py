@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from prefixcache.testing import make_tiny_model
 
@@ -31,3 +32,12 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 def tiny_llama(tiny_model_factory: Callable[..., Path]) -> Path:
     """The default tiny llama model folder."""
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread():
+    """Tiny test models run fastest and most repeatably on one intra-op thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
