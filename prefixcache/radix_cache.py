@@ -1,0 +1,533 @@
+"""Radix-tree prefix cache of KV blocks, one tree per tenant salt.
+
+A node holds a run of whole KV blocks: their token ids (int32), block ids, the
+chained hashes of the hash chunks that end inside the run, a lock count and a
+last-use tick. A node's children are keyed by the token bytes of their first block,
+so siblings always differ in their first block and a lookup is exact: a hash
+collision can never pick the wrong child or serve wrong KV. Nodes split at any block
+boundary, so a prefix is shared down to block granularity (inside a chunk too).
+
+Ownership: the tree holds exactly one pool reference per block it stores. Blocks
+returned by ``match`` and ``insert`` are borrowed: valid while the caller holds a
+lock on a node whose path covers them. Eviction takes unlocked leaves in LRU order
+(a min-heap of evictable leaves keyed by last-use tick, stale entries skipped
+lazily) and trims a leaf from its end, so a prefix never goes before its suffix.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from chunking.hashing import TOKEN_DTYPE, as_token_array, chunk_hashes, root_seed
+from prefixcache.block_pool import BlockPool
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class TreeNode:
+    """A run of cached blocks; callers only pass it back to ``lock`` and ``unlock``.
+
+    ``hashes[j]`` is the chained hash of chunk ``start // chunk_size + j``; the node
+    holds the hashes of exactly the chunks that end inside ``(start, end]``.
+    """
+
+    parent: TreeNode | None
+    start: int  # position of tokens[0] in the cached sequence
+    tokens: np.ndarray
+    block_ids: list[int]
+    hashes: list[int] = field(default_factory=list)
+    children: dict[bytes, TreeNode] = field(default_factory=dict)
+    lock_ref: int = 0  # locks on this node plus all locks on its descendants
+    last_used: int = 0
+    heap_seq: int = -1  # sequence number of this node's live LRU-heap entry
+    attached: bool = True
+
+    @property
+    def end(self) -> int:
+        """Position just past this node's last token."""
+        return self.start + len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"TreeNode({self.start}..{self.end}, lock_ref={self.lock_ref})"
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class _Root(TreeNode):
+    salt: str | None = None
+    seed: int = 0
+
+
+class MatchResult(NamedTuple):
+    """``num_tokens`` cached leading tokens, their borrowed blocks, and the locked node."""
+
+    num_tokens: int
+    block_ids: list[int]
+    node: TreeNode
+
+
+class InsertResult(NamedTuple):
+    """Leading tokens already cached, the tree's blocks for all positions, the deepest node."""
+
+    num_existing_tokens: int
+    block_ids: list[int]
+    node: TreeNode
+
+
+class EvictedRun(NamedTuple):
+    """What ``on_evict`` receives before blocks go back to the pool (e.g. to copy KV out).
+
+    ``block_ids`` hold the last ``len(block_ids) * block_size`` tokens of ``token_ids``.
+    ``token_ids`` start at ``start``, the beginning of the chunk holding the first evicted
+    token, so a receiver can name the data by ``seed`` (the chained hash of the chunk
+    before ``start``; the root seed when ``start == 0``) and the tokens.
+    ``chunk_hashes`` are the chained hashes of the full chunks that end among the
+    evicted blocks. Runs are evicted suffix first.
+    """
+
+    seed: int
+    start: int
+    token_ids: np.ndarray
+    block_ids: list[int]
+    chunk_hashes: list[int]
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since construction (or the last ``reset``)."""
+
+    query_tokens: int = 0
+    hit_tokens: int = 0
+    evicted_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of queried tokens served from the cache."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+class RadixCache:
+    """Prefix cache of KV blocks from ``pool``, matched at ``block_size`` granularity.
+
+    ``chunk_size`` (a multiple of ``block_size``) is the hash chunk; ``fingerprint``
+    names the model and seeds every chain. ``on_evict(run: EvictedRun)`` is called
+    before evicted blocks are freed.
+    """
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int = 16,
+        chunk_size: int = 256,
+        fingerprint: str = "",
+        on_evict: Callable[[EvictedRun], None] | None = None,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % block_size:
+            raise ValueError(
+                f"chunk_size must be a positive multiple of block_size ({block_size}), "
+                f"got {chunk_size!r}"
+            )
+        self.pool = pool
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.fingerprint = fingerprint
+        self.on_evict = on_evict
+        self.stats = CacheStats()
+        self._roots: dict[str | None, _Root] = {}
+        self._heap: list[tuple[int, int, TreeNode]] = []  # (last_used, seq, leaf)
+        self._seq = self._tick = 0
+        self._num_cached = self._num_locked = self._num_nodes = 0
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the tree holds a reference on."""
+        return self._num_cached
+
+    @property
+    def num_locked_blocks(self) -> int:
+        """Cached blocks on some locked path: they cannot be evicted."""
+        return self._num_locked
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks that ``evict`` could free now."""
+        return self._num_cached - self._num_locked
+
+    def match(self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None) -> MatchResult:
+        """Find the longest cached prefix of ``token_ids`` in whole blocks and lock it.
+
+        Every token is verified against the stored ones. The path root..node is locked
+        (call ``unlock(result.node)`` when done) and its blocks are borrowed, not
+        referenced. Nothing cached gives ``num_tokens == 0`` and the salt's root.
+        """
+        tokens = as_token_array(token_ids)
+        path, num_tokens = self._walk(self._root(salt), tokens)
+        self.lock(path[-1])
+        self._touch(path)
+        self.stats.query_tokens += len(tokens)
+        self.stats.hit_tokens += num_tokens
+        return MatchResult(num_tokens, _path_blocks(path), path[-1])
+
+    def insert(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        block_ids: Sequence[int],
+        salt: str | None = None,
+    ) -> InsertResult:
+        """Cache ``token_ids`` (whole blocks) held in ``block_ids``; one reference each moves in.
+
+        Where the tree already holds a block for a position, a passed block with a
+        different id is a duplicate and is released to the pool; use the returned
+        ``block_ids`` instead. The returned node is not locked.
+        """
+        tokens, block_ids = as_token_array(token_ids), list(block_ids)
+        self._check_insert(tokens, block_ids)
+        root = self._root(salt)
+        path, num_tokens = self._walk(root, tokens)
+        tree_ids = _path_blocks(path)
+        done = len(tree_ids)
+        if done < len(block_ids):
+            path.append(self._add_suffix(path, tokens, block_ids[done:], num_tokens))
+        self._touch(path)
+        pairs = zip(tree_ids, block_ids[:done], strict=True)
+        duplicates = [mine for tree, mine in pairs if tree != mine]
+        if duplicates:
+            self.pool.free(duplicates)
+        return InsertResult(num_tokens, tree_ids + block_ids[done:], path[-1])
+
+    def lock(self, node: TreeNode) -> None:
+        """Protect the path root..node from eviction (nested locks count)."""
+        _check_attached(node)
+        while node is not None:
+            if node.lock_ref == 0:
+                self._num_locked += len(node.block_ids)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: TreeNode) -> None:
+        """Undo one ``lock(node)``; raises ``ValueError`` if ``node`` is not locked."""
+        _check_attached(node)
+        if node.lock_ref <= 0:
+            raise ValueError("unlock of a node that is not locked")
+        while True:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._num_locked -= len(node.block_ids)
+                self._push_if_evictable(node)
+            if node.parent is None:
+                break
+            node = node.parent
+        self._drop_root_if_empty(node)
+
+    def evict(self, num_blocks: int) -> int:
+        """Free at least ``num_blocks`` blocks if possible, LRU unlocked leaves first.
+
+        Leaves are trimmed from their end one block at a time, so freeing one block
+        never throws away a long run. Returns how many blocks were freed.
+        """
+        freed = 0
+        while freed < num_blocks:
+            leaf = self._lru_leaf()
+            if leaf is None:
+                break
+            freed += self._trim(leaf, num_blocks - freed, notify=True)
+        self.stats.evicted_blocks += freed
+        return freed
+
+    def flush(self) -> int:
+        """Drop every unlocked cached block (``on_evict`` is not called); return how many."""
+        freed = 0
+        while (leaf := self._lru_leaf()) is not None:
+            freed += self._trim(leaf, len(leaf.block_ids), notify=False)
+        return freed
+
+    def reset(self) -> None:
+        """Drop everything; raises ``RuntimeError`` if any path is still locked."""
+        if any(root.lock_ref for root in self._roots.values()):
+            raise RuntimeError("reset() while nodes are locked")
+        block_ids = []
+        for node in self._iter_nodes():
+            block_ids += node.block_ids
+            node.attached = False
+        self.pool.free(block_ids)
+        self._roots.clear()
+        self._heap.clear()
+        self._num_cached = self._num_locked = self._num_nodes = 0
+        self.stats = CacheStats()
+
+    def check_integrity(self, num_held_outside: int = 0) -> None:
+        """Raise ``AssertionError`` unless the tree, its counters and the pool agree.
+
+        ``num_held_outside``: blocks allocated from the pool that the tree does not
+        hold (a running sequence's own blocks); at rest it is 0.
+        """
+        seen: set[int] = set()
+        live_heap = {seq for _, seq, leaf in self._heap if seq == leaf.heap_seq}
+        cached = locked = nodes = 0
+        for salt, root in self._roots.items():
+            _require(root.salt == salt and root.attached and not len(root.tokens), "bad root")
+            _require(root.seed == root_seed(self.fingerprint, salt), f"bad seed, salt {salt!r}")
+            stack = [(root, np.empty(0, TOKEN_DTYPE))]
+            while stack:
+                node, prefix = stack.pop()
+                path_tokens = np.concatenate((prefix, node.tokens))
+                self._check_node(node, path_tokens, root.seed, seen, live_heap)
+                cached += len(node.block_ids)
+                locked += len(node.block_ids) if node.lock_ref else 0
+                nodes += node is not root
+                stack += [(child, path_tokens) for child in node.children.values()]
+        counts = (cached, locked, nodes)
+        expected = (self._num_cached, self._num_locked, self._num_nodes)
+        _require(counts == expected, f"cached/locked/nodes {counts} != counters {expected}")
+        total = self.pool.num_free + self.num_evictable_blocks + locked + num_held_outside
+        _require(
+            total == self.pool.num_blocks,
+            f"free {self.pool.num_free} + evictable {self.num_evictable_blocks} + locked "
+            f"{locked} + outside {num_held_outside} != {self.pool.num_blocks} blocks",
+        )
+
+    # -- walking and growing the tree -------------------------------------------------
+
+    def _root(self, salt: str | None) -> _Root:
+        root = self._roots.get(salt)
+        if root is None:
+            seed = root_seed(self.fingerprint, salt)
+            root = _Root(None, 0, np.empty(0, TOKEN_DTYPE), [], [], salt=salt, seed=seed)
+            self._roots[salt] = root
+        return root
+
+    def _walk(self, root: _Root, tokens: np.ndarray) -> tuple[list[TreeNode], int]:
+        """Follow ``tokens`` down in whole blocks; split so the path ends at the match."""
+        bs = self.block_size
+        limit = len(tokens) // bs * bs
+        path: list[TreeNode] = [root]
+        node, pos = root, 0
+        while pos < limit:
+            child = node.children.get(tokens[pos : pos + bs].tobytes())
+            if child is None:
+                break
+            size = min(len(child.tokens), limit - pos)
+            same = _common_blocks(child.tokens[:size], tokens[pos : pos + size], bs)
+            pos += same
+            if same < len(child.tokens):  # diverges or ends inside: same >= bs here
+                path.append(self._split(child, same))
+                break
+            path.append(child)
+            node = child
+        return path, pos
+
+    def _split(self, node: TreeNode, size: int) -> TreeNode:
+        """Cut ``node`` after ``size`` tokens; the new head goes above, ``node`` keeps the tail.
+
+        ``node`` stays the same object (its locks, LRU entry and holders stay valid);
+        the head inherits the lock count, since every lock below passes through it.
+        """
+        bs, cs = self.block_size, self.chunk_size
+        num_hashes = (node.start + size) // cs - node.start // cs
+        key = node.tokens[:bs].tobytes()
+        head = TreeNode(
+            node.parent,
+            node.start,
+            node.tokens[:size],
+            node.block_ids[: size // bs],
+            node.hashes[:num_hashes],
+            lock_ref=node.lock_ref,
+            last_used=node.last_used,
+        )
+        node.parent.children[key] = head
+        node.parent, node.start, node.tokens = head, node.start + size, node.tokens[size:]
+        node.block_ids, node.hashes = node.block_ids[size // bs :], node.hashes[num_hashes:]
+        head.children[node.tokens[:bs].tobytes()] = node
+        self._num_nodes += 1
+        return head
+
+    def _add_suffix(
+        self, path: list[TreeNode], tokens: np.ndarray, block_ids: list[int], pos: int
+    ) -> TreeNode:
+        """Store ``tokens[pos:]`` below ``path[-1]``: extend it if it is an unlocked leaf."""
+        cs = self.chunk_size
+        first_chunk = pos // cs
+        hashes = chunk_hashes(tokens[first_chunk * cs :], cs, self._chain_seed(path, first_chunk))
+        parent = path[-1]
+        self._num_cached += len(block_ids)
+        if parent.parent is not None and not parent.children and not parent.lock_ref:
+            parent.tokens = np.concatenate((parent.tokens, tokens[pos:]))
+            parent.block_ids += block_ids
+            parent.hashes += hashes
+            return parent  # already on the path; _touch re-queues it with its new tick
+        child = TreeNode(parent, pos, tokens[pos:].copy(), block_ids, hashes)
+        parent.children[tokens[pos : pos + self.block_size].tobytes()] = child
+        self._num_nodes += 1
+        return child
+
+    def _chain_seed(self, path: list[TreeNode], chunk: int) -> int:
+        """The seed of ``chunk``: the hash of the chunk before it, found on ``path``."""
+        if chunk == 0:
+            return path[0].seed
+        boundary = chunk * self.chunk_size
+        node = next(n for n in reversed(path) if n.start < boundary <= n.end)
+        return node.hashes[chunk - 1 - node.start // self.chunk_size]
+
+    def _touch(self, path: list[TreeNode]) -> None:
+        self._tick += 1
+        for node in path:
+            node.last_used = self._tick
+        self._push_if_evictable(path[-1])
+
+    # -- eviction ---------------------------------------------------------------------
+
+    def _push_if_evictable(self, node: TreeNode) -> None:
+        if node.parent is None or node.lock_ref or node.children:
+            return
+        self._seq += 1
+        node.heap_seq = self._seq
+        heapq.heappush(self._heap, (node.last_used, self._seq, node))
+        if len(self._heap) > 2 * self._num_nodes + 64:  # drop stale entries, amortized O(1)
+            self._heap = [e for e in self._heap if e[1] == e[2].heap_seq and _evictable(e[2])]
+            heapq.heapify(self._heap)
+
+    def _lru_leaf(self) -> TreeNode | None:
+        """The least recently used unlocked leaf (left in the heap), or None."""
+        heap = self._heap
+        while heap:
+            _, seq, leaf = heap[0]
+            if seq == leaf.heap_seq and _evictable(leaf):
+                return leaf
+            heapq.heappop(heap)
+        return None
+
+    def _trim(self, leaf: TreeNode, max_blocks: int, notify: bool) -> int:
+        """Free up to ``max_blocks`` blocks from the end of ``leaf``; remove it when empty."""
+        keep = max(len(leaf.block_ids) - max_blocks, 0)
+        if notify and self.on_evict is not None:
+            self.on_evict(self._evicted_run(leaf, keep))
+        freed = leaf.block_ids[keep:]
+        if keep:
+            end = leaf.start + keep * self.block_size
+            leaf.tokens = leaf.tokens[: keep * self.block_size]
+            del leaf.block_ids[keep:]
+            del leaf.hashes[end // self.chunk_size - leaf.start // self.chunk_size :]
+        else:
+            self._remove_leaf(leaf)
+        self._num_cached -= len(freed)
+        self.pool.free(freed)  # the tree's one reference on each
+        return len(freed)
+
+    def _remove_leaf(self, leaf: TreeNode) -> None:
+        parent = leaf.parent
+        del parent.children[leaf.tokens[: self.block_size].tobytes()]
+        leaf.parent, leaf.attached = None, False
+        self._num_nodes -= 1
+        self._push_if_evictable(parent)
+        self._drop_root_if_empty(parent)
+
+    def _drop_root_if_empty(self, node: TreeNode) -> None:
+        empty = isinstance(node, _Root) and not node.children and not node.lock_ref
+        if empty and self._roots.get(node.salt) is node:
+            del self._roots[node.salt]
+            node.attached = False
+
+    def _evicted_run(self, leaf: TreeNode, keep: int) -> EvictedRun:
+        """Describe the blocks after the first ``keep`` of ``leaf``, from their chunk start."""
+        cs = self.chunk_size
+        cut = leaf.start + keep * self.block_size
+        start = cut // cs * cs
+        pieces, node = [], leaf
+        while node.start > start:  # at most chunk_size / block_size ancestors
+            pieces.append(node.tokens)
+            node = node.parent
+        pieces.append(node.tokens[start - node.start :])
+        if start == 0:
+            while node.parent is not None:
+                node = node.parent
+            seed = node.seed
+        else:
+            node = node if node.start < start else node.parent
+            seed = node.hashes[start // cs - 1 - node.start // cs]
+        num_hashes = leaf.end // cs - cut // cs
+        hashes = leaf.hashes[len(leaf.hashes) - num_hashes :]
+        tokens = np.concatenate(pieces[::-1])
+        return EvictedRun(seed, start, tokens, leaf.block_ids[keep:], hashes)
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _check_insert(self, tokens: np.ndarray, block_ids: list[int]) -> None:
+        if len(tokens) != len(block_ids) * self.block_size:
+            raise ValueError(
+                f"insert needs len(token_ids) == len(block_ids) * block_size, got "
+                f"{len(tokens)} tokens for {len(block_ids)} blocks of {self.block_size}"
+            )
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError("insert got the same block id twice")
+        for block_id in block_ids:
+            if self.pool.ref_count(block_id) == 0:
+                raise ValueError(f"insert got block {block_id}, which is free in the pool")
+
+    def _check_node(
+        self,
+        node: TreeNode,
+        path_tokens: np.ndarray,
+        seed: int,
+        seen: set[int],
+        live_heap: set[int],
+    ) -> None:
+        bs, cs = self.block_size, self.chunk_size
+        where = f"node at {node.start}..{node.end}"
+        _require(node.attached and node.lock_ref >= 0, f"{where}: detached or negative lock")
+        child_locks = sum(child.lock_ref for child in node.children.values())
+        _require(node.lock_ref >= child_locks, f"{where}: lock {node.lock_ref} < children's")
+        for key, child in node.children.items():
+            _require(child.parent is node and child.start == node.end, f"{where}: bad child")
+            _require(key == child.tokens[:bs].tobytes(), f"{where}: child under wrong key")
+        if node.parent is None:
+            return
+        _require(len(node.tokens) > 0, f"{where}: empty")
+        _require(len(node.tokens) == len(node.block_ids) * bs, f"{where}: blocks != tokens")
+        expected = chunk_hashes(path_tokens, cs, seed)[node.start // cs : node.end // cs]
+        _require(node.hashes == expected, f"{where}: chunk hashes do not match its tokens")
+        for block_id in node.block_ids:
+            _require(block_id not in seen, f"{where}: block {block_id} stored twice")
+            _require(self.pool.ref_count(block_id) > 0, f"{where}: block {block_id} is free")
+            seen.add(block_id)
+        if _evictable(node):
+            _require(node.heap_seq in live_heap, f"{where}: evictable leaf not in LRU heap")
+
+    def _iter_nodes(self) -> Iterator[TreeNode]:
+        stack: list[TreeNode] = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack += node.children.values()
+
+
+def _evictable(node: TreeNode) -> bool:
+    return node.attached and node.parent is not None and not node.lock_ref and not node.children
+
+
+def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> int:
+    """Length of the common prefix of two equal-length arrays, in whole blocks."""
+    if np.array_equal(stored, query):
+        return len(stored)
+    return int(np.argmax(stored != query)) // block_size * block_size
+
+
+def _path_blocks(path: list[TreeNode]) -> list[int]:
+    block_ids: list[int] = []
+    for node in path:
+        block_ids += node.block_ids
+    return block_ids
+
+
+def _check_attached(node: TreeNode) -> None:
+    if not node.attached:
+        raise ValueError("node is no longer in the cache (evicted, flushed or reset)")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
