@@ -18,95 +18,23 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from chunking.hashing import TOKEN_DTYPE, as_token_array, chunk_hashes, root_seed
 from prefixcache.block_pool import BlockPool
+from prefixcache.radix_integrity import check_tree
+from prefixcache.radix_node import (
+    CacheStats,
+    EvictedRun,
+    InsertResult,
+    MatchResult,
+    RootNode,
+    TreeNode,
+    is_evictable,
+)
 
-
-@dataclass(slots=True, eq=False, repr=False)
-class TreeNode:
-    """A run of cached blocks; callers only pass it back to ``lock`` and ``unlock``.
-
-    ``hashes[j]`` is the chained hash of chunk ``start // chunk_size + j``; the node
-    holds the hashes of exactly the chunks that end inside ``(start, end]``.
-    """
-
-    parent: TreeNode | None
-    start: int  # position of tokens[0] in the cached sequence
-    tokens: np.ndarray
-    block_ids: list[int]
-    hashes: list[int] = field(default_factory=list)
-    children: dict[bytes, TreeNode] = field(default_factory=dict)
-    lock_ref: int = 0  # locks on this node plus all locks on its descendants
-    last_used: int = 0
-    heap_seq: int = -1  # sequence number of this node's live LRU-heap entry
-    attached: bool = True
-
-    @property
-    def end(self) -> int:
-        """Position just past this node's last token."""
-        return self.start + len(self.tokens)
-
-    def __repr__(self) -> str:
-        return f"TreeNode({self.start}..{self.end}, lock_ref={self.lock_ref})"
-
-
-@dataclass(slots=True, eq=False, repr=False)
-class _Root(TreeNode):
-    salt: str | None = None
-    seed: int = 0
-
-
-class MatchResult(NamedTuple):
-    """``num_tokens`` cached leading tokens, their borrowed blocks, and the locked node."""
-
-    num_tokens: int
-    block_ids: list[int]
-    node: TreeNode
-
-
-class InsertResult(NamedTuple):
-    """Leading tokens already cached, the tree's blocks for all positions, the deepest node."""
-
-    num_existing_tokens: int
-    block_ids: list[int]
-    node: TreeNode
-
-
-class EvictedRun(NamedTuple):
-    """What ``on_evict`` receives before blocks go back to the pool (e.g. to copy KV out).
-
-    ``block_ids`` hold the last ``len(block_ids) * block_size`` tokens of ``token_ids``.
-    ``token_ids`` start at ``start``, the beginning of the chunk holding the first evicted
-    token, so a receiver can name the data by ``seed`` (the chained hash of the chunk
-    before ``start``; the root seed when ``start == 0``) and the tokens.
-    ``chunk_hashes`` are the chained hashes of the full chunks that end among the
-    evicted blocks. Runs are evicted suffix first.
-    """
-
-    seed: int
-    start: int
-    token_ids: np.ndarray
-    block_ids: list[int]
-    chunk_hashes: list[int]
-
-
-@dataclass(slots=True)
-class CacheStats:
-    """Counters since construction (or the last ``reset``)."""
-
-    query_tokens: int = 0
-    hit_tokens: int = 0
-    evicted_blocks: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        """Fraction of queried tokens served from the cache."""
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+__all__ = ["CacheStats", "EvictedRun", "InsertResult", "MatchResult", "RadixCache", "TreeNode"]
 
 
 class RadixCache:
@@ -138,7 +66,7 @@ class RadixCache:
         self.fingerprint = fingerprint
         self.on_evict = on_evict
         self.stats = CacheStats()
-        self._roots: dict[str | None, _Root] = {}
+        self._roots: dict[str | None, RootNode] = {}
         self._heap: list[tuple[int, int, TreeNode]] = []  # (last_used, seq, leaf)
         self._seq = self._tick = 0
         self._num_cached = self._num_locked = self._num_nodes = 0
@@ -218,7 +146,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._num_locked -= len(node.block_ids)
-                self._push_if_evictable(node)
+                self._push_ifis_evictable(node)
             if node.parent is None:
                 break
             node = node.parent
@@ -266,42 +194,19 @@ class RadixCache:
         ``num_held_outside``: blocks allocated from the pool that the tree does not
         hold (a running sequence's own blocks); at rest it is 0.
         """
-        seen: set[int] = set()
-        live_heap = {seq for _, seq, leaf in self._heap if seq == leaf.heap_seq}
-        cached = locked = nodes = 0
-        for salt, root in self._roots.items():
-            _require(root.salt == salt and root.attached and not len(root.tokens), "bad root")
-            _require(root.seed == root_seed(self.fingerprint, salt), f"bad seed, salt {salt!r}")
-            stack = [(root, np.empty(0, TOKEN_DTYPE))]
-            while stack:
-                node, prefix = stack.pop()
-                path_tokens = np.concatenate((prefix, node.tokens))
-                self._check_node(node, path_tokens, root.seed, seen, live_heap)
-                cached += len(node.block_ids)
-                locked += len(node.block_ids) if node.lock_ref else 0
-                nodes += node is not root
-                stack += [(child, path_tokens) for child in node.children.values()]
-        counts = (cached, locked, nodes)
-        expected = (self._num_cached, self._num_locked, self._num_nodes)
-        _require(counts == expected, f"cached/locked/nodes {counts} != counters {expected}")
-        total = self.pool.num_free + self.num_evictable_blocks + locked + num_held_outside
-        _require(
-            total == self.pool.num_blocks,
-            f"free {self.pool.num_free} + evictable {self.num_evictable_blocks} + locked "
-            f"{locked} + outside {num_held_outside} != {self.pool.num_blocks} blocks",
-        )
+        check_tree(self, num_held_outside)
 
     # -- walking and growing the tree -------------------------------------------------
 
-    def _root(self, salt: str | None) -> _Root:
+    def _root(self, salt: str | None) -> RootNode:
         root = self._roots.get(salt)
         if root is None:
             seed = root_seed(self.fingerprint, salt)
-            root = _Root(None, 0, np.empty(0, TOKEN_DTYPE), [], [], salt=salt, seed=seed)
+            root = RootNode(None, 0, np.empty(0, TOKEN_DTYPE), [], [], salt=salt, seed=seed)
             self._roots[salt] = root
         return root
 
-    def _walk(self, root: _Root, tokens: np.ndarray) -> tuple[list[TreeNode], int]:
+    def _walk(self, root: RootNode, tokens: np.ndarray) -> tuple[list[TreeNode], int]:
         """Follow ``tokens`` down in whole blocks; split so the path ends at the match."""
         bs = self.block_size
         limit = len(tokens) // bs * bs
@@ -377,18 +282,18 @@ class RadixCache:
         self._tick += 1
         for node in path:
             node.last_used = self._tick
-        self._push_if_evictable(path[-1])
+        self._push_ifis_evictable(path[-1])
 
     # -- eviction ---------------------------------------------------------------------
 
-    def _push_if_evictable(self, node: TreeNode) -> None:
+    def _push_ifis_evictable(self, node: TreeNode) -> None:
         if node.parent is None or node.lock_ref or node.children:
             return
         self._seq += 1
         node.heap_seq = self._seq
         heapq.heappush(self._heap, (node.last_used, self._seq, node))
         if len(self._heap) > 2 * self._num_nodes + 64:  # drop stale entries, amortized O(1)
-            self._heap = [e for e in self._heap if e[1] == e[2].heap_seq and _evictable(e[2])]
+            self._heap = [e for e in self._heap if e[1] == e[2].heap_seq and is_evictable(e[2])]
             heapq.heapify(self._heap)
 
     def _lru_leaf(self) -> TreeNode | None:
@@ -396,7 +301,7 @@ class RadixCache:
         heap = self._heap
         while heap:
             _, seq, leaf = heap[0]
-            if seq == leaf.heap_seq and _evictable(leaf):
+            if seq == leaf.heap_seq and is_evictable(leaf):
                 return leaf
             heapq.heappop(heap)
         return None
@@ -423,11 +328,11 @@ class RadixCache:
         del parent.children[leaf.tokens[: self.block_size].tobytes()]
         leaf.parent, leaf.attached = None, False
         self._num_nodes -= 1
-        self._push_if_evictable(parent)
+        self._push_ifis_evictable(parent)
         self._drop_root_if_empty(parent)
 
     def _drop_root_if_empty(self, node: TreeNode) -> None:
-        empty = isinstance(node, _Root) and not node.children and not node.lock_ref
+        empty = isinstance(node, RootNode) and not node.children and not node.lock_ref
         if empty and self._roots.get(node.salt) is node:
             del self._roots[node.salt]
             node.attached = False
@@ -468,45 +373,12 @@ class RadixCache:
             if self.pool.ref_count(block_id) == 0:
                 raise ValueError(f"insert got block {block_id}, which is free in the pool")
 
-    def _check_node(
-        self,
-        node: TreeNode,
-        path_tokens: np.ndarray,
-        seed: int,
-        seen: set[int],
-        live_heap: set[int],
-    ) -> None:
-        bs, cs = self.block_size, self.chunk_size
-        where = f"node at {node.start}..{node.end}"
-        _require(node.attached and node.lock_ref >= 0, f"{where}: detached or negative lock")
-        child_locks = sum(child.lock_ref for child in node.children.values())
-        _require(node.lock_ref >= child_locks, f"{where}: lock {node.lock_ref} < children's")
-        for key, child in node.children.items():
-            _require(child.parent is node and child.start == node.end, f"{where}: bad child")
-            _require(key == child.tokens[:bs].tobytes(), f"{where}: child under wrong key")
-        if node.parent is None:
-            return
-        _require(len(node.tokens) > 0, f"{where}: empty")
-        _require(len(node.tokens) == len(node.block_ids) * bs, f"{where}: blocks != tokens")
-        expected = chunk_hashes(path_tokens, cs, seed)[node.start // cs : node.end // cs]
-        _require(node.hashes == expected, f"{where}: chunk hashes do not match its tokens")
-        for block_id in node.block_ids:
-            _require(block_id not in seen, f"{where}: block {block_id} stored twice")
-            _require(self.pool.ref_count(block_id) > 0, f"{where}: block {block_id} is free")
-            seen.add(block_id)
-        if _evictable(node):
-            _require(node.heap_seq in live_heap, f"{where}: evictable leaf not in LRU heap")
-
     def _iter_nodes(self) -> Iterator[TreeNode]:
         stack: list[TreeNode] = list(self._roots.values())
         while stack:
             node = stack.pop()
             yield node
             stack += node.children.values()
-
-
-def _evictable(node: TreeNode) -> bool:
-    return node.attached and node.parent is not None and not node.lock_ref and not node.children
 
 
 def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> int:
@@ -526,8 +398,3 @@ def _path_blocks(path: list[TreeNode]) -> list[int]:
 def _check_attached(node: TreeNode) -> None:
     if not node.attached:
         raise ValueError("node is no longer in the cache (evicted, flushed or reset)")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
