@@ -40,11 +40,17 @@ class BlockManager:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """How many tokens of ``seq`` a ``match_prefix`` would reuse now (changes nothing)."""
+        if self.cache is None:
+            return 0
+        return self.cache.peek(seq.token_array(seq.num_tokens - 1), seq.salt)
+
     def match_prefix(self, seq: Sequence) -> None:
         """Borrow the longest cached prefix of ``seq`` (all but its last token) and lock it."""
         if self.cache is None or seq.block_ids:
             return
-        result = self.cache.match(seq.token_ids[: seq.num_tokens - 1], seq.salt)
+        result = self.cache.match(seq.token_array(seq.num_tokens - 1), seq.salt)
         seq.block_ids = list(result.block_ids)
         seq.num_locked_blocks = len(result.block_ids)
         seq.cache_node = result.node
@@ -67,7 +73,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         if self.cache is None or num_full <= seq.num_locked_blocks:
             return
-        tokens = seq.token_ids[: num_full * self.block_size]
+        tokens = seq.token_array(num_full * self.block_size)
         result = self.cache.insert(tokens, seq.block_ids[:num_full], seq.salt)
         # The cache now owns these blocks (duplicates were released): hold them by lock.
         self.cache.lock(result.node)

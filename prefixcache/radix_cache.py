@@ -101,6 +101,14 @@ class RadixCache:
         self.stats.hit_tokens += num_tokens
         return MatchResult(num_tokens, _path_blocks(path), path[-1])
 
+    def peek(self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None) -> int:
+        """How many leading tokens ``match`` would find, without locking, splitting,
+        touching or counting anything (for scheduling decisions)."""
+        root = self._roots.get(salt)
+        if root is None:
+            return 0
+        return self._descend(root, as_token_array(token_ids))[1]
+
     def insert(
         self,
         token_ids: Sequence[int] | np.ndarray,
@@ -208,6 +216,14 @@ class RadixCache:
 
     def _walk(self, root: RootNode, tokens: np.ndarray) -> tuple[list[TreeNode], int]:
         """Follow ``tokens`` down in whole blocks; split so the path ends at the match."""
+        path, pos, partial = self._descend(root, tokens)
+        if partial is not None:
+            path.append(self._split(*partial))
+        return path, pos
+
+    def _descend(self, root: RootNode, tokens: np.ndarray):
+        """Read-only walk: nodes matched whole, tokens matched, and (node, tokens) of a
+        node the match ends inside, if any."""
         bs = self.block_size
         limit = len(tokens) // bs * bs
         path: list[TreeNode] = [root]
@@ -220,11 +236,10 @@ class RadixCache:
             same = _common_blocks(child.tokens[:size], tokens[pos : pos + size], bs)
             pos += same
             if same < len(child.tokens):  # diverges or ends inside: same >= bs here
-                path.append(self._split(child, same))
-                break
+                return path, pos, (child, same)
             path.append(child)
             node = child
-        return path, pos
+        return path, pos, None
 
     def _split(self, node: TreeNode, size: int) -> TreeNode:
         """Cut ``node`` after ``size`` tokens; the new head goes above, ``node`` keeps the tail.

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import NamedTuple
 
 from prefixcache.block_manager import BlockManager
 from prefixcache.sequence import Sequence, SequenceStatus
+
+# Admission looks this far down the queue for the request with the longest cached prefix.
+ADMISSION_WINDOW = 8
+# A request passed over this many times is admitted next whatever its cache hit.
+MAX_SKIPS = 16
 
 
 class ScheduledSeq(NamedTuple):
@@ -85,14 +91,14 @@ class Scheduler:
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             self.blocks.match_prefix(seq)
             num = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.allocate(seq, num):
                 self.blocks.free(seq, cache_blocks=False)
                 seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self._take_waiting(seq)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
@@ -100,6 +106,23 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num))
             budget -= num
         return budget
+
+    def _next_waiting(self) -> Sequence:
+        """Cache-aware choice: the longest cached prefix in the window, unless the head
+        has waited through ``MAX_SKIPS`` admissions already (no starvation)."""
+        head = self.waiting[0]
+        if len(self.waiting) == 1 or head.skipped >= MAX_SKIPS or self.blocks.cache is None:
+            return head
+        window = list(islice(self.waiting, ADMISSION_WINDOW))
+        hits = [self.blocks.cached_prefix_tokens(seq) for seq in window]
+        return window[hits.index(max(hits))]
+
+    def _take_waiting(self, seq: Sequence) -> None:
+        for earlier in self.waiting:
+            if earlier is seq:
+                break
+            earlier.skipped += 1
+        self.waiting.remove(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and release its blocks."""

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from prefixcache.sampling_params import SamplingParams
@@ -43,6 +44,25 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
+    skipped: int = 0  # admissions that went to a request queued after this one
+    _array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), repr=False)
+    _array_len: int = 0
+
+    def token_array(self, length: int | None = None) -> np.ndarray:
+        """The first ``length`` token ids as an int32 array, kept in step incrementally.
+
+        The prefix cache compares arrays; converting a 200k-token list on every
+        lookup would cost milliseconds, so only newly appended tokens are copied.
+        """
+        total = len(self.token_ids)
+        if self._array_len < total:
+            if len(self._array) < total:
+                grown = np.empty(max(total, 2 * len(self._array)), np.int32)
+                grown[: self._array_len] = self._array[: self._array_len]
+                self._array = grown
+            self._array[self._array_len : total] = self.token_ids[self._array_len :]
+            self._array_len = total
+        return self._array[: total if length is None else length]
 
     @property
     def num_tokens(self) -> int:

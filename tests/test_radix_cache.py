@@ -434,3 +434,18 @@ def test_numpy_and_list_queries_agree():
     tokens = np.arange(30, dtype=np.int64)
     cache.insert(tokens, pool.allocate(15))
     assert cache.match(tokens.tolist()).num_tokens == cache.match(tokens).num_tokens == 30
+
+
+def test_peek_reports_the_match_length_and_changes_nothing():
+    pool = BlockPool(16)
+    cache = RadixCache(pool, block_size=2, chunk_size=4, fingerprint="m")
+    blocks = pool.allocate(4)
+    cache.insert([1, 2, 3, 4, 5, 6, 7, 8], blocks)
+    before = (cache.stats.query_tokens, cache.num_locked_blocks, cache.num_evictable_blocks)
+    assert cache.peek([1, 2, 3, 4, 5, 9, 9]) == 4
+    assert cache.peek([1, 2, 3, 4, 5, 9, 9], salt="other") == 0
+    assert (cache.stats.query_tokens, cache.num_locked_blocks, cache.num_evictable_blocks) == before
+    result = cache.match([1, 2, 3, 4, 5, 9, 9])
+    assert result.num_tokens == 4
+    cache.unlock(result.node)
+    cache.check_integrity()

@@ -134,3 +134,26 @@ def test_prefix_is_shared_while_its_first_request_still_prefills(tiny_llama):
     assert state.seq.num_cached_tokens >= 3 * 128
     assert first not in engine.requests
     engine.check_integrity()
+
+
+def test_admission_prefers_cached_prefixes_without_starving_others(tiny_llama):
+    engine = _engine(tiny_llama, max_num_seqs=1, max_num_batched_tokens=4096)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    warm = _random_prompts(1, seed=6, low=200, high=200)[0]
+    engine.generate(warm, params)
+    cold = engine.add_request(_random_prompts(1, seed=7, low=50, high=50)[0], params)
+    hit = engine.add_request(warm + [9, 9], params)
+    assert _finish_order(engine) == [hit, cold]
+
+    starving = engine.add_request(_random_prompts(1, seed=8, low=50, high=50)[0], params)
+    for _ in range(40):
+        engine.add_request(warm + [7], params)
+    assert _finish_order(engine).index(starving) <= 17
+    engine.check_integrity()
+
+
+def _finish_order(engine: Engine) -> list[str]:
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [d.request_id for d in engine.step() if d.finish_reason]
+    return finished
