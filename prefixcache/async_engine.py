@@ -7,6 +7,7 @@ queue; it hands results back to each request's asyncio queue on the caller's loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -32,6 +33,8 @@ class AsyncEngine:
         self.engine = engine
         self._commands: list[Callable[[], None]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # Futures of ``call`` not yet settled, failed if the loop stops before running them.
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._wakeup = threading.Condition()
         self._running = True
         self._error: BaseException | None = None
@@ -50,12 +53,15 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestDelta]:
         """Stream a request's deltas; leaving the iteration early aborts the request.
 
-        Bad input raises ValueError before anything is queued.
+        Bad input raises ValueError before anything is queued; a dead or stopped
+        loop raises EngineDeadError.
         """
         token_ids = self.engine.tokenize_prompt(prompt)
         self.engine.check_fits(len(token_ids), params)
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, queue)
@@ -82,11 +88,19 @@ class AsyncEngine:
         self._submit(lambda: self._deliver([self.engine.abort(request_id)]))
 
     def call(self, fn: Callable[[Engine], Any]) -> asyncio.Future:
-        """Run ``fn(engine)`` on the loop thread; await the returned future for its result."""
+        """Run ``fn(engine)`` on the loop thread; await the returned future for its result.
+
+        The future fails with EngineDeadError if the loop stops before running ``fn``.
+        """
+        self._raise_if_dead()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        key = next(self._ids)
+        self._calls[key] = (loop, future)
 
         def run() -> None:
+            if self._calls.pop(key, None) is None:  # already failed by _fail_all
+                return
             try:
                 result = fn(self.engine)
             except Exception as exc:  # handed to the awaiting caller
@@ -98,11 +112,14 @@ class AsyncEngine:
         return future
 
     def shutdown(self) -> None:
-        """Stop the loop thread (pending requests are abandoned)."""
+        """Stop the loop thread; pending streams and calls fail with EngineDeadError."""
         with self._wakeup:
             self._running = False
             self._wakeup.notify()
         self._thread.join(timeout=30)
+        if self._error is None:
+            self._error = EngineDeadError("the engine was shut down")
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
     @property
     def is_alive(self) -> bool:
@@ -131,7 +148,8 @@ class AsyncEngine:
     def _add(self, token_ids: list[int], params: SamplingParams, request_id: str, salt) -> None:
         try:
             self.engine.add_request(token_ids, params, request_id, salt)
-        except ValueError as exc:  # e.g. a request id already in use: that caller's error
+        except Exception as exc:  # e.g. a request id already in use: that caller's error
+            logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)
             if target is not None:
                 target[0].call_soon_threadsafe(target[1].put_nowait, exc)
@@ -139,7 +157,9 @@ class AsyncEngine:
     def _next_commands(self) -> bool:
         """Sleep while idle; False when asked to stop."""
         with self._wakeup:
-            while self._running and not self._commands and not self.engine.has_unfinished_requests():
+            while (
+                self._running and not self._commands and not self.engine.has_unfinished_requests()
+            ):
                 self._wakeup.wait()
             return self._running
 
@@ -159,11 +179,23 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for loop, queue in list(self._streams.values()):
-            loop.call_soon_threadsafe(queue.put_nowait, error)
+            _call_soon(loop, queue.put_nowait, error)
+        while self._calls:
+            _, (loop, future) = self._calls.popitem()
+            _call_soon(loop, _settle, future, None, error)
 
     def _raise_if_dead(self) -> None:
+        if isinstance(self._error, EngineDeadError):
+            raise EngineDeadError(str(self._error))
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    """``loop.call_soon_threadsafe`` that tolerates a loop already closed."""
+    # RuntimeError: the caller's loop is gone, so nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -7,6 +7,8 @@ import sys
 import time
 
 DEFAULT_PROMPT = "Tell me about prefix caching."
+DEFAULT_SERVED_NAME = "prefixcache/tiny-random"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"prefixcache: error: {exc}", file=sys.stderr)
         return 2
 
@@ -33,7 +35,31 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(handler=_generate)
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: --model)"
+    )
+    serve.add_argument("--host-cache-tokens", type=int, default=0, help="host-memory KV tier")
+    serve.add_argument("--disk-cache-dir", default=None, help="folder for the disk KV tier")
+    serve.add_argument("--max-num-seqs", type=int, default=128, help="requests run at once")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument(
+        "--max-queue", type=int, default=512, help="requests waiting beyond those (then 429)"
+    )
+    serve.add_argument(
+        "--api-key", action="append", default=[], help="accepted bearer key (repeatable)"
+    )
+    serve.add_argument("--api-keys-file", default=None, help="file of keys, one per line")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    serve.set_defaults(handler=_serve)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +73,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
 
 
-def _load_engine(args: argparse.Namespace):
+def _load_engine(args: argparse.Namespace, **options):
+    """The engine the arguments ask for; ``options`` go on to ``Engine.from_pretrained``."""
     from prefixcache import Engine
     from prefixcache.testing import default_model_path
 
@@ -68,7 +95,40 @@ def _load_engine(args: argparse.Namespace):
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
+        **options,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from server.auth import read_keys_file
+    from server.launch import serve
+
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
+    if (args.api_key or args.api_keys_file) and not any(keys):
+        raise ValueError("--api-key / --api-keys-file gave no usable key")
+    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    options = {"max_num_seqs": args.max_num_seqs, "host_cache_tokens": args.host_cache_tokens}
+    if args.max_num_batched_tokens is not None:
+        options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.disk_cache_dir is not None:
+        options["disk_cache_dir"] = args.disk_cache_dir
+    engine = _load_engine(args, **options)
+    serve(
+        engine,
+        model_name=args.served_model_name or args.model or DEFAULT_SERVED_NAME,
+        host=args.host,
+        port=args.port,
+        api_keys=keys,
+        max_queue=args.max_queue,
+        log_level=args.log_level,
+        random_weights=args.model is None or args.load_format == "dummy",
+    )
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

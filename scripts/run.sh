@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job: generate text with the embedded default model.
+# Set up (if needed) and run the main job: serve the embedded default model over an
+# OpenAI-compatible HTTP API (arguments go to `prefixcache serve`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/prefixcache generate "$@"
+exec .venv/bin/prefixcache serve "$@"

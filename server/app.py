@@ -1,0 +1,68 @@
+"""The app factory: one FastAPI app serving one ``AsyncEngine``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+
+from fastapi import FastAPI
+
+import prefixcache
+from prefixcache.async_engine import AsyncEngine
+from server.auth import KeyRing
+from server.errors import install_error_handlers
+from server.openapi import install_openapi
+from server.protocol import REQUEST_TYPES, RESPONSE_TYPES
+from server.routes import router
+from server.state import Admission, ServerState
+
+DEFAULT_MAX_QUEUE = 512
+DEFAULT_MAX_BODY_BYTES = 64 << 20  # a 200k-token prompt as JSON token ids is ~1.5 MB
+
+
+def create_app(
+    async_engine: AsyncEngine,
+    *,
+    model_name: str,
+    api_keys: Iterable[str] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """An OpenAI-compatible app for ``async_engine``, serving it as ``model_name``.
+
+    With ``api_keys``, every ``/v1`` call needs ``Authorization: Bearer <key>`` and
+    each key gets its own prefix-cache namespace. At most ``max_num_seqs +
+    max_queue`` requests are in flight; more get a 429. The caller owns the engine
+    and shuts it down after the app stops.
+    """
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if not model_name:
+        raise ValueError("model_name must be a non-empty string")
+    state = ServerState(
+        engine=async_engine,
+        model_name=model_name,
+        keys=KeyRing(api_keys),
+        admission=Admission(async_engine.engine.config.max_num_seqs + max_queue),
+        max_body_bytes=max_body_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="prefixcache",
+        version=prefixcache.__version__,
+        description="OpenAI-compatible server with radix-tree prefix caching. "
+        "`usage.prompt_tokens_details.cached_tokens` reports prompt tokens served "
+        "from the cache.",
+        lifespan=lifespan,
+    )
+    state.metrics.in_flight.set_function(lambda: state.admission.in_flight)
+    app.state.server = state
+    install_error_handlers(app, state.metrics.record_error)
+    app.include_router(router)
+    install_openapi(app, REQUEST_TYPES + RESPONSE_TYPES)
+    return app

@@ -1,0 +1,127 @@
+"""Running a prepared request on the engine: metrics, usage counts, client disconnects.
+
+Leaving ``tracked`` early (a client gone, a cancelled task) closes the engine stream,
+which aborts the request and frees its blocks; that is the only cleanup needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from prefixcache.outputs import RequestDelta
+from server.prepare import Prepared
+from server.protocol import PromptTokensDetails, Usage
+from server.state import ServerState
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a request has produced so far: its text and the counts for ``usage``."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
+    text: str = ""
+
+    def add(self, delta: RequestDelta) -> None:
+        """Account for one engine delta."""
+        self.num_cached_tokens = delta.num_cached_tokens
+        self.num_output_tokens += len(delta.token_ids)
+        self.text += delta.text
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+    def usage(self) -> Usage:
+        """OpenAI's usage block, with the prompt tokens served from the prefix cache."""
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=self.num_output_tokens,
+            total_tokens=self.num_prompt_tokens + self.num_output_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+        )
+
+
+async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[RequestDelta]:
+    """The engine's deltas for ``prepared``, recording tokens, TTFT, latency and outcome.
+
+    Raises ``EngineDeadError`` if the engine loop has died.
+    """
+    metrics = state.metrics
+    metrics.prompt_tokens.inc(len(prepared.prompt_ids))
+    outcome, first = "abort", True
+    stream = state.engine.generate(
+        prepared.prompt_ids, prepared.params, request_id=prepared.request_id, salt=prepared.salt
+    )
+    try:
+        async with contextlib.aclosing(stream) as deltas:
+            async for delta in deltas:
+                if first:
+                    metrics.ttft.observe(time.perf_counter() - prepared.arrival)
+                    first = False
+                metrics.generation_tokens.inc(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    outcome = delta.finish_reason
+                    metrics.cached_prompt_tokens.inc(delta.num_cached_tokens)
+                    metrics.e2e.observe(time.perf_counter() - prepared.arrival)
+                yield delta
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        metrics.requests.labels(outcome).inc()
+
+
+async def collect(state: ServerState, prepared: Prepared) -> Tally:
+    """Run ``prepared`` to the end and return its text and counts."""
+    tally = Tally(len(prepared.prompt_ids))
+    async with contextlib.aclosing(tracked(state, prepared)) as deltas:
+        async for delta in deltas:
+            tally.add(delta)
+    return tally
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client hangs up first, cancel it and raise ``ClientGone``.
+
+    Starlette does not cancel a plain (non-streaming) endpoint when its client goes,
+    so without this a dropped request would run to its last token.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let the task's cleanup (closing the engine stream) run before going on.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next message is the disconnect, whenever it comes.
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # cannot watch this connection: never report it gone
+        logger.debug("cannot watch for a disconnect", exc_info=True)
+        await asyncio.Event().wait()

@@ -1,0 +1,207 @@
+"""From a raw request body to what the engine runs: prompt ids, sampling params, salt.
+
+Everything a client can get wrong is found here, before any engine state changes,
+and raised as a 400 (or 404 for an unknown model) whose message names the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+import msgspec
+from starlette.requests import ClientDisconnect, Request
+
+from prefixcache.sampling_params import SamplingParams
+from prefixcache.tokenizer import render_chat
+from server.auth import tenant_salt
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Prepared(NamedTuple):
+    """A validated request, ready for ``AsyncEngine.generate``."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    salt: str | None
+    stream: bool
+    include_usage: bool
+    arrival: float
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body; 413 once it grows past ``limit`` bytes."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over {limit} bytes", code="too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "client disconnected while sending the body") from None
+    return b"".join(chunks)
+
+
+def decode(body: bytes, kind: type[T]) -> T:
+    """Decode ``body`` as a ``kind`` Struct; any failure is a 400 naming the field."""
+    if not body.strip():
+        raise APIError.bad_request("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
+        raise APIError.from_decode_error(exc) from None
+
+
+def check_request(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
+    """The checks that need no tokenizing: a 404 for another model, a 400 for n > 1."""
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if req.n != 1:
+        raise APIError.bad_request("only n=1 is supported", param="n")
+
+
+async def prepare_chat(
+    state: ServerState, req: ChatCompletionRequest, tenant: bytes | None, arrival: float
+) -> Prepared:
+    """Validate a chat request and render its messages to prompt ids."""
+    check_request(state, req)
+    if req.logprobs or req.top_logprobs:
+        raise APIError.bad_request("logprobs are not supported", param="logprobs")
+    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    tokenizer = state.engine.engine.tokenizer
+    prompt_ids = await _tokenize(state, lambda: render_chat(tokenizer, messages), "messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    return _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
+
+
+async def prepare_completion(
+    state: ServerState, req: CompletionRequest, tenant: bytes | None, arrival: float
+) -> Prepared:
+    """Validate a text completion request and tokenize its prompt."""
+    check_request(state, req)
+    if req.echo:
+        raise APIError.bad_request("echo is not supported", param="echo")
+    if req.logprobs:
+        raise APIError.bad_request("logprobs are not supported", param="logprobs")
+    if req.suffix:
+        raise APIError.bad_request("suffix is not supported", param="suffix")
+    prompt = _single_prompt(req.prompt)
+    engine = state.engine.engine
+    prompt_ids = await _tokenize(state, lambda: engine.tokenize_prompt(prompt), "prompt")
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        room = state.max_context_tokens - len(prompt_ids)
+        max_tokens = min(_DEFAULT_COMPLETION_TOKENS, room) if room > 0 else 1
+    return _prepared(state, req, "cmpl", prompt_ids, max_tokens, tenant, arrival)
+
+
+def _prepared(
+    state: ServerState,
+    req: ChatCompletionRequest | CompletionRequest,
+    prefix: str,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    tenant: bytes | None,
+    arrival: float,
+) -> Prepared:
+    """Sampling params checked against the context limit, plus the request's identity."""
+    if max_tokens is None:  # OpenAI's chat default: whatever room the context leaves
+        max_tokens = state.max_context_tokens - len(prompt_ids)
+        if max_tokens < 1:
+            raise APIError.bad_request(
+                f"the prompt ({len(prompt_ids)} tokens) leaves no room for output within "
+                f"the context limit ({state.max_context_tokens} tokens)",
+                code="context_length_exceeded",
+            )
+    params = _sampling_params(req, max_tokens)
+    try:
+        state.engine.engine.check_fits(len(prompt_ids), params)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
+    return Prepared(
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        prompt_ids=prompt_ids,
+        params=params,
+        salt=tenant_salt(tenant, req.cache_salt),
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        arrival=arrival,
+    )
+
+
+def _sampling_params(
+    req: ChatCompletionRequest | CompletionRequest, max_tokens: int
+) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),
+            seed=req.seed,
+            stop=req.stop or None,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc)) from None
+
+
+def _message_dict(index: int, message) -> dict:
+    content = message.content
+    if not isinstance(content, str):
+        content = "".join(_part_text(index, part) for part in content)
+    return {"role": message.role, "content": content}
+
+
+def _part_text(index: int, part: TextPart) -> str:
+    if part.type != "text" or part.text is None:
+        raise APIError.bad_request(
+            f"message {index}: only text content parts are supported, got type {part.type!r}",
+            param=f"messages[{index}].content",
+        )
+    return part.text
+
+
+def _single_prompt(prompt) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise APIError.bad_request("prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return prompt
+    if len(prompt) == 1:
+        return prompt[0]
+    raise APIError.bad_request(
+        "prompt must be a string, a list of token ids, or a list holding one of those "
+        "(one prompt per request)",
+        param="prompt",
+    )
+
+
+async def _tokenize(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
+    """Run ``fn`` on the tokenizer thread; a failure there is the input's fault: 400."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(state.tokenizer_pool, fn)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), param=param) from None
+    except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's
+        logger.info("tokenizing %s failed: %r", param, exc)
+        raise APIError.bad_request(f"cannot tokenize {param}: {exc}", param=param) from None

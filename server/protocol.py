@@ -1,0 +1,219 @@
+"""OpenAI request and response bodies as msgspec Structs.
+
+Requests are decoded straight from the raw body with ``msgspec.json.decode``; the
+type annotations (with their ``Meta`` bounds) are the first line of validation, so a
+wrong type or an out-of-range number is a 400 that names the field. Unknown fields
+are ignored, as OpenAI clients send many optional ones this server does not use.
+Bounds keep every value inside what the engine can take (finite floats, 64-bit
+seeds), so no input can reach the engine thread in a shape that would break it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=-1, le=2**31 - 1)]
+MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+# int64: within what torch.Generator.manual_seed accepts.
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Stop = str | list[str]
+
+
+class StreamOptions(Struct, kw_only=True):
+    """``include_usage``: send a last chunk carrying the usage (with cached tokens)."""
+
+    include_usage: bool = False
+
+
+class TextPart(Struct, kw_only=True):
+    """One part of a message's content; only ``type == "text"`` is supported."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Struct, kw_only=True):
+    """One message of a conversation."""
+
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class _SamplingFields(Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    cache_salt: str | None = None
+    """Extra prefix-cache isolation on top of the caller's API key (vLLM's field)."""
+    top_k: TopK | None = None
+    """Extension: keep only the ``top_k`` most likely tokens (0 or -1: off)."""
+    ignore_eos: bool = False
+    """Extension: keep generating past end-of-sequence tokens."""
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/completions``: ``prompt`` is text or token ids (one prompt)."""
+
+    prompt: str | list[str | TokenId | list[TokenId]]
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    suffix: str | None = None
+
+
+# ------------------------------------------------------------------ responses
+
+
+class PromptTokensDetails(Struct, kw_only=True):
+    """How many prompt tokens were served from the prefix cache."""
+
+    cached_tokens: int
+
+
+class Usage(Struct, kw_only=True):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(Struct, kw_only=True):
+    """The reply of a non-streaming chat completion."""
+
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(Struct, kw_only=True):
+    """One choice of a chat completion."""
+
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    """Response of a non-streaming chat completion."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Struct, kw_only=True, omit_defaults=True):
+    """What one streamed chunk adds to the reply."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct, kw_only=True):
+    """One choice of a streamed chat chunk."""
+
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """One server-sent event of a streaming chat completion."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(Struct, kw_only=True):
+    """One choice of a text completion (or of one streamed chunk)."""
+
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(Struct, kw_only=True):
+    """Response of a text completion, and each streamed chunk of one (usage then null)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(Struct, kw_only=True):
+    """One served model."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "prefixcache"
+    max_model_len: int
+
+
+class ModelList(Struct, kw_only=True):
+    """``GET /v1/models``."""
+
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(Struct, kw_only=True):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    """Every 4xx/5xx body: ``{"error": {...}}``."""
+
+    error: ErrorBody
+
+
+REQUEST_TYPES = (ChatCompletionRequest, CompletionRequest)
+RESPONSE_TYPES = (ChatCompletion, ChatCompletionChunk, Completion, ModelList, ErrorResponse)
+
+encode = msgspec.json.Encoder().encode

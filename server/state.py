@@ -1,0 +1,84 @@
+"""What every route shares: the engine, the served model's name, keys, limits, metrics."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prefixcache.async_engine import AsyncEngine
+from server.auth import KeyRing
+from server.errors import APIError
+from server.metrics import ServerMetrics
+
+
+class Ticket:
+    """One admitted request's place; ``release`` gives it back (idempotent)."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        """Free the place; later calls do nothing."""
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None
+
+
+@dataclass(slots=True)
+class Admission:
+    """Caps the requests in flight: ``max_num_seqs`` can run and ``max_queue`` more wait.
+
+    Counted on the event loop thread only, so no lock is needed. A request holds its
+    place from acceptance until its response is complete or its client is gone.
+    """
+
+    limit: int
+    in_flight: int = 0
+
+    def acquire(self) -> Ticket:
+        """A place for one more request, or a 429 when the queue is full."""
+        if self.in_flight >= self.limit:
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.limit} requests in flight); retry later",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += 1
+        return Ticket(self)
+
+
+@dataclass(slots=True)
+class ServerState:
+    """The state behind one app; routes reach it as ``request.app.state.server``."""
+
+    engine: AsyncEngine
+    model_name: str
+    keys: KeyRing
+    admission: Admission
+    max_body_bytes: int
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    # Tokenizing and chat templating run here, off the event loop, one at a time.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixcache-tokenize")
+    )
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output the engine accepts."""
+        return self.engine.engine.config.max_model_len
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Most prompt plus output tokens one request can have (model limit and KV pool)."""
+        config = self.engine.engine.config
+        return min(config.max_model_len, config.num_kv_blocks * config.block_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short id of the served weights (OpenAI's ``system_fingerprint``)."""
+        return "fp_" + str(self.engine.engine.fingerprint)[:12]

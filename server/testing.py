@@ -1,0 +1,100 @@
+"""Helpers for tests that run a real server in-process: start one, inspect its engine.
+
+The engine belongs to its loop thread, so tests read it only through
+``AsyncEngine.call`` (``on_engine`` below), never directly. Needs the ``dev`` extra
+(httpx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefixcache.async_engine import AsyncEngine
+from prefixcache.engine import Engine
+from server.app import create_app
+from server.background import BackgroundServer
+
+
+class RunningServer(NamedTuple):
+    """A server started by ``running_server``: its base URL and its engine front."""
+
+    url: str
+    async_engine: AsyncEngine
+
+    @property
+    def api_url(self) -> str:
+        """The OpenAI base URL (``.../v1``)."""
+        return self.url + "/v1"
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The current value of one Prometheus sample from ``/metrics`` (None: absent)."""
+        with httpx.Client(trust_env=False, timeout=30) as http:
+            text = http.get(self.url + "/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return None
+
+    def wait_until_idle(self, timeout: float = 30.0) -> dict:
+        """Wait until the server has no request in flight and the engine is idle.
+
+        Returns the engine's stats; see ``wait_until_idle`` for the engine checks.
+        """
+        deadline = time.monotonic() + timeout
+        while self.metric("prefixcache_server_requests_in_flight"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"requests still in flight after {timeout}s")
+            time.sleep(0.02)  # polling interval
+        return wait_until_idle(self.async_engine, max(deadline - time.monotonic(), 1.0))
+
+
+@contextlib.contextmanager
+def running_server(
+    model: str, *, model_name: str = "tiny", engine_options: dict | None = None, **app_options
+) -> Iterator[RunningServer]:
+    """Load ``model``, serve it on 127.0.0.1 (a free port) in a thread; stop it after.
+
+    ``engine_options`` go to ``Engine.from_pretrained``, ``app_options`` to ``create_app``.
+    """
+    engine = Engine.from_pretrained(model, device="cpu", **(engine_options or {}))
+    async_engine = AsyncEngine(engine)
+    try:
+        app = create_app(async_engine, model_name=model_name, **app_options)
+        with BackgroundServer(app) as server:
+            yield RunningServer(server.url, async_engine)
+    finally:
+        async_engine.shutdown()
+
+
+def on_engine(async_engine: AsyncEngine, fn: Callable[[Engine], Any]) -> Any:
+    """Run ``fn(engine)`` on the engine's loop thread and return its result."""
+
+    async def run() -> Any:
+        return await async_engine.call(fn)
+
+    return asyncio.run(run())
+
+
+def wait_until_idle(async_engine: AsyncEngine, timeout: float = 30.0) -> dict:
+    """Wait until no request runs or waits and no block is locked; return the stats.
+
+    Then check block accounting (``check_integrity``). Raises TimeoutError if the
+    engine is still busy after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = on_engine(async_engine, lambda e: e.stats())
+        if not stats["running"] and not stats["waiting"] and not stats.get("locked_blocks"):
+            on_engine(async_engine, lambda e: e.check_integrity())
+            return stats
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"engine still busy after {timeout}s: {stats}")
+        time.sleep(0.02)  # polling interval
