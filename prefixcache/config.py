@@ -28,6 +28,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     load_format: str = "auto"
     seed: int = 0
+    max_pinned_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -46,6 +47,8 @@ class EngineConfig:
                 f"kv_cache_tokens must hold at least one block of {self.block_size} tokens, "
                 f"got {self.kv_cache_tokens}"
             )
+        if self.max_pinned_tokens is not None and self.max_pinned_tokens < 0:
+            raise ValueError(f"max_pinned_tokens must be >= 0, got {self.max_pinned_tokens}")
         if self.host_cache_tokens < 0:
             raise ValueError(f"host_cache_tokens must be >= 0, got {self.host_cache_tokens}")
         if self.attention_backend not in BACKENDS:
@@ -57,6 +60,13 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
+
+    @property
+    def pinned_token_cap(self) -> int:
+        """Most tokens pins may hold: ``max_pinned_tokens``, else half the KV pool."""
+        if self.max_pinned_tokens is not None:
+            return self.max_pinned_tokens
+        return self.kv_cache_tokens // 2
 
     @property
     def num_kv_blocks(self) -> int:
