@@ -17,7 +17,6 @@ from typing import Any
 from prefixcache.engine import Engine, Prompt
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class AsyncEngine:
 
     def render_chat(self, messages: Sequence[dict]) -> list[int]:
         """Prompt token ids for a message list (raises ValueError on bad messages)."""
-        return render_chat(self.engine.tokenizer, messages)
+        return self.engine.chat_prompt_ids(messages)
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it is; its stream ends with finish_reason ``abort``."""

@@ -10,6 +10,7 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from chunking.segments import SegmentTokenizer
 from kernels import get_backend
 from prefixcache.block_manager import BlockManager
 from prefixcache.config import EngineConfig
@@ -31,7 +32,7 @@ from prefixcache.sizing import (
     resolve_kv_cache_tokens,
     resolve_max_model_len,
 )
-from prefixcache.tokenizer import eos_token_ids, load_tokenizer, render_chat
+from prefixcache.tokenizer import eos_token_ids, load_tokenizer, validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         self.tokenizer = load_tokenizer(folder)
+        self.segments = SegmentTokenizer(self.tokenizer)
         self.eos_token_ids = eos_token_ids(folder, self.tokenizer, self.model_config.eos_token_ids)
         model = load_model(folder, self.model_config, self.dtype, self.device, config.load_format)
         kv_cache = KVCache(
@@ -216,9 +218,18 @@ class Engine:
         prompts = [self.chat_prompt_ids(c) for c in conversations]
         return self._run_all(prompts, params, use_tqdm, salt)
 
-    def chat_prompt_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt token ids of one message list through the chat template."""
-        return render_chat(self.tokenizer, messages)
+    def chat_prompt_ids(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Prompt token ids of one message list through the chat template.
+
+        Unchanged message segments are not re-tokenized (see ``SegmentTokenizer``).
+        Safe to call from other threads than the one stepping the engine.
+        """
+        validate_messages(messages)
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use generate()")
+        return self.segments.encode_chat(messages, add_generation_prompt)
 
     def _run_all(self, prompts, params, use_tqdm: bool, salt: str | None) -> list[RequestOutput]:
         param_list = _as_param_list(params, len(prompts))
@@ -264,7 +275,7 @@ class Engine:
     def prewarm_token_ids(self, prompt: Prompt | Sequence[dict]) -> list[int]:
         """Token ids ``prewarm`` caches for a text, token-id or message-list prompt."""
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return render_chat(self.tokenizer, prompt, add_generation_prompt=False)
+            return self.chat_prompt_ids(prompt, add_generation_prompt=False)
         return self.tokenize_prompt(prompt)
 
     def check_pinnable(self, num_tokens: int, ttl: float | None = None) -> None:

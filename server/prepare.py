@@ -16,7 +16,6 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.tokenizer import render_chat
 from server.auth import tenant_salt
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
@@ -85,8 +84,8 @@ async def prepare_chat(
     if req.logprobs or req.top_logprobs:
         raise APIError.bad_request("logprobs are not supported", param="logprobs")
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
-    tokenizer = state.engine.engine.tokenizer
-    prompt_ids = await _tokenize(state, lambda: render_chat(tokenizer, messages), "messages")
+    engine = state.engine.engine
+    prompt_ids = await _tokenize(state, lambda: engine.chat_prompt_ids(messages), "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
     return _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
 

@@ -1,0 +1,62 @@
+"""Segment-wise chat tokenization equals tokenizing the whole rendered prompt."""
+
+from __future__ import annotations
+
+import random
+
+from transformers import AutoTokenizer
+
+from chunking.segments import SegmentTokenizer
+
+WORDS = ["cache", "héllo", "中文", "🙂", "token", "  spaced", "\n", "x", "<b>", "end."]
+
+
+def _conversation(rng: random.Random, turns: int) -> list[dict]:
+    messages = [{"role": "system", "content": "Be brief. " * rng.randint(0, 3)}]
+    for i in range(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        words = [rng.choice(WORDS) for _ in range(rng.randint(0, 40))]
+        messages.append({"role": role, "content": " ".join(words)})
+    return messages
+
+
+def _whole(tokenizer, messages, add_generation_prompt=True) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_segmented_ids_equal_whole_text_ids(tiny_model_factory):
+    for arch in ("llama", "qwen2"):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory(arch))
+        segments = SegmentTokenizer(tokenizer)
+        rng = random.Random(0)
+        for _ in range(40):
+            messages = _conversation(rng, rng.randint(1, 6))
+            for add in (True, False):
+                assert segments.encode_chat(messages, add) == _whole(tokenizer, messages, add)
+        assert segments.fallbacks == 0 and segments.hits > 0
+
+
+def test_a_new_turn_tokenizes_only_its_new_messages(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    segments = SegmentTokenizer(tokenizer)
+    history = _conversation(random.Random(1), 4)
+    segments.encode_chat(history)
+    misses = segments.misses
+    longer = history + [{"role": "user", "content": "and now?"}]
+    assert segments.encode_chat(longer) == _whole(tokenizer, longer)
+    assert segments.misses - misses == 1  # only the new message; the rest is cached
+
+
+def test_template_without_special_cuts_falls_back_to_whole_text(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    segments = SegmentTokenizer(tokenizer)
+    messages = _conversation(random.Random(2), 3)
+    assert segments.encode_chat(messages) == _whole(tokenizer, messages)
+    assert segments.fallbacks == 1
