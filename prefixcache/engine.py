@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -132,6 +133,7 @@ class Engine:
             arrival=next(self._ids),
             salt=salt,
             generator=make_generator(params.seed, self.device),
+            added_at=time.perf_counter(),
         )
         self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from prefixcache.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from prefixcache.outputs import RequestDelta, RequestOutput
+from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
 from prefixcache.sequence import Sequence
 
 
@@ -23,6 +25,8 @@ class RequestState:
         """Record a sampled token; set the finish reason when a stop condition holds."""
         seq = self.seq
         seq.token_ids.append(token_id)
+        if not seq.first_token_at:
+            seq.first_token_at = time.perf_counter()
         if token_id in self.stop_ids:
             return self._finish("stop", self._drain())
         result = self.stop_matcher.feed(self.detokenizer.add(token_id))
@@ -57,6 +61,18 @@ class RequestState:
             seq.finish_reason,
             seq.num_prompt_tokens,
             seq.num_cached_tokens,
+            self._timings() if seq.finish_reason is not None else None,
+        )
+
+    def _timings(self) -> RequestTimings | None:
+        seq = self.seq
+        if not seq.admitted_at or not seq.first_token_at:
+            return None
+        return RequestTimings(
+            queued=max(seq.admitted_at - seq.added_at - seq.lookup_seconds, 0.0),
+            lookup=seq.lookup_seconds,
+            prefill=seq.first_token_at - seq.admitted_at,
+            decode=time.perf_counter() - seq.first_token_at,
         )
 
     def output(self) -> RequestOutput:

@@ -24,6 +24,15 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+class RequestTimings(NamedTuple):
+    """Where a request's time went inside the engine, in seconds."""
+
+    queued: float  # added -> admitted, lookup excluded
+    lookup: float  # prefix-cache match (hashing, walk, locking)
+    prefill: float  # admitted -> first token
+    decode: float  # first token -> finish
+
+
 class RequestDelta(NamedTuple):
     """What one engine step added to one request (for streaming)."""
 
@@ -33,3 +42,4 @@ class RequestDelta(NamedTuple):
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    timings: RequestTimings | None = None  # on the finishing delta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from itertools import islice
 from typing import NamedTuple
@@ -92,7 +93,9 @@ class Scheduler:
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
+            started = time.perf_counter()
             self.blocks.match_prefix(seq)
+            seq.lookup_seconds += time.perf_counter() - started
             num = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.allocate(seq, num):
                 self.blocks.free(seq, cache_blocks=False)
@@ -101,6 +104,7 @@ class Scheduler:
             self._take_waiting(seq)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
+                seq.admitted_at = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num))

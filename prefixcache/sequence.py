@@ -45,6 +45,10 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     skipped: int = 0  # admissions that went to a request queued after this one
+    added_at: float = 0.0  # perf_counter() timestamps, for per-request timings
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    lookup_seconds: float = 0.0
     _array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), repr=False)
     _array_len: int = 0
 

@@ -31,6 +31,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 
-echo "setup: installing prefixcache[dev]"
-"${PIP[@]}" install -e ".[dev]"
+# The gpu extra is triton: on CPU its interpreter runs the kernel tests. It does not
+# depend on torch, so the CPU torch stays. Triton ships Linux wheels only.
+EXTRAS=dev
+if [ "$(uname -s)" = Linux ]; then
+    EXTRAS=dev,gpu
+fi
+echo "setup: installing prefixcache[$EXTRAS]"
+"${PIP[@]}" install -e ".[$EXTRAS]"
 echo "$want" > "$STAMP"

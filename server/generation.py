@@ -16,9 +16,9 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from prefixcache.outputs import RequestDelta
+from prefixcache.outputs import RequestDelta, RequestTimings
 from server.prepare import Prepared
-from server.protocol import PromptTokensDetails, Usage
+from server.protocol import PromptTokensDetails, Timings, Usage
 from server.state import ServerState
 
 T = TypeVar("T")
@@ -38,9 +38,17 @@ class Tally:
     num_output_tokens: int = 0
     finish_reason: str | None = None
     text: str = ""
+    prepared: Prepared | None = None
+    engine_timings: RequestTimings | None = None
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> Tally:
+        """An empty tally for ``prepared``."""
+        return cls(len(prepared.prompt_ids), prepared=prepared)
 
     def add(self, delta: RequestDelta) -> None:
         """Account for one engine delta."""
+        self.engine_timings = delta.timings or self.engine_timings
         self.num_cached_tokens = delta.num_cached_tokens
         self.num_output_tokens += len(delta.token_ids)
         self.text += delta.text
@@ -54,6 +62,23 @@ class Tally:
             completion_tokens=self.num_output_tokens,
             total_tokens=self.num_prompt_tokens + self.num_output_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+            timings=self._timings(),
+        )
+
+    def _timings(self) -> Timings | None:
+        engine, prepared = self.engine_timings, self.prepared
+        if engine is None or prepared is None:
+            return None
+        server = prepared.decode_s + prepared.tokenize_s
+        ttft = server + engine.queued + engine.lookup + engine.prefill
+        return Timings(
+            request_decode_ms=1000 * prepared.decode_s,
+            tokenize_ms=1000 * prepared.tokenize_s,
+            queue_ms=1000 * engine.queued,
+            lookup_ms=1000 * engine.lookup,
+            prefill_ms=1000 * engine.prefill,
+            ttft_ms=1000 * ttft,
+            total_ms=1000 * (ttft + engine.decode),
         )
 
 
@@ -89,7 +114,7 @@ async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[Reque
 
 async def collect(state: ServerState, prepared: Prepared) -> Tally:
     """Run ``prepared`` to the end and return its text and counts."""
-    tally = Tally(len(prepared.prompt_ids))
+    tally = Tally.of(prepared)
     async with contextlib.aclosing(tracked(state, prepared)) as deltas:
         async for delta in deltas:
             tally.add(delta)

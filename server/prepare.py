@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -37,6 +38,8 @@ class Prepared(NamedTuple):
     stream: bool
     include_usage: bool
     arrival: float
+    decode_s: float = 0.0  # arrival -> validated body
+    tokenize_s: float = 0.0
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -85,9 +88,11 @@ async def prepare_chat(
         raise APIError.bad_request("logprobs are not supported", param="logprobs")
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
     engine = state.engine.engine
+    decoded = time.perf_counter()
     prompt_ids = await _tokenize(state, lambda: engine.chat_prompt_ids(messages), "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
+    prepared = _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
+    return _with_timings(prepared, decoded)
 
 
 async def prepare_completion(
@@ -176,6 +181,12 @@ def _part_text(index: int, part: TextPart) -> str:
             param=f"messages[{index}].content",
         )
     return part.text
+
+
+def _with_timings(prepared: Prepared, decoded: float) -> Prepared:
+    return prepared._replace(
+        decode_s=decoded - prepared.arrival, tokenize_s=time.perf_counter() - decoded
+    )
 
 
 def _single_prompt(prompt) -> str | list[int]:

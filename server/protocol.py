@@ -95,6 +95,18 @@ class PromptTokensDetails(Struct, kw_only=True):
     cached_tokens: int
 
 
+class Timings(Struct, kw_only=True):
+    """Server-side milliseconds of one request, stage by stage (a prefixcache extension)."""
+
+    request_decode_ms: float  # reading and decoding the body, auth
+    tokenize_ms: float  # chat template and tokenization
+    queue_ms: float  # waiting for admission
+    lookup_ms: float  # prefix-cache hashing, walk and locking
+    prefill_ms: float  # admission to first token: the uncached tail's prefill
+    ttft_ms: float  # arrival to first token, all of the above included
+    total_ms: float
+
+
 class Usage(Struct, kw_only=True):
     """Token counts of one request."""
 
@@ -102,6 +114,7 @@ class Usage(Struct, kw_only=True):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    timings: Timings | None = None
 
 
 class AssistantMessage(Struct, kw_only=True):

@@ -98,9 +98,7 @@ async def _generate(
             raise APIError(503, "the engine has stopped; restart the server", code="engine_dead")
         fmt = format_class(state, prepared)
         if prepared.stream:
-            body = events(
-                tracked(state, prepared), fmt, len(prepared.prompt_ids), prepared.include_usage
-            )
+            body = events(tracked(state, prepared), fmt, prepared)
             response = SSEResponse(body, on_close=ticket.release)
             ticket = None  # the stream gives its place back when it ends
             return response

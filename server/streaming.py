@@ -19,6 +19,7 @@ from prefixcache.async_engine import EngineDeadError
 from prefixcache.outputs import RequestDelta
 from server.errors import error_body
 from server.generation import Tally
+from server.prepare import Prepared
 from server.protocol import encode
 from server.responses import ChatFormat, CompletionFormat
 
@@ -36,12 +37,11 @@ def sse(chunk: msgspec.Struct) -> bytes:
 async def events(
     deltas: AsyncIterator[RequestDelta],
     fmt: ChatFormat | CompletionFormat,
-    num_prompt_tokens: int,
-    include_usage: bool,
+    prepared: Prepared,
 ) -> AsyncIterator[bytes]:
     """The event stream of one request, ending with ``[DONE]`` (after an error event
     if the engine died mid-stream)."""
-    tally = Tally(num_prompt_tokens)
+    tally = Tally.of(prepared)
     first = fmt.first_chunk()
     if first is not None:
         yield sse(first)
@@ -57,7 +57,7 @@ async def events(
         yield _error_event(fmt.id, exc)
         yield DONE
         return
-    if include_usage:
+    if prepared.include_usage:
         yield sse(fmt.usage_chunk(tally.usage()))
     yield DONE
 

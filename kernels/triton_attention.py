@@ -1,0 +1,312 @@
+"""Triton kernels for paged attention: KV write, prefill over a cached prefix, split-K decode.
+
+All kernels read the per-layer pools ``[num_blocks, block_size, kv_heads, head_dim]``
+in place through the block table; nothing is gathered into contiguous K/V.
+
+GQA: one program serves all query heads of one KV head. Its tile rows are
+``(token, head in group)`` pairs, so each K/V tile is loaded once for the whole group
+and K/V are never repeated in memory. ``head_dim`` is padded to a power of two
+(``BLOCK_D``, at least 16 for ``tl.dot``) with masks, so 16, 64, 128 and other sizes
+all work.
+
+Softmax runs online in base 2: scores are scaled by ``scale * log2(e)`` and merged
+with ``exp2``, which is exact up to rounding and cheaper than ``exp``.
+
+This module imports triton; ``kernels.triton_backend`` imports it lazily so that the
+registry works on machines without triton.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    num_tokens,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Copy ``BLOCK_T`` tokens' K and V rows (all KV heads) to their slots; slot -1 skips."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_H * BLOCK_D)
+    head = cols // BLOCK_D
+    dim = cols % BLOCK_D
+    slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
+    ok = (slot >= 0)[:, None] & ((head < KV_HEADS) & (dim < HEAD_DIM))[None, :]
+    row = tok.to(tl.int64)[:, None]
+    dst = (slot // BLOCK_SIZE * stride_cb + slot % BLOCK_SIZE * stride_cs)[:, None]
+    dst = dst + (head * stride_ch + dim)[None, :]
+    k = tl.load(key_ptr + row * stride_kt + (head * stride_kh + dim)[None, :], mask=ok)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    v = tl.load(value_ptr + row * stride_vt + (head * stride_vh + dim)[None, :], mask=ok)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _load_queries(q_ptr, first_row, rows_left, kvh, stride_qt, stride_qh, dims, d_ok,
+                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Tile rows are ``(token, head in group)``; returns the tile, row token, head, mask."""
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // GROUP_PAD
+    head = kvh * GROUP + rows % GROUP_PAD
+    row_ok = (tok < rows_left) & (rows % GROUP_PAD < GROUP)
+    offs = (first_row + tok).to(tl.int64)[:, None] * stride_qt + (head * stride_qh)[:, None]
+    q = tl.load(q_ptr + offs + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return q, tok, head, row_ok
+
+
+@triton.jit
+def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_end, q_pos, scale_log2,
+                 stride_kb, stride_ks, stride_vb, stride_vs, dims, d_ok,
+                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Fold keys ``start..start+BLOCK_N`` (paged) into the running softmax state.
+
+    Unmasked tiles lie wholly inside every row's visible range; masked tiles apply
+    ``key <= q_pos`` and ``key < kv_end``.
+    """
+    k_pos = start + tl.arange(0, BLOCK_N)
+    kv_ok = k_pos < kv_end
+    if MASKED:
+        block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        block = tl.load(table_ptr + k_pos // BLOCK_SIZE).to(tl.int64)
+    slot = k_pos % BLOCK_SIZE
+    k_offs = (block * stride_kb + slot * stride_ks)[:, None] + dims[None, :]
+    v_offs = (block * stride_vb + slot * stride_vs)[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_base + k_offs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + v_offs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_base + k_offs)
+        v = tl.load(v_base + v_offs)
+    else:
+        k = tl.load(k_base + k_offs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + v_offs, mask=d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        visible = (k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    SKIP_DECODE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(query tiles, seqs, kv_heads)``: a tile of new tokens over prefix + new keys."""
+    tile, seq, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    if SKIP_DECODE and q_len == 1:  # the decode kernel serves these rows
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len + tile * BLOCK_Q  # context position of the tile's first row
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    q, tok, head, row_ok = _load_queries(q_ptr, q_start + tile * BLOCK_Q, q_len - tile * BLOCK_Q,
+                                         kvh, stride_qt, stride_qh, dims, d_ok,
+                                         GROUP, GROUP_PAD, BLOCK_M)  # fmt: skip
+    q_pos = first_pos + tok
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    # Keys up to first_pos are visible to every row: no causal mask there.
+    open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
+    for start in range(0, open_end, BLOCK_N):
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
+                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
+                                 d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                 PRECISION)  # fmt: skip
+    for start in range(open_end, kv_end, BLOCK_N):
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
+                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
+                                 d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                 PRECISION)  # fmt: skip
+    out = acc / denom[:, None]
+    offs = (q_start + tile * BLOCK_Q + tok).to(tl.int64)[:, None] * stride_ot
+    offs = offs + (head * stride_oh)[:, None] + dims[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    scale_log2,
+    partition,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ps,
+    stride_ph,
+    stride_pp,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(seqs, kv_heads, partitions)``: one query per head over one KV partition.
+
+    Writes the partition's normalized output and its base-2 log-sum-exp; sequences
+    whose query length is not 1 are left to the prefill kernel.
+    """
+    seq, kvh, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    if q_end - tl.load(query_start_loc_ptr + seq) != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = part * partition
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + partition, seq_len)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    q, tok, head, row_ok = _load_queries(q_ptr, q_end - 1, 1, kvh, stride_qt, stride_qh, dims,
+                                         d_ok, GROUP, GROUP_PAD, GROUP_PAD)  # fmt: skip
+    q_pos = seq_len - 1 + tok
+    m = tl.full([GROUP_PAD], -1.0e30, tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for t0 in range(start, full_end, BLOCK_N):
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, t0, end, q_pos,
+                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
+                                 d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                 PRECISION)  # fmt: skip
+    if full_end < end:
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, full_end, end, q_pos,
+                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
+                                 d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                 PRECISION)  # fmt: skip
+    base = seq.to(tl.int64) * stride_ps + head * stride_ph + part * stride_pp
+    tl.store(part_lse_ptr + base // BLOCK_D, m + tl.log2(denom), mask=row_ok)
+    tl.store(part_out_ptr + base[:, None] + dims[None, :], acc / denom[:, None],
+             mask=row_ok[:, None])  # fmt: skip
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    partition,
+    stride_ps,
+    stride_ph,
+    stride_pp,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Grid ``(seqs, heads)``: merge a decode query's partitions by their log-sum-exp."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    if q_end - tl.load(query_start_loc_ptr + seq) != 1:
+        return
+    num_parts = tl.cdiv(tl.load(seq_lens_ptr + seq), partition)
+    base = seq.to(tl.int64) * stride_ps + head * stride_ph
+    parts = tl.arange(0, BLOCK_P)
+    dims = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        offs = (base + (p0 + parts) * stride_pp) // BLOCK_D
+        lse = tl.load(part_lse_ptr + offs, mask=p0 + parts < num_parts, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_all = tl.max(m, 0)
+    weight_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        part_ok = p0 + parts < num_parts
+        offs = base + (p0 + parts) * stride_pp
+        lse = tl.load(part_lse_ptr + offs // BLOCK_D, mask=part_ok, other=float("-inf"))
+        w = tl.exp2(lse - m_all)
+        o = tl.load(part_out_ptr + offs[:, None] + dims[None, :], mask=part_ok[:, None], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+        weight_sum += w
+    out = acc / tl.sum(weight_sum, 0)
+    dst = out_ptr + (q_end - 1).to(tl.int64) * stride_ot + head * stride_oh + dims
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# Ground truth for whether these kernels were built for the CPU interpreter; the
+# backend reloads this module when TRITON_INTERPRET changed since the import.
+INTERPRETED = not isinstance(_prefill_kernel, triton.runtime.JITFunction)
