@@ -1,0 +1,316 @@
+"""Long prompts that come back: TGI v3's 200k-token case, and one 200k-token conversation.
+
+``--scenario tgi-long``: 20 synthetic reports of about 10k tokens each, sent at once
+as "Summarize this report: ```...```" (max_tokens 50, temperature 0); the same load
+twice, the second run's total time reported; against a server with prefix caching
+and one without. ``--scenario conversation``: turn 1 carries the whole context,
+turn 2 appends the reply and a short question; the time to first token of turn 2
+(streamed), warm and with the cache off, with the server's own stage timings.
+
+    python bench/long_prompt.py --scenario tgi-long --out bench/out
+    python bench/long_prompt.py --scenario conversation --context-tokens 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import bar_chart, write_report  # noqa: E402
+
+VOCABULARY = [
+    "revenue",
+    "agency",
+    "fiscal",
+    "program",
+    "oversight",
+    "audit",
+    "committee",
+    "report",
+    "federal",
+    "budget",
+    "infrastructure",
+    "compliance",
+    "department",
+    "assessment",
+    "evaluation",
+    "congress",
+    "grant",
+    "funding",
+    "policy",
+    "regional",
+    "operations",
+    "personnel",
+    "contract",
+    "procurement",
+    "risk",
+    "analysis",
+    "findings",
+    "recommendation",
+    "implementation",
+    "schedule",
+    "estimate",
+    "expenditure",
+    "statutory",
+    "review",
+]
+
+
+def synthetic_report(tokenizer, index: int, target_tokens: int) -> str:
+    """A deterministic report of about ``target_tokens`` tokens, varied per ``index``."""
+    rng = random.Random(index)
+    words = VOCABULARY + [f"{w}{rng.randint(0, 99)}" for w in rng.sample(VOCABULARY, 12)]
+    sentences, tokens = [], 0
+    while tokens < target_tokens:
+        batch = [_sentence(rng, words) for _ in range(50)]
+        tokens += len(tokenizer.encode(" ".join(batch), add_special_tokens=False))
+        sentences += batch
+    ids = tokenizer.encode(f"Report {index}. " + " ".join(sentences), add_special_tokens=False)
+    return tokenizer.decode(ids[:target_tokens])
+
+
+def _sentence(rng: random.Random, words: list[str]) -> str:
+    body = " ".join(rng.choice(words) for _ in range(rng.randint(6, 18)))
+    return body[0].upper() + body[1:] + rng.choice([".", ".", ";", "!"])
+
+
+# ----------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def started_server(args: argparse.Namespace, caching: bool):
+    """A ``prefixcache serve`` subprocess; yields (base url, process)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "prefixcache.cli", "serve", "--port", str(port)]
+    cmd += ["--log-level", "warning", "--kv-cache-tokens", str(args.kv_cache_tokens)]
+    cmd += ["--load-format", args.load_format]
+    if args.model:
+        cmd += ["--model", args.model]
+    if not caching:
+        cmd.append("--no-prefix-caching")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)  # polling a starting process
+    raise TimeoutError("server did not become healthy")
+
+
+def peak_rss_mib(proc: subprocess.Popen) -> float | None:
+    """The process's peak resident memory (Linux ``VmHWM``)."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------ clients
+
+
+_MODELS: dict[str, str] = {}
+
+
+def _served_model(url: str) -> str:
+    if url not in _MODELS:
+        listing = httpx.get(url + "/v1/models", timeout=30, trust_env=False).json()
+        _MODELS[url] = listing["data"][0]["id"]
+    return _MODELS[url]
+
+
+async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int):
+    """One streamed chat completion: (text, seconds to first token, usage)."""
+    body = {
+        "model": _served_model(url),
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, first, text, usage = time.perf_counter(), None, "", None
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content") or choice.get("finish_reason"):
+                    first = first or time.perf_counter() - start
+                    text += choice["delta"].get("content") or ""
+    return text, first, usage
+
+
+def _client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(3600), trust_env=False)
+
+
+async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str) -> dict:
+    async with _client() as http:
+        bar = tqdm(total=len(prompts), desc=desc, leave=False)
+
+        async def one(text: str):
+            result = await chat(http, url, [{"role": "user", "content": text}], max_tokens)
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        bar.close()
+    cached = sum(r[2]["prompt_tokens_details"]["cached_tokens"] for r in results)
+    prompt = sum(r[2]["prompt_tokens"] for r in results)
+    return {"seconds": time.perf_counter() - start, "prompt_tokens": prompt, "cached": cached}
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
+    """20 reports at once, twice, with and without prefix caching."""
+    reports = [
+        synthetic_report(tokenizer, i, args.report_tokens)
+        for i in tqdm(range(args.num_reports), desc="reports", leave=False)
+    ]
+    prompts = [f"Summarize this report: ```{r}```" for r in reports]
+    rows, peaks = [], {}
+    for caching in (True, False):
+        name = "prefix cache on" if caching else "prefix cache off"
+        with started_server(args, caching) as (url, proc):
+            for run in (1, 2):
+                result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
+                rows.append({"server": name, "run": run, **result})
+            peaks[name] = peak_rss_mib(proc)
+    warm, cold = rows[1]["seconds"], rows[3]["seconds"]
+    summary = {
+        "benchmark": "long_prompt",
+        "scenario": "tgi-long",
+        "requests": args.num_reports,
+        "prompt_tokens": rows[1]["prompt_tokens"],
+        "second_run_s_cache_on": warm,
+        "second_run_s_cache_off": cold,
+        "speedup": cold / warm,
+        "cached_tokens_second_run": rows[1]["cached"],
+        "peak_rss_mib": peaks,
+    }
+    return summary, rows
+
+
+def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
+    """Turn 2 of a conversation over a long context: warm TTFT against cache off."""
+    context = synthetic_report(tokenizer, 0, args.context_tokens)
+    turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
+    rows, timings = [], {}
+    for caching in (True, False):
+        name = "prefix cache on" if caching else "prefix cache off"
+        with started_server(args, caching) as (url, proc):
+            reply, ttft1, usage1 = asyncio.run(_one_chat(url, turn1, args.max_tokens))
+            turn2 = turn1 + [
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "What is the main risk it names?"},
+            ]
+            _, ttft2, usage2 = asyncio.run(_one_chat(url, turn2, args.max_tokens))
+            timings[name] = usage2.get("timings")
+            rows.append(
+                {
+                    "server": name,
+                    "turn1_ttft_s": ttft1,
+                    "turn2_ttft_s": ttft2,
+                    "turn2_prompt_tokens": usage2["prompt_tokens"],
+                    "turn2_cached_tokens": usage2["prompt_tokens_details"]["cached_tokens"],
+                    "peak_rss_mib": peak_rss_mib(proc),
+                }
+            )
+    summary = {
+        "benchmark": "long_prompt",
+        "scenario": "conversation",
+        "context_tokens": rows[0]["turn2_prompt_tokens"],
+        "turn2_ttft_s_cache_on": rows[0]["turn2_ttft_s"],
+        "turn2_ttft_s_cache_off": rows[1]["turn2_ttft_s"],
+        "speedup": rows[1]["turn2_ttft_s"] / rows[0]["turn2_ttft_s"],
+        "warm_breakdown_ms": timings["prefix cache on"],
+    }
+    return summary, rows
+
+
+async def _one_chat(url: str, messages: list[dict], max_tokens: int):
+    async with _client() as http:
+        return await chat(http, url, messages, max_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a scenario and report it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=["tgi-long", "conversation"], default="tgi-long")
+    parser.add_argument("--model", default=None, help="HF folder or hub id (default: tiny)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--num-reports", type=int, default=20)
+    parser.add_argument("--report-tokens", type=int, default=10000)
+    parser.add_argument("--context-tokens", type=int, default=200000)
+    parser.add_argument("--max-tokens", type=int, default=50)
+    parser.add_argument("--kv-cache-tokens", type=int, default=262144)
+    parser.add_argument("--out", default=None, help="folder for JSON, markdown and PNG")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from prefixcache.testing import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model or str(default_model_path()))
+    run = tgi_long if args.scenario == "tgi-long" else conversation
+    summary, rows = run(args, tokenizer)
+    if args.out:
+        _chart(Path(args.out), args.scenario, rows)
+    write_report(args.out, f"long_prompt_{args.scenario}", summary, rows)
+
+
+def _chart(folder: Path, scenario: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if scenario == "tgi-long":
+        labels = [f"{r['server']}\nrun {r['run']}" for r in rows]
+        values, ylabel = [r["seconds"] for r in rows], "total seconds for all requests"
+    else:
+        labels = [r["server"] for r in rows]
+        values, ylabel = [r["turn2_ttft_s"] for r in rows], "turn-2 time to first token (s)"
+    bar_chart(folder / f"long_prompt_{scenario}.png", labels, values, ylabel, scenario)
+
+
+if __name__ == "__main__":
+    main()
