@@ -220,6 +220,24 @@ class Engine:
         prompts = [self.chat_prompt_ids(c) for c in conversations]
         return self._run_all(prompts, params, use_tqdm, salt)
 
+    def respond(
+        self,
+        input: str | Sequence[dict],
+        previous=None,
+        instructions: str | None = None,
+        params: SamplingParams | None = None,
+        salt: str | None = None,
+    ):
+        """Reply to ``input`` (text or messages), continuing the response ``previous``.
+
+        ``previous`` is an earlier ``ResponseOutput`` or its id (stored under the same
+        ``salt``). Only the new input is tokenized; the prompt equals rendering the
+        whole conversation. Returns a ``prefixcache.conversations.ResponseOutput``.
+        """
+        from prefixcache.conversations import respond  # keeps engine.py's imports lean
+
+        return respond(self, input, previous, instructions, params, salt)
+
     def chat_prompt_ids(
         self, messages: Sequence[dict], add_generation_prompt: bool = True
     ) -> list[int]:

@@ -10,9 +10,13 @@ from fastapi import FastAPI
 import prefixcache
 from prefixcache.async_engine import AsyncEngine
 from server.auth import KeyRing
+from server.cache_protocol import CACHE_TYPES
+from server.cache_routes import cache_router
 from server.errors import install_error_handlers
 from server.openapi import install_openapi
 from server.protocol import REQUEST_TYPES, RESPONSE_TYPES
+from server.responses_api import RESPONSES_TYPES
+from server.responses_api import router as responses_router
 from server.routes import router
 from server.state import Admission, ServerState
 
@@ -64,5 +68,7 @@ def create_app(
     app.state.server = state
     install_error_handlers(app, state.metrics.record_error)
     app.include_router(router)
-    install_openapi(app, REQUEST_TYPES + RESPONSE_TYPES)
+    app.include_router(cache_router)
+    app.include_router(responses_router)
+    install_openapi(app, REQUEST_TYPES + RESPONSE_TYPES + CACHE_TYPES + RESPONSES_TYPES)
     return app

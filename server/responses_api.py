@@ -1,0 +1,290 @@
+"""OpenAI's Responses API: conversations kept on the server, continued by id.
+
+``POST /v1/responses`` with ``previous_response_id`` sends only the new message: the
+stored conversation's token ids are reused and only the new text is tokenized (see
+``prefixcache.conversations``), then the prefix cache skips the history's prefill.
+Stored responses are scoped per API key: another key's id answers 404 like an
+unknown one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import Response
+
+from prefixcache.async_engine import EngineDeadError
+from prefixcache.conversations import (
+    ConversationRenderer,
+    Turn,
+    new_response_id,
+    stored_response,
+)
+from prefixcache.response_store import ResponseStore, StoredResponse
+from prefixcache.sampling_params import SamplingParams
+from server.auth import tenant_salt
+from server.errors import APIError
+from server.generation import ClientGone, Tally, collect, tracked, unless_disconnected
+from server.openapi import operation
+from server.prepare import Prepared, decode, read_body
+from server.protocol import encode
+from server.responses_format import job_response, response_events, stored_response_object
+from server.responses_protocol import (
+    RESPONSES_TYPES,
+    InputMessage,
+    ResponseDeleted,
+    ResponseEvent,
+    ResponseObject,
+    ResponseRequest,
+)
+from server.routes import authenticate
+from server.state import ServerState
+from server.streaming import SSEResponse
+
+__all__ = ["RESPONSES_TYPES", "install_response_store", "router"]
+
+T = TypeVar("T")
+router = APIRouter()
+_CLIENT_GONE = 499
+
+
+@dataclass(slots=True)
+class Job:
+    """A validated ``POST /v1/responses``: the engine request and how to store it."""
+
+    prepared: Prepared
+    turn: Turn
+    req: ResponseRequest
+    scope: str
+    created_at: int
+    renderer: ConversationRenderer
+    store: ResponseStore
+    model: str
+
+    async def save(self, state: ServerState, tally: Tally) -> None:
+        """Store the finished turn (when ``store``) so a later turn can continue it."""
+        if not self.req.store or tally.finish_reason in (None, "abort"):
+            return
+        counts = (tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
+
+        def build() -> StoredResponse:
+            entry = stored_response(
+                self.renderer, self.turn, self.prepared.request_id, self.scope,
+                tally.text, counts, tally.finish_reason,
+            )  # fmt: skip
+            entry.created_at = self.created_at
+            return entry
+
+        self.store.put(await _off_loop(state, build))
+
+
+def install_response_store(app: FastAPI, store: ResponseStore) -> None:
+    """Serve ``app``'s Responses API from ``store`` (else a default one is made)."""
+    app.state.responses = store
+
+
+def _store(request: Request, state: ServerState) -> ResponseStore:
+    store = getattr(request.app.state, "responses", None)
+    if store is None:  # next to the disk KV tier when there is one, else in memory
+        disk = state.engine.engine.config.disk_cache_dir
+        store = ResponseStore(folder=Path(disk) / "responses" if disk else None)
+        install_response_store(request.app, store)
+    return store
+
+
+def _renderer(request: Request, state: ServerState) -> ConversationRenderer:
+    renderer = getattr(request.app.state, "conversation_renderer", None)
+    if renderer is None:
+        renderer = ConversationRenderer(state.engine.engine)
+        request.app.state.conversation_renderer = renderer
+    return renderer
+
+
+def _scope(tenant: bytes | None) -> str:
+    return tenant.hex() if tenant else ""
+
+
+def _not_found(response_id: str, param: str | None = None) -> APIError:
+    return APIError(
+        404, f"no response with id {response_id!r} found", param=param, code="not_found"
+    )
+
+
+# ------------------------------------------------------------------- routes
+
+
+@router.post(
+    "/v1/responses",
+    summary="Create a response, optionally continuing a stored one",
+    openapi_extra=operation(ResponseObject, ResponseRequest, ResponseEvent),
+)
+async def create_response(
+    request: Request, tenant: bytes | None = Depends(authenticate)
+) -> Response:
+    """Reply to ``input`` after ``previous_response_id``; ``stream: true`` sends events."""
+    state, arrival = request.app.state.server, time.perf_counter()
+    req = decode(await read_body(request, state.max_body_bytes), ResponseRequest)
+    ticket = state.admission.acquire()
+    try:
+        job = await _prepare(request, state, req, tenant, arrival)
+        if not state.engine.is_alive:
+            raise APIError(503, "the engine has stopped; restart the server", code="engine_dead")
+        if req.stream:
+            body = response_events(job, tracked(state, job.prepared), lambda t: job.save(state, t))
+            response = SSEResponse(body, on_close=ticket.release)
+            ticket = None  # the stream gives its place back when it ends
+            return response
+        return await _finish(request, state, job)
+    finally:
+        if ticket is not None:
+            ticket.release()
+
+
+@router.get(
+    "/v1/responses/{response_id}",
+    summary="Retrieve a stored response",
+    openapi_extra=operation(ResponseObject),
+)
+async def get_response(
+    response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
+) -> Response:
+    """A stored response; 404 when unknown, deleted, expired or another key's."""
+    state = request.app.state.server
+    entry = _store(request, state).get(response_id, _scope(tenant))
+    if entry is None:
+        raise _not_found(response_id)
+    return _json(stored_response_object(entry, state.model_name))
+
+
+@router.delete(
+    "/v1/responses/{response_id}",
+    summary="Delete a stored response",
+    openapi_extra=operation(ResponseDeleted),
+)
+async def delete_response(
+    response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
+) -> Response:
+    """Forget a stored response; 404 when ``GET`` would not find it."""
+    if not _store(request, request.app.state.server).delete(response_id, _scope(tenant)):
+        raise _not_found(response_id)
+    return _json(ResponseDeleted(id=response_id))
+
+
+def _json(body) -> Response:
+    return Response(encode(body), media_type="application/json")
+
+
+# -------------------------------------------------------------- preparation
+
+
+async def _prepare(
+    request: Request,
+    state: ServerState,
+    req: ResponseRequest,
+    tenant: bytes | None,
+    arrival: float,
+) -> Job:
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    store, renderer, scope = _store(request, state), _renderer(request, state), _scope(tenant)
+    previous = None
+    if req.previous_response_id is not None:
+        previous = store.get(req.previous_response_id, scope)
+        if previous is None:
+            raise _not_found(req.previous_response_id, "previous_response_id")
+    new = _input_messages(req.input)
+    turn = await _off_loop(state, lambda: renderer.turn(new, previous, req.instructions))
+    params = _sampling_params(state, req, len(turn.prompt_ids))
+    prepared = Prepared(
+        request_id=new_response_id(),
+        prompt_ids=turn.prompt_ids,
+        params=params,
+        salt=tenant_salt(tenant, None),
+        stream=req.stream,
+        include_usage=False,
+        arrival=arrival,
+    )
+    return Job(prepared, turn, req, scope, int(time.time()), renderer, store, state.model_name)
+
+
+def _sampling_params(state: ServerState, req: ResponseRequest, num_prompt: int) -> SamplingParams:
+    max_tokens = req.max_output_tokens
+    if max_tokens is None:  # whatever room the context leaves
+        max_tokens = state.max_context_tokens - num_prompt
+    if max_tokens < 1:
+        raise APIError.bad_request(
+            f"the conversation ({num_prompt} tokens) leaves no room for output within the "
+            f"context limit ({state.max_context_tokens} tokens)",
+            code="context_length_exceeded",
+        )
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+        )
+        state.engine.engine.check_fits(num_prompt, params)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
+    return params
+
+
+def _input_messages(value: str | list[InputMessage]) -> list[dict]:
+    if isinstance(value, str):
+        if not value:
+            raise APIError.bad_request("input is empty", param="input")
+        return [{"role": "user", "content": value}]
+    return [{"role": m.role, "content": _content(i, m.content)} for i, m in enumerate(value)]
+
+
+def _content(index: int, content) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type not in ("input_text", "output_text", "text") or part.text is None:
+            raise APIError.bad_request(
+                f"input item {index}: only text content parts are supported, "
+                f"got type {part.type!r}",
+                param=f"input[{index}].content",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+async def _off_loop(state: ServerState, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the tokenizer thread; a ValueError or template error there is a 400."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(state.tokenizer_pool, fn)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), param="input") from None
+    except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's
+        raise APIError.bad_request(f"cannot render input: {exc}", param="input") from None
+
+
+# ---------------------------------------------------------------- collecting
+
+
+async def _finish(request: Request, state: ServerState, job: Job) -> Response:
+    try:
+        tally = await unless_disconnected(request, collect(state, job.prepared))
+    except ClientGone:
+        return Response(status_code=_CLIENT_GONE)
+    except EngineDeadError:
+        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
+    except ValueError as exc:  # refused by the engine itself, after our checks passed
+        raise APIError.bad_request(str(exc)) from None
+    await job.save(state, tally)
+    return _json(job_response(job, tally))

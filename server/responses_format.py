@@ -1,0 +1,177 @@
+"""Response objects and the Responses API's server-sent events.
+
+A stream goes ``response.created``, ``response.in_progress``, the output item and
+content part being added, one ``response.output_text.delta`` per piece of text, the
+``.done`` events, then ``response.completed`` (whose response's ``status`` says
+``incomplete`` when ``max_output_tokens`` cut it short), or an ``error`` event if
+the generation failed. Each event is sent as ``event: <type>`` plus ``data: <json>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from prefixcache.async_engine import EngineDeadError
+from prefixcache.outputs import RequestDelta
+from prefixcache.response_store import StoredResponse
+from server.generation import Tally
+from server.protocol import encode
+from server.responses_protocol import (
+    IncompleteDetails,
+    InputTokensDetails,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
+    ResponseEvent,
+    ResponseObject,
+    ResponseUsage,
+)
+
+if TYPE_CHECKING:
+    from server.responses_api import Job
+
+logger = logging.getLogger(__name__)
+
+
+def status_of(finish_reason: str | None) -> str:
+    """``completed``, or ``incomplete`` when the output hit ``max_output_tokens``."""
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def usage(num_input: int, num_cached: int, num_output: int) -> ResponseUsage:
+    """The Responses API's usage block, with input tokens served from the cache."""
+    return ResponseUsage(
+        input_tokens=num_input,
+        input_tokens_details=InputTokensDetails(cached_tokens=num_cached),
+        output_tokens=num_output,
+        output_tokens_details=OutputTokensDetails(),
+        total_tokens=num_input + num_output,
+    )
+
+
+def message_id(response_id: str) -> str:
+    """The id of a response's output message, derived from the response's id."""
+    return "msg_" + response_id.removeprefix("resp_")
+
+
+def _message(response_id: str, text: str | None, status: str) -> OutputMessage:
+    content = [] if text is None else [OutputText(text=text)]
+    return OutputMessage(id=message_id(response_id), status=status, content=content)
+
+
+def _incomplete(finish_reason: str | None) -> IncompleteDetails | None:
+    return IncompleteDetails(reason="max_output_tokens") if finish_reason == "length" else None
+
+
+def job_response(job: Job, tally: Tally | None) -> ResponseObject:
+    """The response object of a running (no ``tally``) or finished request."""
+    req, rid = job.req, job.prepared.request_id
+    if tally is None:
+        status, output, counts = "in_progress", [], None
+    else:
+        status = status_of(tally.finish_reason)
+        output = [_message(rid, tally.text, status)]
+        counts = usage(tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
+    return ResponseObject(
+        id=rid,
+        created_at=job.created_at,
+        status=status,
+        model=job.model,
+        output=output,
+        usage=counts,
+        previous_response_id=req.previous_response_id,
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        store=req.store,
+        user=req.user,
+        metadata=req.metadata or {},
+        incomplete_details=_incomplete(tally.finish_reason) if tally else None,
+    )
+
+
+def stored_response_object(entry: StoredResponse, model: str) -> ResponseObject:
+    """The response object of a stored response (``GET /v1/responses/{id}``)."""
+    status = status_of(entry.finish_reason)
+    return ResponseObject(
+        id=entry.id,
+        created_at=int(entry.created_at),
+        status=status,
+        model=model,
+        output=[_message(entry.id, entry.output_text, status)],
+        usage=usage(entry.num_input_tokens, entry.num_cached_tokens, entry.num_output_tokens),
+        previous_response_id=entry.previous_response_id,
+        instructions=entry.instructions,
+        incomplete_details=_incomplete(entry.finish_reason),
+    )
+
+
+class _Events:
+    """Numbers and encodes one stream's events."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.seq = job, 0
+        self.item_id = message_id(job.prepared.request_id)
+
+    def __call__(self, kind: str, **fields) -> bytes:
+        event = ResponseEvent(type=kind, sequence_number=self.seq, **fields)
+        self.seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + encode(event) + b"\n\n"
+
+    def text(self, kind: str, **fields) -> bytes:
+        """An event about the one text part of the one output item."""
+        return self(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
+
+
+async def response_events(
+    job: Job,
+    deltas: AsyncIterator[RequestDelta],
+    save: Callable[[Tally], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    """The event stream of one response; ``save`` stores it before it completes."""
+    ev, tally = _Events(job), Tally(len(job.prepared.prompt_ids))
+    yield ev("response.created", response=job_response(job, None))
+    yield ev("response.in_progress", response=job_response(job, None))
+    item = _message(job.prepared.request_id, None, "in_progress")
+    yield ev("response.output_item.added", output_index=0, item=item)
+    yield ev.text("response.content_part.added", part=OutputText(text=""))
+    try:
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                tally.add(delta)
+                if delta.text:
+                    yield ev.text("response.output_text.delta", delta=delta.text, logprobs=[])
+        await save(tally)
+    except Exception as exc:  # headers are sent: report in-band, then end the stream
+        yield _error_event(ev, exc)
+        return
+    final = job_response(job, tally)
+    yield ev.text("response.output_text.done", text=tally.text, logprobs=[])
+    yield ev.text("response.content_part.done", part=OutputText(text=tally.text))
+    yield ev("response.output_item.done", output_index=0, item=final.output[0])
+    yield ev("response.completed", response=final)
+
+
+def _error_event(ev: _Events, exc: Exception) -> bytes:
+    rid = ev.job.prepared.request_id
+    if isinstance(exc, EngineDeadError):
+        logger.error("response stream %s failed: %s", rid, exc)
+        code, message = "engine_dead", "the engine stopped; retry later"
+    else:
+        logger.error("response stream %s failed", rid, exc_info=exc)
+        code, message = "server_error", "internal server error; see the server log"
+    body = encode(
+        {
+            "type": "error",
+            "code": code,
+            "message": message,
+            "param": None,
+            "sequence_number": ev.seq,
+            "error": {"code": code, "message": message},
+        }
+    )
+    return b"event: error\ndata: " + body + b"\n\n"

@@ -1,0 +1,152 @@
+"""OpenAI Responses API bodies (the subset served here) as msgspec Structs.
+
+As in ``server.protocol``, requests are decoded straight from the raw body and the
+annotations are the first validation; unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+from server.protocol import MaxTokens, Temperature, TopP
+
+InputRole = Literal["user", "system", "developer", "assistant"]
+ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]
+
+
+class InputPart(Struct, kw_only=True):
+    """One content part of an input message: ``input_text`` (or ``output_text``)."""
+
+    type: str
+    text: str | None = None
+
+
+class InputMessage(Struct, kw_only=True):
+    """One input item: a message with a role and text content."""
+
+    role: InputRole
+    content: str | list[InputPart]
+    type: Literal["message"] = "message"
+
+
+class ResponseRequest(Struct, kw_only=True):
+    """``POST /v1/responses``."""
+
+    input: str | Annotated[list[InputMessage], Meta(min_length=1)]
+    model: str | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stream: bool = False
+    store: bool = True
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class OutputText(Struct, kw_only=True):
+    """The reply's text part."""
+
+    type: str = "output_text"
+    text: str
+    annotations: list[str] = []
+
+
+class OutputMessage(Struct, kw_only=True):
+    """The assistant message a response produces."""
+
+    id: str
+    type: str = "message"
+    role: str = "assistant"
+    status: str
+    content: list[OutputText]
+
+
+class InputTokensDetails(Struct, kw_only=True):
+    """How many input tokens were served from the prefix cache."""
+
+    cached_tokens: int
+
+
+class OutputTokensDetails(Struct, kw_only=True):
+    """Always zero here; the field is part of OpenAI's usage."""
+
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(Struct, kw_only=True):
+    """Token counts of one response."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(Struct, kw_only=True):
+    """Why a response stopped early (``max_output_tokens``)."""
+
+    reason: str
+
+
+class ResponseError(Struct, kw_only=True):
+    """Why a response failed."""
+
+    code: str
+    message: str
+
+
+class ResponseObject(Struct, kw_only=True):
+    """A response: ``POST`` (non-streaming) and ``GET /v1/responses/{id}``."""
+
+    id: str
+    object: str = "response"
+    created_at: int
+    status: str
+    model: str
+    output: list[OutputMessage]
+    usage: ResponseUsage | None = None
+    previous_response_id: str | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    store: bool = True
+    user: str | None = None
+    metadata: dict[str, str] = {}
+    incomplete_details: IncompleteDetails | None = None
+    error: ResponseError | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: str = "auto"
+    tools: list[str] = []
+
+
+class ResponseDeleted(Struct, kw_only=True):
+    """``DELETE /v1/responses/{id}``."""
+
+    id: str
+    object: str = "response"
+    deleted: bool = True
+
+
+class ResponseEvent(Struct, kw_only=True, omit_defaults=True):
+    """One server-sent event of a streaming response (fields per ``type``)."""
+
+    type: str
+    sequence_number: int
+    response: ResponseObject | None = None
+    item_id: str | None = None
+    output_index: int | None = None
+    content_index: int | None = None
+    delta: str | None = None
+    text: str | None = None
+    item: OutputMessage | None = None
+    part: OutputText | None = None
+    logprobs: list[float] | None = None
+
+
+RESPONSES_TYPES = (ResponseRequest, ResponseObject, ResponseDeleted, ResponseEvent)
