@@ -47,13 +47,17 @@ def _time(step: Callable[[], object], cache: RadixCache, iters: int) -> tuple[fl
     for _ in range(min(iters, 20)):  # warm up
         cache.unlock(step().node)
     gc.collect()
+    gc.disable()  # as timeit does: a collection pass is not part of a lookup
     samples = []
-    for _ in range(iters):
-        start = time.perf_counter_ns()
-        result = step()
-        samples.append(time.perf_counter_ns() - start)
-        cache.unlock(result.node)
-        del result  # free the block list outside the timed region
+    try:
+        for _ in range(iters):
+            start = time.perf_counter_ns()
+            result = step()
+            samples.append(time.perf_counter_ns() - start)
+            cache.unlock(result.node)
+            del result  # free the block list outside the timed region
+    finally:
+        gc.enable()
     return _percentiles(samples)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -25,6 +26,25 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    block_tables_cpu: list[list[int]] = field(default_factory=list)
+    _runs: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
+
+    def block_runs(self, seq: int) -> list[tuple[int, int]]:
+        """Sequence ``seq``'s blocks as runs of consecutive ids: (first id, count).
+
+        Backends read a long run in place as one strided view instead of gathering
+        its blocks; computed once per step and shared by every layer.
+        """
+        runs = self._runs.get(seq)
+        if runs is None:
+            needed = -(-self.seq_lens_cpu[seq] // self.block_size)
+            table = np.asarray(self.block_tables_cpu[seq][:needed], dtype=np.int64)
+            breaks = np.flatnonzero(np.diff(table) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [len(table)]))
+            runs = [(int(table[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+            self._runs[seq] = runs
+        return runs
 
     @property
     def num_seqs(self) -> int:
@@ -62,6 +82,7 @@ class AttentionMetadata:
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             block_size=block_size,
+            block_tables_cpu=[list(t) for t in block_tables],
         )
 
 

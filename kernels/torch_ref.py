@@ -1,11 +1,15 @@
 """Reference paged attention in plain torch: exact, and the default on CPU.
 
-It never builds a score matrix of new tokens x whole context: queries and keys are
-processed in tiles and merged with an online (log-sum-exp) softmax, so a
-200k-token context fits in memory.
+It never builds a score matrix of new tokens x whole context. Each sequence's cached
+keys are read in place, one strided view per run of consecutive blocks (gathered
+only when the blocks are scattered), in pieces of at most ``KEY_TILE`` tokens; the
+new tokens attend causally to themselves; partial results merge by log-sum-exp. So
+a 200k-token context fits in memory and a long decode step copies no KV.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +19,15 @@ from kernels.metadata import AttentionMetadata
 
 QUERY_TILE = 512
 KEY_TILE = 16384
-# Decode steps whose padded contexts stay under this many tokens run as one batched op.
-BATCHED_DECODE_TOKENS = 1 << 18
+# Decode steps whose contexts are all this short are gathered and run as one op.
+BATCHED_DECODE_MAX_LEN = 2048
+# More runs than this (a fragmented pool) are gathered instead of viewed one by one.
+MAX_VIEW_RUNS = 32
 
 
 @register_backend("torch")
 class TorchReferenceBackend(AttentionBackend):
-    """Tiled paged attention written with torch ops; GQA without repeating K/V."""
+    """Paged attention written with torch ops; GQA without repeating cached K/V."""
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         """Scatter new K/V rows into their slots."""
@@ -34,24 +40,21 @@ class TorchReferenceBackend(AttentionBackend):
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """Attention of each sequence's new queries over its cached and new keys."""
-        if meta.is_decode_only and _padded_tokens(meta) <= BATCHED_DECODE_TOKENS:
+        if meta.is_decode_only and max(meta.seq_lens_cpu) <= BATCHED_DECODE_MAX_LEN:
             return _batched_decode(query, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+            context = _Context(k_cache, v_cache, meta, i)
             out[start : start + n] = _attend_sequence(
-                query[start : start + n], k_cache, v_cache, meta.block_tables[i], total, scale
+                query[start : start + n], context, total, scale
             )
             start += n
         return out
 
 
-def _padded_tokens(meta: AttentionMetadata) -> int:
-    return meta.num_seqs * meta.block_tables.shape[1] * meta.block_size
-
-
 def _batched_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-    """One query per sequence: gather padded contexts and attend in a single op."""
+    """One query per short sequence: gather padded contexts and attend in a single op."""
     num_seqs, heads, dim = query.shape
     tables = meta.block_tables.long()
     keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, S, d]
@@ -69,54 +72,100 @@ def _batched_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: flo
     return out.view(num_seqs, heads, dim)
 
 
-def _attend_sequence(q, k_cache, v_cache, block_table, total: int, scale: float):
+class _Context:
+    """One sequence's cached K/V, read as ``[1, kv_heads, length, d]`` pieces."""
+
+    def __init__(self, k_cache, v_cache, meta: AttentionMetadata, seq: int) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.block_size = k_cache.shape[1]
+        self.runs = meta.block_runs(seq)
+        self.table = meta.block_tables[seq]
+        # Token-level views of the pools (they are contiguous): a run is one slice.
+        self.flat_k, self.flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+
+    def pieces(self, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of positions ``0..end``, at most ``KEY_TILE`` tokens each."""
+        if len(self.runs) > MAX_VIEW_RUNS:
+            for k0 in range(0, end, KEY_TILE):
+                yield self.gather(k0, min(k0 + KEY_TILE, end))
+            return
+        position = 0
+        for first, count in self.runs:
+            run_end = min(position + count * self.block_size, end)
+            for k0 in range(position, run_end, KEY_TILE):
+                k1 = min(k0 + KEY_TILE, run_end)
+                yield self._view(first, k0 - position, k1 - k0)
+            position += count * self.block_size
+            if position >= end:
+                return
+
+    def _view(self, first_block: int, offset: int, length: int):
+        """``length`` tokens from ``offset`` into the run starting at ``first_block``."""
+        start = first_block * self.block_size + offset
+        keys = self.flat_k[start : start + length].transpose(0, 1).unsqueeze(0)
+        values = self.flat_v[start : start + length].transpose(0, 1).unsqueeze(0)
+        return keys, values
+
+    @property
+    def _caches(self):
+        return (self.k_cache, self.v_cache)
+
+    def gather(self, k0: int, k1: int):
+        """Keys and values of positions ``k0..k1``, copied out of their blocks."""
+        first, last = k0 // self.block_size, -(-k1 // self.block_size)
+        blocks = self.table[first:last].long()
+        offset = k0 - first * self.block_size
+        return tuple(
+            c.index_select(0, blocks)
+            .flatten(0, 1)[offset : offset + k1 - k0]
+            .transpose(0, 1)
+            .unsqueeze(0)
+            for c in self._caches
+        )
+
+
+def _attend_sequence(q, context: _Context, total: int, scale: float):
     """Attention for one sequence whose ``len(q)`` new tokens end its ``total``-token context."""
     n = q.shape[0]
     out = torch.empty_like(q)
     for q0 in range(0, n, QUERY_TILE):
         q1 = min(q0 + QUERY_TILE, n)
-        first_pos = total - n + q0
-        out[q0:q1] = _attend_tile(q[q0:q1], first_pos, k_cache, v_cache, block_table, scale)
+        out[q0:q1] = _attend_tile(q[q0:q1], total - n + q0, context, scale)
     return out
 
 
-def _attend_tile(q, first_pos: int, k_cache, v_cache, block_table, scale: float):
+def _attend_tile(q, first_pos: int, context: _Context, scale: float):
     """Queries at positions ``first_pos..`` over keys ``0..last query position``.
 
-    Keys before ``first_pos`` need no mask and are taken ``KEY_TILE`` at a time; the
-    tile's own keys get a square causal mask. Partial results merge by log-sum-exp.
+    Keys before ``first_pos`` need no mask, so each query head group is folded into
+    the query length and reads its shared K/V head directly; the tile's own keys get
+    a square causal mask.
     """
     t, heads, dim = q.shape
-    group = heads // k_cache.shape[2]
-    qh = q.permute(1, 0, 2).unsqueeze(0)  # [1, heads, t, d]
+    kv_heads = context.k_cache.shape[2]
+    group = heads // kv_heads
+    # One new token sees all its keys: no mask at all, its own key read in place too.
+    unmasked_end = first_pos + 1 if t == 1 else first_pos
     parts = []
-    for k0 in range(0, first_pos, KEY_TILE):
-        keys, values = _gather(k_cache, v_cache, block_table, k0, min(k0 + KEY_TILE, first_pos))
-        parts.append(_attention_with_lse(qh, keys, values, group, scale, causal=False))
-    keys, values = _gather(k_cache, v_cache, block_table, first_pos, first_pos + t)
-    parts.append(_attention_with_lse(qh, keys, values, group, scale, causal=True))
-    out = _merge(parts)  # [1, heads, t, d]
-    return out[0].permute(1, 0, 2).to(q.dtype)
-
-
-def _gather(k_cache, v_cache, block_table, k0: int, k1: int):
-    """Keys and values of positions ``k0..k1`` as ``[1, kv_heads, k1 - k0, d]``."""
-    block_size = k_cache.shape[1]
-    first, last = k0 // block_size, (k1 + block_size - 1) // block_size
-    blocks = block_table[first:last].long()
-    offset = k0 - first * block_size
-    keys = k_cache[blocks].flatten(0, 1)[offset : offset + k1 - k0]
-    values = v_cache[blocks].flatten(0, 1)[offset : offset + k1 - k0]
-    return keys.permute(1, 0, 2).unsqueeze(0), values.permute(1, 0, 2).unsqueeze(0)
-
-
-def _attention_with_lse(q, keys, values, group: int, scale: float, causal: bool):
-    """Softmax attention and its log-sum-exp; ``causal`` needs as many keys as queries."""
+    if unmasked_end > 0:
+        folded = q.view(t, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
+        for keys, values in context.pieces(unmasked_end):
+            out, lse = _attention_with_lse(folded, keys, values, scale, causal=False)
+            parts.append((out.reshape(1, heads, t, dim), lse.reshape(1, heads, t)))
+    if t == 1:
+        return _merge(parts)[0].permute(1, 0, 2).to(q.dtype)
+    keys, values = context.gather(first_pos, first_pos + t)
     if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    qh = q.permute(1, 0, 2).unsqueeze(0)  # [1, heads, t, d]
+    parts.append(_attention_with_lse(qh, keys, values, scale, causal=True))
+    return _merge(parts)[0].permute(1, 0, 2).to(q.dtype)
+
+
+def _attention_with_lse(q, keys, values, scale: float, causal: bool):
+    """Softmax attention and its log-sum-exp; ``causal`` needs as many keys as queries."""
     if _FUSED_CPU is not None and q.device.type == "cpu":
-        out, lse = _FUSED_CPU(q, keys, values, 0.0, causal, scale=scale)
+        out, lse = _FUSED_CPU(q, keys.to(q.dtype), values.to(q.dtype), 0.0, causal, scale=scale)
         return out.float(), lse
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
     if causal:

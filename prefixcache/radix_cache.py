@@ -154,7 +154,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._num_locked -= len(node.block_ids)
-                self._push_ifis_evictable(node)
+                self._push_if_evictable(node)
             if node.parent is None:
                 break
             node = node.parent
@@ -297,11 +297,11 @@ class RadixCache:
         self._tick += 1
         for node in path:
             node.last_used = self._tick
-        self._push_ifis_evictable(path[-1])
+        self._push_if_evictable(path[-1])
 
     # -- eviction ---------------------------------------------------------------------
 
-    def _push_ifis_evictable(self, node: TreeNode) -> None:
+    def _push_if_evictable(self, node: TreeNode) -> None:
         if node.parent is None or node.lock_ref or node.children:
             return
         self._seq += 1
@@ -343,7 +343,7 @@ class RadixCache:
         del parent.children[leaf.tokens[: self.block_size].tobytes()]
         leaf.parent, leaf.attached = None, False
         self._num_nodes -= 1
-        self._push_ifis_evictable(parent)
+        self._push_if_evictable(parent)
         self._drop_root_if_empty(parent)
 
     def _drop_root_if_empty(self, node: TreeNode) -> None:
