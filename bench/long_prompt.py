@@ -235,18 +235,24 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
 
 
 def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
-    """Turn 2 of a conversation over a long context: warm TTFT against cache off."""
+    """Turn 2 of a conversation over a long context: warm TTFT against cache off.
+
+    The cache-off server is sent turn 2 only (with turn 1's reply from the first
+    server): its turn 1 would change nothing, since it caches nothing.
+    """
     context = synthetic_report(tokenizer, 0, args.context_tokens)
     turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
-    rows, timings = [], {}
+    rows, timings, turn2 = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
         with started_server(args, caching) as (url, proc):
-            reply, ttft1, usage1 = asyncio.run(_one_chat(url, turn1, args.max_tokens))
-            turn2 = turn1 + [
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": "What is the main risk it names?"},
-            ]
+            ttft1 = None
+            if turn2 is None:
+                reply, ttft1, _ = asyncio.run(_one_chat(url, turn1, args.max_tokens))
+                turn2 = turn1 + [
+                    {"role": "assistant", "content": reply},
+                    {"role": "user", "content": "What is the main risk it names?"},
+                ]
             _, ttft2, usage2 = asyncio.run(_one_chat(url, turn2, args.max_tokens))
             timings[name] = usage2.get("timings")
             rows.append(
