@@ -16,7 +16,6 @@ totals over all tenants, as ``/metrics`` does.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -43,7 +42,7 @@ from server.cache_protocol import (
 )
 from server.errors import APIError
 from server.openapi import operation
-from server.prepare import decode, read_body
+from server.prepare import decode, message_dict, read_body, run_tokenizer
 from server.protocol import encode
 from server.routes import authenticate
 from server.state import ServerState
@@ -123,10 +122,10 @@ async def _prompt_ids(state: ServerState, req: CachePrewarmRequest) -> list[int]
         raise APIError.bad_request("give exactly one of 'messages' or 'prompt'")
     engine = state.engine.engine
     if req.messages is not None:
-        messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
-        return await _tokenize(state, lambda: engine.prewarm_token_ids(messages), "messages")
+        messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
+        return await run_tokenizer(state, lambda: engine.prewarm_token_ids(messages), "messages")
     prompt = req.prompt
-    return await _tokenize(state, lambda: engine.tokenize_prompt(prompt), "prompt")
+    return await run_tokenizer(state, lambda: engine.tokenize_prompt(prompt), "prompt")
 
 
 async def _prefill(state: ServerState, prompt_ids: list[int], salt: str | None) -> int:
@@ -260,18 +259,6 @@ def _check_model(state: ServerState, model: str | None) -> None:
         )
 
 
-def _message_dict(index: int, message) -> dict:
-    content = message.content
-    if not isinstance(content, str):
-        if any(p.type != "text" or p.text is None for p in content):
-            raise APIError.bad_request(
-                f"message {index}: only text content parts are supported",
-                param=f"messages[{index}].content",
-            )
-        content = "".join(p.text for p in content)
-    return {"role": message.role, "content": content}
-
-
 def _mac(engine_handle: str, tenant: bytes | None) -> str:
     digest = hmac.new(tenant or b"", engine_handle.encode(), hashlib.sha256).hexdigest()
     return digest[:_MAC_CHARS]
@@ -289,13 +276,3 @@ def _verify(handle: str, tenant: bytes | None) -> str | None:
     if not engine_handle or not hmac.compare_digest(mac.encode("utf-8", "replace"), expected):
         return None
     return engine_handle
-
-
-async def _tokenize(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
-    """Run ``fn`` on the tokenizer thread; any failure there is the input's fault: 400."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(state.tokenizer_pool, fn)
-    except Exception as exc:  # a bad token id, a chat template's raise_exception()
-        logger.info("tokenizing %s failed: %r", param, exc)
-        raise APIError.bad_request(f"cannot tokenize {param}: {exc}", param=param) from None

@@ -86,10 +86,10 @@ async def prepare_chat(
     check_request(state, req)
     if req.logprobs or req.top_logprobs:
         raise APIError.bad_request("logprobs are not supported", param="logprobs")
-    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
     engine = state.engine.engine
     decoded = time.perf_counter()
-    prompt_ids = await _tokenize(state, lambda: engine.chat_prompt_ids(messages), "messages")
+    prompt_ids = await run_tokenizer(state, lambda: engine.chat_prompt_ids(messages), "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
     prepared = _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
     return _with_timings(prepared, decoded)
@@ -108,7 +108,7 @@ async def prepare_completion(
         raise APIError.bad_request("suffix is not supported", param="suffix")
     prompt = _single_prompt(req.prompt)
     engine = state.engine.engine
-    prompt_ids = await _tokenize(state, lambda: engine.tokenize_prompt(prompt), "prompt")
+    prompt_ids = await run_tokenizer(state, lambda: engine.tokenize_prompt(prompt), "prompt")
     max_tokens = req.max_tokens
     if max_tokens is None:
         room = state.max_context_tokens - len(prompt_ids)
@@ -167,7 +167,8 @@ def _sampling_params(
         raise APIError.bad_request(str(exc)) from None
 
 
-def _message_dict(index: int, message) -> dict:
+def message_dict(index: int, message) -> dict:
+    """A request message as the plain dict the chat template takes (text parts joined)."""
     content = message.content
     if not isinstance(content, str):
         content = "".join(_part_text(index, part) for part in content)
@@ -205,7 +206,7 @@ def _single_prompt(prompt) -> str | list[int]:
     )
 
 
-async def _tokenize(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
+async def run_tokenizer(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
     """Run ``fn`` on the tokenizer thread; a failure there is the input's fault: 400."""
     loop = asyncio.get_running_loop()
     try:
