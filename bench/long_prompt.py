@@ -6,9 +6,13 @@ twice, the second run's total time reported; against a server with prefix cachin
 and one without. ``--scenario conversation``: turn 1 carries the whole context,
 turn 2 appends the reply and a short question; the time to first token of turn 2
 (streamed), warm and with the cache off, with the server's own stage timings.
+``--api responses`` sends the conversation through ``POST /v1/responses`` instead:
+turn 2 carries only the new question and ``previous_response_id``; the same server
+then answers a chat-completions turn 2 over the same history, for comparison.
 
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
+    python bench/long_prompt.py --scenario conversation --api responses
 """
 
 from __future__ import annotations
@@ -180,6 +184,29 @@ async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_toke
     return text, first, usage
 
 
+async def respond(
+    http: httpx.AsyncClient, url: str, input, max_tokens: int, previous: str | None = None
+):
+    """One streamed response: (response id, text, seconds to first token, usage)."""
+    body = {"model": _served_model(url), "input": input, "max_output_tokens": max_tokens}
+    body.update(temperature=0, stream=True, previous_response_id=previous)
+    start, first, text, final = time.perf_counter(), None, "", None
+    async with http.stream("POST", url + "/v1/responses", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "error":
+                raise RuntimeError(f"response stream failed: {event}")
+            if event["type"] in ("response.output_text.delta", "response.completed"):
+                first = first or time.perf_counter() - start
+                text += event.get("delta", "")
+            if event["type"] == "response.completed":
+                final = event["response"]
+    return final["id"], text, first, final["usage"]
+
+
 def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(3600), trust_env=False)
 
@@ -242,6 +269,8 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     """
     context = synthetic_report(tokenizer, 0, args.context_tokens)
     turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
+    if args.api == "responses":
+        return _responses_conversation(args, turn1)
     rows, timings, turn2 = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
@@ -273,8 +302,88 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
         "turn2_ttft_s_cache_off": rows[1]["turn2_ttft_s"],
         "speedup": rows[1]["turn2_ttft_s"] / rows[0]["turn2_ttft_s"],
         "warm_breakdown_ms": timings["prefix cache on"],
+        "warm_outside_forward_ms": outside_forward_ms(timings["prefix cache on"]),
     }
     return summary, rows
+
+
+QUESTION = "What is the main risk it names?"
+CHAT_QUESTION = "What is the main cost it names?"  # the same length, not a cache hit
+
+
+def _responses_conversation(args: argparse.Namespace, turn1: list[dict]):
+    """Turn 2 by ``previous_response_id``, against a chat turn 2 and a cache-off server.
+
+    The chat turns run on the same server after the Responses turn 2; their turn 1
+    (a prefix-cache hit by then) warms the server's chat tokenization as in the chat
+    path, and their turn 2 finds a few more tokens cached than a plain warm turn
+    would: the comparison favours chat. The cache-off server gets turn 2 only, as the
+    whole conversation in ``input``.
+    """
+    with started_server(args, True) as (url, proc):
+        rid, reply, ttft1, _ = asyncio.run(_one_response(url, turn1, args.max_tokens))
+        _, _, ttft2, usage2 = asyncio.run(_one_response(url, QUESTION, args.max_tokens, rid))
+        history = turn1 + [{"role": "assistant", "content": reply}]
+        chat2 = history + [{"role": "user", "content": CHAT_QUESTION}]
+        asyncio.run(_one_chat(url, turn1, args.max_tokens))
+        _, chat_ttft, chat_usage = asyncio.run(_one_chat(url, chat2, args.max_tokens))
+        peak = peak_rss_mib(proc)
+    with started_server(args, False) as (url, proc):
+        whole = history + [{"role": "user", "content": QUESTION}]
+        _, _, off_ttft, off_usage = asyncio.run(_one_response(url, whole, args.max_tokens))
+        off_peak = peak_rss_mib(proc)
+    rows = [
+        _response_row("prefix cache on", ttft1, ttft2, usage2, peak),
+        _response_row("prefix cache off", None, off_ttft, off_usage, off_peak),
+        {
+            "server": "prefix cache on, chat completions",
+            "turn1_ttft_s": None,
+            "turn2_ttft_s": chat_ttft,
+            "turn2_prompt_tokens": chat_usage["prompt_tokens"],
+            "turn2_cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"],
+            "peak_rss_mib": peak,
+        },
+    ]
+    warm, chat_warm = usage2.get("timings"), chat_usage.get("timings")
+    summary = {
+        "benchmark": "long_prompt",
+        "scenario": "conversation",
+        "api": "responses",
+        "context_tokens": usage2["input_tokens"],
+        "turn2_ttft_s_cache_on": ttft2,
+        "turn2_ttft_s_cache_off": off_ttft,
+        "speedup": off_ttft / ttft2,
+        "turn2_cached_tokens": rows[0]["turn2_cached_tokens"],
+        "warm_breakdown_ms": warm,
+        "warm_outside_forward_ms": outside_forward_ms(warm),
+        "chat_turn2_ttft_s_warm": chat_ttft,
+        "chat_warm_breakdown_ms": chat_warm,
+        "chat_warm_outside_forward_ms": outside_forward_ms(chat_warm),
+        "ttft_vs_chat_warm": ttft2 / chat_ttft,
+    }
+    return summary, rows
+
+
+def _response_row(server: str, ttft1, ttft2, usage: dict, peak) -> dict:
+    return {
+        "server": server,
+        "turn1_ttft_s": ttft1,
+        "turn2_ttft_s": ttft2,
+        "turn2_prompt_tokens": usage["input_tokens"],
+        "turn2_cached_tokens": usage["input_tokens_details"]["cached_tokens"],
+        "peak_rss_mib": peak,
+    }
+
+
+def outside_forward_ms(timings: dict | None) -> float | None:
+    """Time to first token spent outside the model forward: decode, store, tokenize,
+    queue and cache lookup (``ttft_ms - prefill_ms``)."""
+    return None if timings is None else timings["ttft_ms"] - timings["prefill_ms"]
+
+
+async def _one_response(url: str, input, max_tokens: int, previous: str | None = None):
+    async with _client() as http:
+        return await respond(http, url, input, max_tokens, previous)
 
 
 async def _one_chat(url: str, messages: list[dict], max_tokens: int):
@@ -286,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run a scenario and report it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=["tgi-long", "conversation"], default="tgi-long")
+    parser.add_argument(
+        "--api",
+        choices=["chat", "responses"],
+        default="chat",
+        help="conversation: send turns as chat completions, or by previous_response_id",
+    )
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: tiny)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--num-reports", type=int, default=20)
@@ -302,12 +417,15 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model or str(default_model_path()))
     run = tgi_long if args.scenario == "tgi-long" else conversation
     summary, rows = run(args, tokenizer)
+    name = f"long_prompt_{args.scenario}"
+    if args.scenario == "conversation" and args.api == "responses":
+        name += "_responses"  # beside the chat run's report, not over it
     if args.out:
-        _chart(Path(args.out), args.scenario, rows)
-    write_report(args.out, f"long_prompt_{args.scenario}", summary, rows)
+        _chart(Path(args.out), args.scenario, rows, name)
+    write_report(args.out, name, summary, rows)
 
 
-def _chart(folder: Path, scenario: str, rows: list[dict]) -> None:
+def _chart(folder: Path, scenario: str, rows: list[dict], name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if scenario == "tgi-long":
         labels = [f"{r['server']}\nrun {r['run']}" for r in rows]
@@ -315,7 +433,7 @@ def _chart(folder: Path, scenario: str, rows: list[dict]) -> None:
     else:
         labels = [r["server"] for r in rows]
         values, ylabel = [r["turn2_ttft_s"] for r in rows], "turn-2 time to first token (s)"
-    bar_chart(folder / f"long_prompt_{scenario}.png", labels, values, ylabel, scenario)
+    bar_chart(folder / f"{name}.png", labels, values, ylabel, scenario)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ def _add_serve_parser(commands) -> None:
     )
     serve.add_argument("--host-cache-tokens", type=int, default=0, help="host-memory KV tier")
     serve.add_argument("--disk-cache-dir", default=None, help="folder for the disk KV tier")
+    serve.add_argument(
+        "--responses-dir",
+        default=None,
+        help="folder that keeps the Responses API's stored conversations across restarts "
+        "(default: <disk-cache-dir>/responses, else memory only)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=128, help="requests run at once")
     serve.add_argument("--max-num-batched-tokens", type=int, default=None)
     serve.add_argument(
@@ -127,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         log_level=args.log_level,
         random_weights=args.model is None or args.load_format == "dummy",
+        responses_dir=args.responses_dir,
     )
     return 0
 

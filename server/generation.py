@@ -62,10 +62,11 @@ class Tally:
             completion_tokens=self.num_output_tokens,
             total_tokens=self.num_prompt_tokens + self.num_output_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
-            timings=self._timings(),
+            timings=self.timings(),
         )
 
-    def _timings(self) -> Timings | None:
+    def timings(self) -> Timings | None:
+        """Server-side stage timings, once the engine has reported its own (else None)."""
         engine, prepared = self.engine_timings, self.prepared
         if engine is None or prepared is None:
             return None

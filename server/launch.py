@@ -11,8 +11,10 @@ import uvicorn
 
 from prefixcache.async_engine import AsyncEngine
 from prefixcache.engine import Engine
+from prefixcache.response_store import ResponseStore
 from server.app import DEFAULT_MAX_QUEUE, create_app
 from server.background import bind_socket
+from server.responses_api import install_response_store
 
 
 def serve(
@@ -25,16 +27,21 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
     random_weights: bool = False,
+    responses_dir: str | None = None,
 ) -> None:
     """Serve ``engine`` over HTTP until interrupted (Ctrl-C or SIGTERM).
 
     ``random_weights`` says so in the startup banner (the embedded default model).
+    ``responses_dir`` keeps the Responses API's stored conversations there, so they
+    survive a restart (without it: next to the disk KV tier if any, else in memory).
     """
     async_engine = AsyncEngine(engine)
     try:
         app = create_app(
             async_engine, model_name=model_name, api_keys=api_keys, max_queue=max_queue
         )
+        if responses_dir is not None:
+            install_response_store(app, ResponseStore(folder=responses_dir))
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
         print_banner(engine, model_name, host, bound_port, len(set(api_keys)), random_weights)

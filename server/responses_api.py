@@ -66,6 +66,7 @@ class Job:
     renderer: ConversationRenderer
     store: ResponseStore
     model: str
+    store_s: float = 0.0  # the previous_response_id lookup; part of prepared.tokenize_s
 
     async def save(self, state: ServerState, tally: Tally) -> None:
         """Store the finished turn (when ``store``) so a later turn can continue it."""
@@ -190,6 +191,7 @@ async def _prepare(
     tenant: bytes | None,
     arrival: float,
 ) -> Job:
+    decoded = time.perf_counter()
     if req.model is not None and req.model != state.model_name:
         raise APIError(
             404,
@@ -198,11 +200,8 @@ async def _prepare(
             code="model_not_found",
         )
     store, renderer, scope = _store(request, state), _renderer(request, state), _scope(tenant)
-    previous = None
-    if req.previous_response_id is not None:
-        previous = store.get(req.previous_response_id, scope)
-        if previous is None:
-            raise _not_found(req.previous_response_id, "previous_response_id")
+    previous = _previous(store, req.previous_response_id, scope)
+    looked_up = time.perf_counter()
     new = _input_messages(req.input)
     turn = await _off_loop(state, lambda: renderer.turn(new, previous, req.instructions))
     params = _sampling_params(state, req, len(turn.prompt_ids))
@@ -214,8 +213,24 @@ async def _prepare(
         stream=req.stream,
         include_usage=False,
         arrival=arrival,
+        decode_s=decoded - arrival,
+        tokenize_s=time.perf_counter() - decoded,  # store lookup, rendering, tokenizing
     )
-    return Job(prepared, turn, req, scope, int(time.time()), renderer, store, state.model_name)
+    created = int(store.clock())  # the store's clock: expiry is measured from it
+    return Job(
+        prepared, turn, req, scope, created, renderer, store, state.model_name,
+        store_s=looked_up - decoded,
+    )  # fmt: skip
+
+
+def _previous(store: ResponseStore, response_id: str | None, scope: str) -> StoredResponse | None:
+    """The stored response a turn continues (None: a new conversation); 404 if not found."""
+    if response_id is None:
+        return None
+    previous = store.get(response_id, scope)
+    if previous is None:
+        raise _not_found(response_id, "previous_response_id")
+    return previous
 
 
 def _sampling_params(state: ServerState, req: ResponseRequest, num_prompt: int) -> SamplingParams:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from prefixcache.async_engine import EngineDeadError
 from prefixcache.outputs import RequestDelta
 from prefixcache.response_store import StoredResponse
@@ -27,6 +29,7 @@ from server.responses_protocol import (
     OutputTokensDetails,
     ResponseEvent,
     ResponseObject,
+    ResponseTimings,
     ResponseUsage,
 )
 
@@ -41,7 +44,9 @@ def status_of(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def usage(num_input: int, num_cached: int, num_output: int) -> ResponseUsage:
+def usage(
+    num_input: int, num_cached: int, num_output: int, timings: ResponseTimings | None = None
+) -> ResponseUsage:
     """The Responses API's usage block, with input tokens served from the cache."""
     return ResponseUsage(
         input_tokens=num_input,
@@ -49,7 +54,20 @@ def usage(num_input: int, num_cached: int, num_output: int) -> ResponseUsage:
         output_tokens=num_output,
         output_tokens_details=OutputTokensDetails(),
         total_tokens=num_input + num_output,
+        timings=timings,
     )
+
+
+def job_timings(job: Job, tally: Tally) -> ResponseTimings | None:
+    """The tally's stage timings with the response store's lookup split out."""
+    base = tally.timings()
+    if base is None:
+        return None
+    fields = msgspec.structs.asdict(base)
+    store_ms = 1000 * job.store_s
+    # prepared.tokenize_s spans the store lookup too, so that ttft_ms adds up.
+    fields["tokenize_ms"] -= store_ms
+    return ResponseTimings(store_ms=store_ms, **fields)
 
 
 def message_id(response_id: str) -> str:
@@ -74,7 +92,12 @@ def job_response(job: Job, tally: Tally | None) -> ResponseObject:
     else:
         status = status_of(tally.finish_reason)
         output = [_message(rid, tally.text, status)]
-        counts = usage(tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
+        counts = usage(
+            tally.num_prompt_tokens,
+            tally.num_cached_tokens,
+            tally.num_output_tokens,
+            job_timings(job, tally),
+        )
     return ResponseObject(
         id=rid,
         created_at=job.created_at,
@@ -133,7 +156,7 @@ async def response_events(
     save: Callable[[Tally], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     """The event stream of one response; ``save`` stores it before it completes."""
-    ev, tally = _Events(job), Tally(len(job.prepared.prompt_ids))
+    ev, tally = _Events(job), Tally.of(job.prepared)
     yield ev("response.created", response=job_response(job, None))
     yield ev("response.in_progress", response=job_response(job, None))
     item = _message(job.prepared.request_id, None, "in_progress")

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from server.protocol import MaxTokens, Temperature, TopP
+from server.protocol import MaxTokens, Temperature, Timings, TopP
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]
@@ -77,14 +77,25 @@ class OutputTokensDetails(Struct, kw_only=True):
     reasoning_tokens: int = 0
 
 
+class ResponseTimings(Timings, kw_only=True):
+    """Chat completions' stage timings, with the stored conversation's lookup split out.
+
+    ``tokenize_ms`` is rendering and tokenizing the turn (only the new text, when it
+    continues a stored response); ``ttft_ms`` includes ``store_ms``.
+    """
+
+    store_ms: float  # finding previous_response_id in the response store
+
+
 class ResponseUsage(Struct, kw_only=True):
-    """Token counts of one response."""
+    """Token counts of one response (and, when it ran here, its stage timings)."""
 
     input_tokens: int
     input_tokens_details: InputTokensDetails
     output_tokens: int
     output_tokens_details: OutputTokensDetails
     total_tokens: int
+    timings: ResponseTimings | None = None
 
 
 class IncompleteDetails(Struct, kw_only=True):

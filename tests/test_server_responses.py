@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import httpx
 import openai
 import pytest
 
+from prefixcache import cli
+from prefixcache.async_engine import AsyncEngine
+from prefixcache.engine import Engine
+from prefixcache.response_store import ResponseStore
+from server.app import create_app
+from server.background import BackgroundServer
+from server.responses_api import install_response_store
 from server.testing import running_server
 
 BLOCK = 16
@@ -23,9 +33,27 @@ def served(tiny_llama):
         yield server
 
 
+@contextlib.contextmanager
+def _serving(model, store: ResponseStore):
+    """A fresh server (engine and all) whose Responses API keeps its answers in ``store``."""
+    options = {"kv_cache_tokens": 4096, "max_model_len": 2048}
+    async_engine = AsyncEngine(Engine.from_pretrained(str(model), device="cpu", **options))
+    try:
+        app = create_app(async_engine, model_name="tiny")
+        install_response_store(app, store)
+        with BackgroundServer(app) as server:
+            yield server.url + "/v1"
+    finally:
+        async_engine.shutdown()
+
+
 def _client(served, key: str = KEY_A) -> openai.OpenAI:
+    return _client_at(served.api_url, key)
+
+
+def _client_at(api_url: str, key: str = KEY_A) -> openai.OpenAI:
     return openai.OpenAI(
-        base_url=served.api_url,
+        base_url=api_url,
         api_key=key,
         max_retries=0,
         http_client=httpx.Client(trust_env=False, timeout=60),
@@ -152,3 +180,113 @@ def test_responses_schemas_are_in_the_openapi_document(served):
         doc = http.get(served.url + "/openapi.json").json()
     assert "ResponseRequest" in doc["components"]["schemas"]
     assert "/v1/responses/{response_id}" in doc["paths"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_carries_stage_timings_with_the_store_lookup(served, stream):
+    client = _client(served)
+    first = _respond(client, "Timed. " + STORY)
+    second = _respond(client, "Next?", first.id, stream=stream)
+    if stream:
+        second = [e for e in second if e.type == "response.completed"][0].response
+    timings = second.usage.model_dump()["timings"]
+    stages = ["request_decode_ms", "store_ms", "tokenize_ms", "queue_ms", "lookup_ms"]
+    stages.append("prefill_ms")
+    assert all(timings[name] >= 0 for name in stages)
+    assert timings["ttft_ms"] == pytest.approx(sum(timings[name] for name in stages), rel=1e-6)
+    assert timings["total_ms"] >= timings["ttft_ms"] > 0
+
+
+def test_a_conversation_continues_after_a_restart_on_the_same_folder(tiny_llama, tmp_path):
+    question = "Restart. " + STORY
+    with _serving(tiny_llama, ResponseStore(folder=tmp_path)) as url:
+        first = _respond(_client_at(url), question)
+    with _serving(tiny_llama, ResponseStore(folder=tmp_path)) as url:
+        client = _client_at(url)
+        second = _respond(client, "And then?", first.id)
+        whole = client.chat.completions.create(
+            model="tiny",
+            messages=[
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "And then?"},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert second.usage.input_tokens == whole.usage.prompt_tokens
+        assert second.output_text == whole.choices[0].message.content
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+
+
+def test_an_expired_id_answers_404_with_an_error_body(tiny_llama):
+    now = [1_700_000_000.0]
+    store = ResponseStore(ttl_s=60, clock=lambda: now[0])
+    with _serving(tiny_llama, store) as url:
+        client = _client_at(url)
+        kept, expiring = (_respond(client, f"Expiry {i}. " + STORY) for i in range(2))
+        now[0] += 59
+        assert client.responses.retrieve(kept.id).id == kept.id
+        now[0] += 1
+        with pytest.raises(openai.NotFoundError) as caught:
+            _respond(client, "Next?", expiring.id)
+        assert caught.value.body["code"] == "not_found"
+        assert caught.value.body["param"] == "previous_response_id"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(kept.id)
+    assert len(store) == 0
+
+
+def test_serve_responses_dir_flag_persists_the_store_there(monkeypatch, tiny_llama, tmp_path):
+    apps = []
+
+    class Recorder:  # stands in for uvicorn.Server: keeps the app instead of serving it
+        def __init__(self, config) -> None:
+            self.config = config
+
+        def run(self, sockets) -> None:
+            apps.append(self.config.app)
+
+    monkeypatch.setattr("server.launch.uvicorn.Server", Recorder)
+    argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", "--port", "0"]
+    argv += ["--kv-cache-tokens", "4096", "--max-model-len", "512"]
+    assert cli.main([*argv, "--responses-dir", str(tmp_path / "kept")]) == 0
+    (app,) = apps
+    assert app.state.responses.folder == tmp_path / "kept" and (tmp_path / "kept").is_dir()
+
+
+class _BrokenStore(ResponseStore):
+    """A store whose writes fail, as a full disk would."""
+
+    def put(self, entry) -> bool:
+        raise OSError("no space left on device")
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(tiny_llama):
+    body = {"model": "tiny", "input": "Failing. " + STORY, "stream": True, "max_output_tokens": 8}
+    with (
+        _serving(tiny_llama, _BrokenStore()) as url,
+        httpx.Client(trust_env=False, timeout=60) as http,
+        http.stream("POST", url + "/responses", json=body) as response,
+    ):
+        assert response.status_code == 200
+        events = _events(response.iter_lines())
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "error"
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    error = events[-1][1]
+    assert error["code"] == error["error"]["code"] == "server_error"
+    assert error["sequence_number"] == len(events) - 1
+
+
+def _events(lines) -> list[tuple[str, dict]]:
+    """(event type, data) of each server-sent event; the two must agree."""
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = json.loads(line[len("data: ") :])
+            assert data["type"] == kind
+            events.append((kind, data))
+    return events
