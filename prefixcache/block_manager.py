@@ -1,17 +1,37 @@
-"""KV blocks for sequences: fresh ones from the pool, shared ones from the prefix cache."""
+"""KV blocks for sequences: fresh ones from the pool, shared ones from the prefix cache,
+and ones brought back from the host or disk tier."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefixcache.block_pool import BlockPool
+from prefixcache.chunk_chains import ChunkChains
 from prefixcache.radix_cache import RadixCache
+from prefixcache.radix_node import EvictedRun
 from prefixcache.sequence import Sequence
+from prefixcache.tiered_cache import TieredCache
+
+
+@dataclass(slots=True)
+class _SeqChunks:
+    """A sequence's chunk names, built once per chunk, and how many chunks went to disk."""
+
+    chains: ChunkChains
+    persisted: int = 0
 
 
 class BlockManager:
     """Gives sequences the blocks they need, reusing cached prefixes when enabled.
 
     Invariant: every pool reference is held either by the radix cache (one per cached
-    block) or by exactly one sequence (its blocks past ``num_locked_blocks``).
+    block) or by exactly one sequence (its blocks past ``num_locked_blocks``). Blocks
+    onloaded from a lower tier go straight into the cache, so the same holds for them.
+
+    With tiers, every block the cache holds has its chunk's parent digest (the digest
+    of the whole prefix before the chunk) in ``_parents``, set whenever blocks are
+    inserted, so evicted blocks can be named exactly although an ``EvictedRun`` does
+    not carry the tokens before its first chunk.
     """
 
     def __init__(
@@ -21,14 +41,20 @@ class BlockManager:
         chunk_size: int,
         fingerprint: str,
         enable_prefix_caching: bool = True,
+        tiers: TieredCache | None = None,
     ) -> None:
-        self.block_size = block_size
+        self.block_size, self.chunk_size = block_size, chunk_size
+        self.fingerprint = fingerprint
         self.pool = BlockPool(num_blocks)
+        self.tiers = tiers if enable_prefix_caching else None
+        on_evict = self._offload if self.tiers is not None else None
         self.cache = (
-            RadixCache(self.pool, block_size, chunk_size, fingerprint)
+            RadixCache(self.pool, block_size, chunk_size, fingerprint, on_evict)
             if enable_prefix_caching
             else None
         )
+        self._chunks: dict[Sequence, _SeqChunks] = {}
+        self._parents: list[bytes | None] = [None] * num_blocks if self.tiers else []
 
     @property
     def num_available_blocks(self) -> int:
@@ -41,31 +67,37 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def cached_prefix_tokens(self, seq: Sequence) -> int:
-        """How many tokens of ``seq`` a ``match_prefix`` would reuse now (changes nothing)."""
+        """How many tokens of ``seq`` the device cache would reuse now (changes nothing)."""
         if self.cache is None:
             return 0
         return self.cache.peek(seq.token_array(seq.num_tokens - 1), seq.salt)
 
     def match_prefix(self, seq: Sequence) -> None:
-        """Borrow the longest cached prefix of ``seq`` (all but its last token) and lock it."""
+        """Borrow the longest cached prefix of ``seq`` (all but its last token) and lock it.
+
+        The device match is extended with chunks found in the host or disk tier: they
+        are copied into fresh device blocks and inserted into the cache first.
+        """
         if self.cache is None or seq.block_ids:
             return
-        result = self.cache.match(seq.token_array(seq.num_tokens - 1), seq.salt)
+        tokens = seq.token_array(seq.num_tokens - 1)
+        result = self.cache.match(tokens, seq.salt)
         seq.block_ids = list(result.block_ids)
         seq.num_locked_blocks = len(result.block_ids)
         seq.cache_node = result.node
         seq.num_computed_tokens = result.num_tokens
+        if self.tiers is not None:
+            self._onload(seq)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens; False (and no change) if full."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         if needed <= 0:
             return True
-        if self.pool.num_free < needed and self.cache is not None:
-            self.cache.evict(needed - self.pool.num_free)
-        if self.pool.num_free < needed:
+        block_ids = self._take_blocks(needed)
+        if block_ids is None:
             return False
-        seq.block_ids.extend(self.pool.allocate(needed))
+        seq.block_ids.extend(block_ids)
         return True
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
@@ -78,9 +110,13 @@ class BlockManager:
         # The cache now owns these blocks (duplicates were released): hold them by lock.
         self.cache.lock(result.node)
         self._unlock(seq)
+        first_new = seq.num_locked_blocks
         seq.block_ids[:num_full] = result.block_ids
         seq.num_locked_blocks = num_full
         seq.cache_node = result.node
+        if self.tiers is not None:
+            self._name_blocks(seq, first_new, num_full)
+            self._write_through(seq, num_full * self.block_size // self.chunk_size)
 
     def free(self, seq: Sequence, cache_blocks: bool = True) -> None:
         """Release every block of ``seq``; computed full blocks go to the cache first."""
@@ -90,6 +126,91 @@ class BlockManager:
         self._unlock(seq)
         seq.block_ids = []
         seq.num_locked_blocks = 0
+        self._chunks.pop(seq, None)
+
+    # -- tiers ------------------------------------------------------------------------
+
+    def _onload(self, seq: Sequence) -> None:
+        """Extend the device match of ``seq`` with blocks from the host or disk tier."""
+        tokens = seq.token_array(seq.num_tokens - 1)
+        start = seq.num_computed_tokens
+        budget = self.num_available_blocks - 1  # leave a block for the tokens to compute
+        if budget <= 0 or len(tokens) - start < self.block_size:
+            return
+        plan = self.tiers.find(tokens, self._chains(seq, len(tokens)), start, budget)
+        if not plan.pieces:
+            return
+        try:
+            # Evicting here offloads device blocks and may evict host chunks, but not
+            # the ones in the plan: they stay pinned until released.
+            new_ids = self._take_blocks(plan.num_blocks)
+            if new_ids is None:
+                return
+            self.tiers.load(plan, new_ids)
+        finally:
+            self.tiers.release(plan)
+        result = self.cache.insert(tokens[: plan.end], seq.block_ids + new_ids, seq.salt)
+        self.cache.lock(result.node)  # the cache owns the new blocks; hold them by lock
+        self._unlock(seq)
+        first_new = len(seq.block_ids)
+        seq.block_ids = list(result.block_ids)
+        seq.num_locked_blocks = len(seq.block_ids)
+        seq.cache_node = result.node
+        seq.num_computed_tokens = plan.end
+        self._name_blocks(seq, first_new, len(seq.block_ids))
+
+    def _offload(self, run: EvictedRun) -> None:
+        """``on_evict``: name each chunk of ``run`` by its blocks' parent digest, offload."""
+        cs, bs = self.chunk_size, self.block_size
+        cut = len(run.token_ids) - len(run.block_ids) * bs
+        parents = [
+            self._parents[run.block_ids[(max(k * cs, cut) - cut) // bs]]
+            for k in range(-(-len(run.token_ids) // cs))
+        ]
+        self.tiers.offload(run, parents)
+
+    def _name_blocks(self, seq: Sequence, first: int, end: int) -> None:
+        """Record the parent digest of blocks ``first .. end-1`` of ``seq`` (now cached)."""
+        if first >= end:
+            return
+        nb = self.chunk_size // self.block_size
+        chains = self._chains(seq, end * self.block_size)
+        for j in range(first, end):
+            self._parents[seq.block_ids[j]] = chains.parent(j // nb)
+
+    def _write_through(self, seq: Sequence, num_chunks: int) -> None:
+        """Write the computed chunks of ``seq`` not handled yet to the disk tier."""
+        state = self._seq_chunks(seq)
+        if self.tiers.disk is None or num_chunks <= state.persisted:
+            return
+        tokens = seq.token_array(num_chunks * self.chunk_size)
+        chains = self._chains(seq, len(tokens))
+        self.tiers.persist(chains, tokens, state.persisted, seq.block_ids)
+        state.persisted = num_chunks
+
+    def _chains(self, seq: Sequence, num_tokens: int) -> ChunkChains:
+        """The chunk names of ``seq``, fed at least its first ``num_tokens`` tokens."""
+        chains = self._seq_chunks(seq).chains
+        if chains.num_tokens < num_tokens:
+            chains.extend_to(seq.token_array(num_tokens))
+        return chains
+
+    def _seq_chunks(self, seq: Sequence) -> _SeqChunks:
+        state = self._chunks.get(seq)
+        if state is None:
+            chains = ChunkChains(self.fingerprint, seq.salt, self.chunk_size)
+            state = self._chunks[seq] = _SeqChunks(chains)
+        return state
+
+    # -- blocks -----------------------------------------------------------------------
+
+    def _take_blocks(self, count: int) -> list[int] | None:
+        """``count`` blocks from the pool, evicting cached ones if needed; None if too few."""
+        if self.pool.num_free < count and self.cache is not None:
+            self.cache.evict(count - self.pool.num_free)
+        if self.pool.num_free < count:
+            return None
+        return self.pool.allocate(count)
 
     def _unlock(self, seq: Sequence) -> None:
         if seq.cache_node is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ class EngineConfig:
     max_num_seqs: int = 128
     enable_prefix_caching: bool = True
     host_cache_tokens: int = 0
-    disk_cache_dir: str | None = None
+    disk_cache_dir: str | os.PathLike[str] | None = None
+    disk_cache_bytes: int = 16 << 30
     attention_backend: str = "auto"
     load_format: str = "auto"
     seed: int = 0
@@ -49,8 +51,7 @@ class EngineConfig:
             )
         if self.max_pinned_tokens is not None and self.max_pinned_tokens < 0:
             raise ValueError(f"max_pinned_tokens must be >= 0, got {self.max_pinned_tokens}")
-        if self.host_cache_tokens < 0:
-            raise ValueError(f"host_cache_tokens must be >= 0, got {self.host_cache_tokens}")
+        _check_tiers(self)
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(BACKENDS)}, "
@@ -77,6 +78,22 @@ class EngineConfig:
     def model_path(self) -> Path:
         """The model folder."""
         return Path(self.model)
+
+
+def _check_tiers(config: EngineConfig) -> None:
+    """The host tier holds whole hash chunks; the disk tier needs a positive bound."""
+    host = config.host_cache_tokens
+    if not isinstance(host, int) or host < 0:
+        raise ValueError(f"host_cache_tokens must be >= 0, got {host!r}")
+    if 0 < host < config.chunk_size:
+        raise ValueError(
+            f"host_cache_tokens must be 0 or at least one chunk ({config.chunk_size} tokens), "
+            f"got {host}"
+        )
+    folder = config.disk_cache_dir
+    if folder is not None and (not isinstance(folder, str | os.PathLike) or not str(folder)):
+        raise ValueError(f"disk_cache_dir must be a folder path, got {folder!r}")
+    _positive("disk_cache_bytes", config.disk_cache_bytes)
 
 
 def _positive(name: str, value: int) -> None:

@@ -33,6 +33,7 @@ from prefixcache.sizing import (
     resolve_kv_cache_tokens,
     resolve_max_model_len,
 )
+from prefixcache.tiered_cache import build_tiers
 from prefixcache.tokenizer import eos_token_ids, load_tokenizer, validate_messages
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Engine:
             config.chunk_size,
             self.fingerprint,
             config.enable_prefix_caching,
+            tiers=build_tiers(config, kv_cache, self.fingerprint),
         )
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
@@ -380,12 +382,16 @@ class Engine:
             result["cached_blocks"] = cache.num_cached_blocks
             result["evictable_blocks"] = cache.num_evictable_blocks
             result["locked_blocks"] = cache.num_locked_blocks
+        if self.blocks.tiers is not None:
+            result.update(self.blocks.tiers.stats())
         return result
 
     def check_integrity(self) -> None:
         """Raise AssertionError if any block is leaked or double-owned."""
         if self.blocks.cache is not None:
             self.blocks.cache.check_integrity()
+        if self.blocks.tiers is not None:
+            self.blocks.tiers.check_integrity()
         owned = sum(len(s.seq.block_ids) - s.seq.num_locked_blocks for s in self.requests.values())
         cached = self.blocks.cache.num_cached_blocks if self.blocks.cache else 0
         total = self.blocks.pool.num_free + cached + owned
