@@ -50,6 +50,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--host-cache-tokens", type=int, default=0, help="host-memory KV tier")
     serve.add_argument("--disk-cache-dir", default=None, help="folder for the disk KV tier")
     serve.add_argument(
+        "--disk-cache-bytes", type=int, default=None, help="size bound of the disk KV tier"
+    )
+    serve.add_argument(
         "--responses-dir",
         default=None,
         help="folder that keeps the Responses API's stored conversations across restarts "
@@ -123,6 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
         options["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.disk_cache_dir is not None:
         options["disk_cache_dir"] = args.disk_cache_dir
+    if args.disk_cache_bytes is not None:
+        options["disk_cache_bytes"] = args.disk_cache_bytes
     engine = _load_engine(args, **options)
     serve(
         engine,

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from chunking.segments import SegmentTokenizer
 from kernels import get_backend
 from prefixcache.block_manager import BlockManager
+from prefixcache.cache_control import CacheControl
 from prefixcache.config import EngineConfig
 from prefixcache.fingerprint import model_fingerprint
 from prefixcache.kv_cache import KVCache, bytes_per_token
@@ -22,7 +23,7 @@ from prefixcache.model_config import ModelConfig
 from prefixcache.model_runner import ModelRunner, SequenceChunk
 from prefixcache.output_processor import RequestState
 from prefixcache.outputs import RequestDelta, RequestOutput
-from prefixcache.pins import PinHandle, PinRegistry
+from prefixcache.pins import PinRegistry
 from prefixcache.sampler import Sampler, make_generator
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.scheduler import ScheduledSeq, Scheduler
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 
-class Engine:
+class Engine(CacheControl):
     """Serves Llama-family models over a paged KV cache with radix-tree prefix reuse."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -269,70 +270,6 @@ class Engine:
                         pending.discard(delta.request_id)
                         bar.update(1)
         return [state.output() for state in states]
-
-    # ----------------------------------------------------------- cache control
-
-    def prewarm(
-        self,
-        prompt: Prompt | Sequence[dict],
-        pin: bool = False,
-        ttl: float | None = None,
-        salt: str | None = None,
-    ) -> PinHandle:
-        """Prefill a prompt (text, token ids or a message list) into the cache, no reply.
-
-        With ``pin`` the cached prefix is protected from eviction until ``unpin`` or
-        until ``ttl`` seconds pass; a pin over the cap is refused before any work. A
-        message list is rendered without the assistant header, so it is the prefix of
-        any later conversation that extends it.
-        """
-        token_ids = self.prewarm_token_ids(prompt)
-        if pin:
-            self.check_pinnable(len(token_ids), ttl)
-        self._run_all([token_ids], SamplingParams(max_tokens=1), False, salt)
-        if pin:
-            return self.pin_prefix(token_ids, salt, ttl)
-        return PinHandle(None, len(token_ids), self._cached_tokens(token_ids, salt), False)
-
-    def prewarm_token_ids(self, prompt: Prompt | Sequence[dict]) -> list[int]:
-        """Token ids ``prewarm`` caches for a text, token-id or message-list prompt."""
-        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.chat_prompt_ids(prompt, add_generation_prompt=False)
-        return self.tokenize_prompt(prompt)
-
-    def check_pinnable(self, num_tokens: int, ttl: float | None = None) -> None:
-        """ValueError unless pinning ``num_tokens`` more tokens stays under the cap."""
-        if self.pins is None:
-            raise ValueError("cannot pin: prefix caching is disabled")
-        if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
-            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-        self.pins.expire()
-        wanted = num_tokens // self.config.block_size * self.config.block_size
-        if self.pins.pinned_tokens + wanted > self.pins.max_pinned_tokens:
-            raise ValueError(
-                f"pinning {wanted} more tokens would exceed the pinned-token cap "
-                f"({self.pins.pinned_tokens} of {self.pins.max_pinned_tokens} in use)"
-            )
-
-    def pin_prefix(self, token_ids: list[int], salt: str | None, ttl: float | None) -> PinHandle:
-        """Pin the already cached prefix of ``token_ids`` (see ``prewarm``)."""
-        if self.pins is None:
-            raise ValueError("cannot pin: prefix caching is disabled")
-        handle, pinned = self.pins.pin(token_ids, salt, ttl)
-        return PinHandle(handle, len(token_ids), pinned, True, self.pins.expires_at(handle))
-
-    def _cached_tokens(self, token_ids: list[int], salt: str | None) -> int:
-        cache = self.blocks.cache
-        return cache.peek(token_ids, salt) if cache is not None else 0
-
-    def unpin(self, handle: str | PinHandle) -> bool:
-        """Release a pin made by ``prewarm(pin=True)``; False if it is unknown or expired."""
-        key = handle.handle if isinstance(handle, PinHandle) else handle
-        return self.pins is not None and key is not None and self.pins.unpin(key)
-
-    def flush_cache(self) -> int:
-        """Drop every cached entry that no request or pin holds; returns blocks freed."""
-        return self.blocks.cache.flush() if self.blocks.cache is not None else 0
 
     # ------------------------------------------------------------------ checks
 

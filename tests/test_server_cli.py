@@ -45,7 +45,8 @@ def test_serve_passes_engine_and_server_flags_through(captured_serve, tiny_llama
     argv = ["serve", "--model", str(tiny_llama), *SMALL, "--host", "0.0.0.0", "--port", "9999"]
     argv += ["--api-key", "k1", "--api-key", "k2", "--api-keys-file", str(keys_file)]
     argv += ["--max-num-seqs", "3", "--max-queue", "7", "--host-cache-tokens", "1024"]
-    argv += ["--no-prefix-caching", "--log-level", "warning", "--served-model-name", "m"]
+    argv += ["--log-level", "warning", "--served-model-name", "m"]
+    argv += ["--disk-cache-dir", str(tmp_path / "kv"), "--disk-cache-bytes", "5000000"]
     assert cli.main(argv) == 0
     (engine, kwargs), = captured_serve  # fmt: skip
     assert kwargs["api_keys"] == ["k1", "k2", "key-from-file", "second-key"]
@@ -53,7 +54,13 @@ def test_serve_passes_engine_and_server_flags_through(captured_serve, tiny_llama
     assert kwargs["model_name"] == "m" and not kwargs["random_weights"]
     config = engine.config
     assert (config.max_num_seqs, config.host_cache_tokens) == (3, 1024)
-    assert not config.enable_prefix_caching
+    assert (config.disk_cache_dir, config.disk_cache_bytes) == (str(tmp_path / "kv"), 5000000)
+
+
+def test_serve_can_turn_prefix_caching_off(captured_serve, tiny_llama):
+    assert cli.main(["serve", "--model", str(tiny_llama), *SMALL, "--no-prefix-caching"]) == 0
+    (engine, _), = captured_serve  # fmt: skip
+    assert not engine.config.enable_prefix_caching
 
 
 def test_serve_reports_bad_flags_without_a_traceback(captured_serve, tmp_path, capsys):
