@@ -9,6 +9,8 @@ Only full chunks are hashed; a partial tail has no hash.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
 from collections.abc import Sequence
 
@@ -41,6 +43,35 @@ def as_token_array(token_ids: TokenIds) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"token ids must be one-dimensional, got shape {arr.shape}")
     return arr
+
+
+def same_tokens(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two int32 token arrays are equal.
+
+    A prefix-cache hit verifies every token, 800 KB per side at 200k tokens; libc's
+    ``memcmp`` does that with no temporary array (numpy's comparison allocates one),
+    which keeps the lookup's tail latency down. Falls back to numpy where unavailable.
+    """
+    if len(a) != len(b):
+        return False
+    usable = _MEMCMP is not None and a.dtype == b.dtype == TOKEN_DTYPE
+    if not (usable and a.flags.c_contiguous and b.flags.c_contiguous):
+        return bool(np.array_equal(a, b))
+    return _MEMCMP(a.ctypes.data, b.ctypes.data, a.nbytes) == 0
+
+
+def _load_memcmp():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        memcmp = libc.memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp
+
+
+_MEMCMP = _load_memcmp()
 
 
 def root_seed(fingerprint: str, salt: str | None = None) -> int:

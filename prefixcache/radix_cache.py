@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from chunking.hashing import TOKEN_DTYPE, as_token_array, chunk_hashes, root_seed
+from chunking.hashing import TOKEN_DTYPE, as_token_array, chunk_hashes, root_seed, same_tokens
 from prefixcache.block_pool import BlockPool
 from prefixcache.radix_integrity import check_tree
 from prefixcache.radix_node import (
@@ -398,7 +398,7 @@ class RadixCache:
 
 def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> int:
     """Length of the common prefix of two equal-length arrays, in whole blocks."""
-    if np.array_equal(stored, query):
+    if same_tokens(stored, query):
         return len(stored)
     return int(np.argmax(stored != query)) // block_size * block_size
 
