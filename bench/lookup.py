@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import bar_chart  # noqa: E402
 
 from chunking import chunk_hashes, root_seed  # noqa: E402
 from prefixcache.block_pool import BlockPool  # noqa: E402
@@ -107,13 +110,23 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write(folder: Path, config: dict, results: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"config": config, "results": results}
+    (folder / "lookup.json").write_text(json.dumps(body, indent=2) + "\n")
+    (folder / "lookup.md").write_text(_table(results) + "\n")
+    labels = [f"{r['tokens']:,}" for r in results]
+    p99 = [r["p99_us"] for r in results]
+    bar_chart(folder / "lookup.png", labels, p99, "p99 lookup µs (with hashing)", "lookup")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; return the summary that was printed last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, action="append", help="prompt length (repeatable)")
     parser.add_argument("--iters", type=int, default=400, help="timed lookups per measurement")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument("--out", type=Path, help="write all results as JSON here")
+    parser.add_argument("--out", type=Path, help="folder for lookup.json, .md and .png")
     args = parser.parse_args(argv)
     sizes = args.tokens or list(DEFAULT_TOKENS)
     if any(n < BLOCK_SIZE for n in sizes) or args.iters < 1:
@@ -123,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.json:
         print(_table(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+        _write(args.out, config, results)
     summary = max(results, key=lambda r: r["tokens"])
     print(json.dumps({**summary, **config}))
     return summary
