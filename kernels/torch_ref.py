@@ -18,7 +18,7 @@ from kernels.backend import AttentionBackend, register_backend
 from kernels.metadata import AttentionMetadata
 
 QUERY_TILE = 512
-KEY_TILE = 16384
+KEY_TILE = 16384  # bounds copies and, without the fused kernel, score matrices
 # Decode steps whose contexts are all this short are gathered and run as one op.
 BATCHED_DECODE_MAX_LEN = 2048
 # More runs than this (a fragmented pool) are gathered instead of viewed one by one.
@@ -82,6 +82,10 @@ class _Context:
         self.table = meta.block_tables[seq]
         # Token-level views of the pools (they are contiguous): a run is one slice.
         self.flat_k, self.flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        # A view costs no memory and the fused kernel never materializes scores, so
+        # with it a whole run is one piece; otherwise runs are cut to KEY_TILE.
+        fused = _FUSED_CPU is not None and k_cache.device.type == "cpu"
+        self.view_tile = 1 << 40 if fused else KEY_TILE
 
     def pieces(self, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values of positions ``0..end``, at most ``KEY_TILE`` tokens each."""
@@ -92,8 +96,8 @@ class _Context:
         position = 0
         for first, count in self.runs:
             run_end = min(position + count * self.block_size, end)
-            for k0 in range(position, run_end, KEY_TILE):
-                k1 = min(k0 + KEY_TILE, run_end)
+            for k0 in range(position, run_end, self.view_tile):
+                k1 = min(k0 + self.view_tile, run_end)
                 yield self._view(first, k0 - position, k1 - k0)
             position += count * self.block_size
             if position >= end:
