@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import subprocess
@@ -110,7 +111,10 @@ def started_server(args: argparse.Namespace, caching: bool):
         cmd += ["--model", args.model]
     if not caching:
         cmd.append("--no-prefix-caching")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if args.server_threads:  # torch reads it at start; leaves cores to the load generator
+        env["OMP_NUM_THREADS"] = str(args.server_threads)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
@@ -168,8 +172,11 @@ async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_toke
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    # The body is encoded before the clock starts: TTFT is the server's and the wire's.
+    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
     start, first, text, usage = time.perf_counter(), None, "", None
-    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+    post = http.stream("POST", url + "/v1/chat/completions", content=payload, headers=headers)
+    async with post as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -190,8 +197,10 @@ async def respond(
     """One streamed response: (response id, text, seconds to first token, usage)."""
     body = {"model": _served_model(url), "input": input, "max_output_tokens": max_tokens}
     body.update(temperature=0, stream=True, previous_response_id=previous)
+    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
     start, first, text, final = time.perf_counter(), None, "", None
-    async with http.stream("POST", url + "/v1/responses", json=body) as response:
+    post = http.stream("POST", url + "/v1/responses", content=payload, headers=headers)
+    async with post as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -408,6 +417,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=200000)
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144)
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=None,
+        help="torch threads of the server (e.g. 1 on a 2-core machine, leaving one core "
+        "to this process's clients)",
+    )
     parser.add_argument("--out", default=None, help="folder for JSON, markdown and PNG")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +22,9 @@ QUERY_TILE = 512
 KEY_TILE = 16384  # bounds copies and, without the fused kernel, score matrices
 # Decode steps whose contexts are all this short are gathered and run as one op.
 BATCHED_DECODE_MAX_LEN = 2048
-# More runs than this (a fragmented pool) are gathered instead of viewed one by one.
-MAX_VIEW_RUNS = 32
+# Runs of at least this many consecutive blocks are read in place; shorter runs (the
+# blocks a decode step appends, a fragmented pool) are gathered into one piece.
+LONG_RUN_BLOCKS = 8
 
 
 @register_backend("torch")
@@ -88,20 +90,32 @@ class _Context:
         self.view_tile = 1 << 40 if fused else KEY_TILE
 
     def pieces(self, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of positions ``0..end``, at most ``KEY_TILE`` tokens each."""
-        if len(self.runs) > MAX_VIEW_RUNS:
-            for k0 in range(0, end, KEY_TILE):
-                yield self.gather(k0, min(k0 + KEY_TILE, end))
-            return
-        position = 0
+        """Keys and values of positions ``0..end`` in any order (attention over them is
+        unmasked, so order does not matter): long runs of blocks as views, the blocks of
+        short runs gathered together, ``KEY_TILE`` tokens at most per gathered piece."""
+        bs, position, short = self.block_size, 0, []
         for first, count in self.runs:
-            run_end = min(position + count * self.block_size, end)
-            for k0 in range(position, run_end, self.view_tile):
-                k1 = min(k0 + self.view_tile, run_end)
-                yield self._view(first, k0 - position, k1 - k0)
-            position += count * self.block_size
-            if position >= end:
-                return
+            length = min(count * bs, end - position)
+            if length <= 0:
+                break
+            if count >= LONG_RUN_BLOCKS:
+                for offset in range(0, length, self.view_tile):
+                    yield self._view(first, offset, min(self.view_tile, length - offset))
+            else:
+                short.append((first * bs, length))
+            position += count * bs
+        if short:
+            slots = _slot_ranges(short)
+            for k0 in range(0, len(slots), KEY_TILE):
+                yield self._take(slots[k0 : k0 + KEY_TILE])
+
+    def _take(self, slots: torch.Tensor):
+        """The K/V rows at pool token ``slots``, as ``[1, kv_heads, len, d]``."""
+        slots = slots.to(self.flat_k.device)
+        return tuple(
+            flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            for flat in (self.flat_k, self.flat_v)
+        )
 
     def _view(self, first_block: int, offset: int, length: int):
         """``length`` tokens from ``offset`` into the run starting at ``first_block``."""
@@ -126,6 +140,14 @@ class _Context:
             .unsqueeze(0)
             for c in self._caches
         )
+
+
+def _slot_ranges(ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Concatenated ``start..start+length`` ranges of pool token slots."""
+    starts = np.array([r[0] for r in ranges], dtype=np.int64)
+    lengths = np.array([r[1] for r in ranges], dtype=np.int64)
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return torch.from_numpy(shift + np.arange(int(lengths.sum())))
 
 
 def _attend_sequence(q, context: _Context, total: int, scale: float):

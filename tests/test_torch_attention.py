@@ -68,8 +68,10 @@ def test_decode_only_steps_match_in_both_paths(monkeypatch):
     torch.testing.assert_close(per_sequence, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fragmented_tables_are_gathered(monkeypatch):
-    monkeypatch.setattr(torch_ref, "MAX_VIEW_RUNS", 2)
+@pytest.mark.parametrize("long_run", [1, 3, 1000])
+def test_views_and_gathers_give_the_same_attention(monkeypatch, long_run):
+    monkeypatch.setattr(torch_ref, "LONG_RUN_BLOCKS", long_run)  # 1: all views, 1000: all gathered
     monkeypatch.setattr(torch_ref, "BATCHED_DECODE_MAX_LEN", 0)
-    ours, expected = _run([(45, 7), (30, 1)], num_blocks=30, scattered=True, seed=3)
+    monkeypatch.setattr(torch_ref, "KEY_TILE", 20)
+    ours, expected = _run([(45, 7), (30, 1), (61, 1)], num_blocks=40, scattered=True, seed=3)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
