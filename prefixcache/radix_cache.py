@@ -91,7 +91,8 @@ class RadixCache:
 
         Every token is verified against the stored ones. The path root..node is locked
         (call ``unlock(result.node)`` when done) and its blocks are borrowed, not
-        referenced. Nothing cached gives ``num_tokens == 0`` and the salt's root.
+        referenced: the returned list may be the tree's own, so copy it before changing
+        it. Nothing cached gives ``num_tokens == 0`` and the salt's root.
         """
         tokens = as_token_array(token_ids)
         path, num_tokens = self._walk(self._root(salt), tokens)
@@ -99,7 +100,7 @@ class RadixCache:
         self._touch(path)
         self.stats.query_tokens += len(tokens)
         self.stats.hit_tokens += num_tokens
-        return MatchResult(num_tokens, _path_blocks(path), path[-1])
+        return MatchResult(num_tokens, _path_blocks(path, borrow=True), path[-1])
 
     def peek(self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None) -> int:
         """How many leading tokens ``match`` would find, without locking, splitting,
@@ -403,7 +404,12 @@ def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> in
     return int(np.argmax(stored != query)) // block_size * block_size
 
 
-def _path_blocks(path: list[TreeNode]) -> list[int]:
+def _path_blocks(path: list[TreeNode], borrow: bool = False) -> list[int]:
+    """Block ids along ``path``. With ``borrow``, a path of one node below its root
+    returns that node's own list, uncopied: callers of ``match`` hold a lock on it,
+    and a locked node's list is never changed in place (splits make new lists)."""
+    if borrow and len(path) == 2:
+        return path[1].block_ids
     block_ids: list[int] = []
     for node in path:
         block_ids += node.block_ids
