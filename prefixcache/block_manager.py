@@ -106,10 +106,13 @@ class BlockManager:
         if self.cache is None or num_full <= seq.num_locked_blocks:
             return
         tokens = seq.token_array(num_full * self.block_size)
+        # Unlock first: with no other holder the tree then extends this sequence's node
+        # in place rather than chaining a new node below it, so a conversation stays a
+        # few nodes long, not one per turn. Nothing can evict between these calls.
+        self._unlock(seq)
         result = self.cache.insert(tokens, seq.block_ids[:num_full], seq.salt)
         # The cache now owns these blocks (duplicates were released): hold them by lock.
         self.cache.lock(result.node)
-        self._unlock(seq)
         first_new = seq.num_locked_blocks
         seq.block_ids[:num_full] = result.block_ids
         seq.num_locked_blocks = num_full

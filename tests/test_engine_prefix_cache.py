@@ -93,3 +93,19 @@ def test_fifty_conversations_with_eviction_equal_cache_off(tiny_llama):
     assert stats["hit_tokens"] > 0 and stats["evicted_blocks"] > 0
     assert on.blocks.cache.num_locked_blocks == 0
     on.check_integrity()
+
+
+def test_a_conversation_extended_turn_by_turn_stays_one_tree_node(tiny_llama):
+    engine = _engine(tiny_llama)
+    rng, ids = random.Random(4), []
+    for _ in range(6):
+        ids += [rng.randrange(3, 700) for _ in range(70)]
+        ids += engine.generate(ids, SamplingParams(max_tokens=9, ignore_eos=True))[0].token_ids
+    cache = engine.blocks.cache
+    match = cache.match(ids)
+    depth, node = 0, match.node
+    while node.parent is not None:
+        depth, node = depth + 1, node.parent
+    cache.unlock(match.node)
+    assert match.num_tokens == len(ids) // BLOCK * BLOCK
+    assert depth == 1 and cache.check_integrity() is None
