@@ -17,6 +17,7 @@ from typing import Any
 from prefixcache.engine import Engine, Prompt
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.tokenizer import PromptTokens
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class AsyncEngine:
         Bad input raises ValueError before anything is queued; a dead or stopped
         loop raises EngineDeadError.
         """
-        token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine.check_fits(len(token_ids), params)
+        tokens = self.engine.prompt_tokens(prompt)
+        self.engine.check_fits(len(tokens.ids), params)
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
@@ -64,7 +65,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, queue)
-        self._submit(lambda: self._add(token_ids, params, request_id, salt))
+        self._submit(lambda: self._add(tokens, params, request_id, salt))
         finished = False
         try:
             while not finished:
@@ -144,9 +145,9 @@ class AsyncEngine:
             self._error = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
 
-    def _add(self, token_ids: list[int], params: SamplingParams, request_id: str, salt) -> None:
+    def _add(self, tokens: PromptTokens, params: SamplingParams, request_id: str, salt) -> None:
         try:
-            self.engine.add_request(token_ids, params, request_id, salt)
+            self.engine.add_request(tokens, params, request_id, salt)
         except Exception as exc:  # e.g. a request id already in use: that caller's error
             logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)

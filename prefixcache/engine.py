@@ -35,7 +35,13 @@ from prefixcache.sizing import (
     resolve_max_model_len,
 )
 from prefixcache.tiered_cache import build_tiers
-from prefixcache.tokenizer import eos_token_ids, load_tokenizer, validate_messages
+from prefixcache.tokenizer import (
+    PromptTokens,
+    checked_tokens,
+    eos_token_ids,
+    load_tokenizer,
+    validate_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +122,16 @@ class Engine(CacheControl):
 
     def add_request(
         self,
-        prompt: Prompt,
+        prompt: Prompt | PromptTokens,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         salt: str | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Validates first."""
+        """Queue a prompt (text, token ids, or ``prompt_tokens``' result); returns its
+        request id. Validates first."""
         params = params or SamplingParams()
-        token_ids = self.tokenize_prompt(prompt)
+        tokens = prompt if isinstance(prompt, PromptTokens) else self.prompt_tokens(prompt)
+        token_ids = tokens.ids
         self.check_fits(len(token_ids), params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -138,6 +146,7 @@ class Engine(CacheControl):
             generator=make_generator(params.seed, self.device),
             added_at=time.perf_counter(),
         )
+        seq.adopt_token_array(tokens.array)
         self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return request_id
@@ -275,18 +284,15 @@ class Engine(CacheControl):
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt, or validated ids; ValueError on bad input."""
+        return self.prompt_tokens(prompt).ids
+
+    def prompt_tokens(self, prompt: Prompt) -> PromptTokens:
+        """Validated token ids of a prompt, as a list and as an int32 array."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt has no tokens")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        return ids
+            prompt = self.tokenizer.encode(prompt)
+        return checked_tokens(list(prompt), self.model_config.vocab_size)
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """ValueError unless prompt plus max_tokens fits the model and the KV pool."""

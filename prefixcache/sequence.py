@@ -52,6 +52,12 @@ class Sequence:
     _array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), repr=False)
     _array_len: int = 0
 
+    def adopt_token_array(self, array: np.ndarray) -> None:
+        """Start the int32 mirror of ``token_ids`` from an array the caller already has."""
+        if len(array) != len(self.token_ids):
+            raise ValueError("token array and token ids differ in length")
+        self._array, self._array_len = np.ascontiguousarray(array, dtype=np.int32), len(array)
+
     def token_array(self, length: int | None = None) -> np.ndarray:
         """The first ``length`` token ids as an int32 array, kept in step incrementally.
 

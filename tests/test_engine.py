@@ -85,6 +85,9 @@ def test_chat_renders_template_and_generates(tiny_llama):
         ("", SamplingParams(), "prompt is empty"),
         ([[]], SamplingParams(), "no tokens"),
         ([1, 10**9], SamplingParams(), "outside the vocabulary"),
+        ([[1, -3]], SamplingParams(), "outside the vocabulary"),
+        ([[1, "x"]], SamplingParams(), "must be integers"),
+        ([[2.5, 3]], SamplingParams(), "must be integers"),
         ("word " * 300, SamplingParams(max_tokens=10), "over max_model_len"),
     ],
 )
