@@ -162,6 +162,20 @@ def _served_model(url: str) -> str:
     return _MODELS[url]
 
 
+async def _events(http: httpx.AsyncClient, url: str, path: str, body: dict):
+    """POST ``body`` with streaming; yield (seconds since sending, parsed event) per event.
+
+    The body is encoded before the clock starts: TTFT is the server's and the wire's.
+    """
+    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+    start = time.perf_counter()
+    async with http.stream("POST", url + path, content=payload, headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                yield time.perf_counter() - start, json.loads(line[6:])
+
+
 async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int):
     """One streamed chat completion: (text, seconds to first token, usage)."""
     body = {
@@ -172,22 +186,13 @@ async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_toke
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    # The body is encoded before the clock starts: TTFT is the server's and the wire's.
-    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
-    start, first, text, usage = time.perf_counter(), None, "", None
-    post = http.stream("POST", url + "/v1/chat/completions", content=payload, headers=headers)
-    async with post as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices", []):
-                if choice["delta"].get("content") or choice.get("finish_reason"):
-                    first = first or time.perf_counter() - start
-                    text += choice["delta"].get("content") or ""
+    first, text, usage = None, "", None
+    async for elapsed, chunk in _events(http, url, "/v1/chat/completions", body):
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices", []):
+            if choice["delta"].get("content") or choice.get("finish_reason"):
+                first = first or elapsed
+                text += choice["delta"].get("content") or ""
     return text, first, usage
 
 
@@ -197,22 +202,15 @@ async def respond(
     """One streamed response: (response id, text, seconds to first token, usage)."""
     body = {"model": _served_model(url), "input": input, "max_output_tokens": max_tokens}
     body.update(temperature=0, stream=True, previous_response_id=previous)
-    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
-    start, first, text, final = time.perf_counter(), None, "", None
-    post = http.stream("POST", url + "/v1/responses", content=payload, headers=headers)
-    async with post as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event["type"] == "error":
-                raise RuntimeError(f"response stream failed: {event}")
-            if event["type"] in ("response.output_text.delta", "response.completed"):
-                first = first or time.perf_counter() - start
-                text += event.get("delta", "")
-            if event["type"] == "response.completed":
-                final = event["response"]
+    first, text, final = None, "", None
+    async for elapsed, event in _events(http, url, "/v1/responses", body):
+        if event["type"] == "error":
+            raise RuntimeError(f"response stream failed: {event}")
+        if event["type"] in ("response.output_text.delta", "response.completed"):
+            first = first or elapsed
+            text += event.get("delta", "")
+        if event["type"] == "response.completed":
+            final = event["response"]
     return final["id"], text, first, final["usage"]
 
 
