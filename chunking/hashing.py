@@ -60,6 +60,15 @@ def same_tokens(a: np.ndarray, b: np.ndarray) -> bool:
     return _MEMCMP(a.ctypes.data, b.ctypes.data, a.nbytes) == 0
 
 
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two int32 arrays share (no temporary when all agree)."""
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    if same_tokens(a, b):
+        return n
+    return int(np.argmax(a != b))
+
+
 def _load_memcmp():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))

@@ -66,9 +66,10 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Build the tensors for a step from per-sequence Python lists."""
-        slots = _slot_mapping(query_lens, seq_lens, block_tables, block_size)
-        width = max((len(t) for t in block_tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        tables = [list(t) for t in block_tables]  # the step's own copy, unpadded
+        slots = _slot_mapping(query_lens, seq_lens, tables, block_size)
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -82,7 +83,7 @@ class AttentionMetadata:
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             block_size=block_size,
-            block_tables_cpu=[list(t) for t in block_tables],
+            block_tables_cpu=tables,
         )
 
 

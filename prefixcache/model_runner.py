@@ -48,7 +48,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             query_lens=[len(c.token_ids) for c in chunks],
             seq_lens=[c.num_computed + len(c.token_ids) for c in chunks],
-            block_tables=[list(c.block_ids) for c in chunks],
+            block_tables=[c.block_ids for c in chunks],
             block_size=self.kv_cache.block_size,
             device=self.device,
         )

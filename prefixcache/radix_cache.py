@@ -21,7 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from chunking.hashing import TOKEN_DTYPE, as_token_array, chunk_hashes, root_seed, same_tokens
+from chunking.hashing import (
+    TOKEN_DTYPE,
+    as_token_array,
+    chunk_hashes,
+    common_prefix_length,
+    root_seed,
+)
 from prefixcache.block_pool import BlockPool
 from prefixcache.radix_integrity import check_tree
 from prefixcache.radix_node import (
@@ -234,7 +240,7 @@ class RadixCache:
             if child is None:
                 break
             size = min(len(child.tokens), limit - pos)
-            same = _common_blocks(child.tokens[:size], tokens[pos : pos + size], bs)
+            same = common_prefix_length(child.tokens[:size], tokens[pos : pos + size]) // bs * bs
             pos += same
             if same < len(child.tokens):  # diverges or ends inside: same >= bs here
                 return path, pos, (child, same)
@@ -395,13 +401,6 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack += node.children.values()
-
-
-def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> int:
-    """Length of the common prefix of two equal-length arrays, in whole blocks."""
-    if same_tokens(stored, query):
-        return len(stored)
-    return int(np.argmax(stored != query)) // block_size * block_size
 
 
 def _path_blocks(path: list[TreeNode], borrow: bool = False) -> list[int]:

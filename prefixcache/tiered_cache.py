@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from chunking.hashing import common_prefix_length
 from prefixcache.chunk_chains import ChunkChains
 from prefixcache.disk_tier import DiskTier
 from prefixcache.host_tier import HostChunk, HostTier
@@ -230,7 +231,7 @@ class TieredCache:
             for chunk in candidates:
                 if chunk.parent != parent or chunk.start != start or chunk.first_block > lo:
                     continue
-                hi = _common_blocks(chunk.tokens, tokens, self.block_size)
+                hi = common_prefix_length(chunk.tokens, tokens) // self.block_size
                 if hi > lo and (best is None or hi > best.hi):
                     best = OnloadPiece(chunk, None, lo, hi)
         if best is None and self.disk is not None and chunk_hash is not None:
@@ -243,7 +244,7 @@ class TieredCache:
         record = self.disk.read(chunk_hash)
         if record is None:
             return None
-        hi = _common_blocks(record.tokens, tokens, self.block_size)
+        hi = common_prefix_length(record.tokens, tokens) // self.block_size
         if record.parent != parent or record.start != start or hi < len(tokens) // self.block_size:
             self.disk.discard(chunk_hash)  # a mismatched file is a miss, and goes
             return None
@@ -320,11 +321,3 @@ def build_tiers(config: EngineConfig, kv_cache: KVCache, fingerprint: str) -> Ti
         layout = ChunkLayout(fingerprint, k.dtype, (len(layers), 2, nb, *k.shape[1:]))
         disk = DiskTier(config.disk_cache_dir, layout, config.disk_cache_bytes)
     return TieredCache(KVTransfer(layers), config.block_size, config.chunk_size, host, disk)
-
-
-def _common_blocks(stored: np.ndarray, query: np.ndarray, block_size: int) -> int:
-    """Whole blocks at the start of ``query`` equal to ``stored``'s."""
-    n = min(len(stored), len(query))
-    differ = np.flatnonzero(stored[:n] != query[:n])
-    same = int(differ[0]) if len(differ) else n
-    return same // block_size
