@@ -18,6 +18,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
 
 
@@ -27,7 +29,7 @@ class SegmentTokenizer:
     def __init__(self, tokenizer, max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS) -> None:
         self.tokenizer = tokenizer
         self.max_cached_tokens = max_cached_tokens
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_tokens = 0
         self._lock = threading.Lock()
         self._specials = tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True))
@@ -36,25 +38,24 @@ class SegmentTokenizer:
         self.hits = self.misses = self.fallbacks = 0
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True):
-        """Token ids of ``messages`` through the chat template."""
+        """Token ids of ``messages`` through the chat template, as an int32 array."""
         segments = None if self._unsafe else self.segments(messages, add_generation_prompt)
         if segments is None:
             self.fallbacks += 1
             return self._encode(self.render(messages, add_generation_prompt))
-        ids: list[int] = []
-        for text in segments:
-            ids += self._segment_ids(text)
+        ids = np.concatenate([self._segment_ids(text) for text in segments])
         if not self._verified:
-            self._verify(segments, ids)
+            ids = self._verify(segments, ids)
         return ids
 
-    def _verify(self, segments: list[str], ids: list[int]) -> None:
+    def _verify(self, segments: list[str], ids: np.ndarray) -> np.ndarray:
         """Belt and braces for the structural check: compare once with a whole encode."""
         whole = self._encode("".join(segments))
         self._verified = True
-        if whole != ids:
+        if not np.array_equal(whole, ids):
             self._unsafe = True
-            ids[:] = whole
+            return whole
+        return ids
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         """The chat template's text for ``messages``."""
@@ -77,7 +78,7 @@ class SegmentTokenizer:
             return None
         return pieces
 
-    def _segment_ids(self, text: str) -> list[int]:
+    def _segment_ids(self, text: str) -> np.ndarray:
         with self._lock:
             ids = self._cache.get(text)
             if ids is not None:
@@ -90,7 +91,7 @@ class SegmentTokenizer:
             self._remember(text, ids)
         return ids
 
-    def _remember(self, text: str, ids: list[int]) -> None:
+    def _remember(self, text: str, ids: np.ndarray) -> None:
         if len(ids) > self.max_cached_tokens or text in self._cache:
             return
         self._cache[text] = ids
@@ -99,5 +100,5 @@ class SegmentTokenizer:
             _, dropped = self._cache.popitem(last=False)
             self._cached_tokens -= len(dropped)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)

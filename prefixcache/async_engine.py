@@ -14,10 +14,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from prefixcache.engine import Engine, Prompt
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.tokenizer import PromptTokens
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class AsyncEngine:
         loop raises EngineDeadError.
         """
         tokens = self.engine.prompt_tokens(prompt)
-        self.engine.check_fits(len(tokens.ids), params)
+        self.engine.check_fits(len(tokens), params)
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
@@ -145,7 +146,7 @@ class AsyncEngine:
             self._error = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
 
-    def _add(self, tokens: PromptTokens, params: SamplingParams, request_id: str, salt) -> None:
+    def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
             self.engine.add_request(tokens, params, request_id, salt)
         except Exception as exc:  # e.g. a request id already in use: that caller's error

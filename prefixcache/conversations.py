@@ -1,11 +1,20 @@
 """Conversations that continue from a stored response (OpenAI's Responses API).
 
 A stored response keeps its conversation's rendered text and token ids. The next
-turn renders the whole conversation (cheap string work) but tokenizes only the text
-past the stored text, so its cost is the new message's, not the history's. That
-is exact when the new text starts with a special token: tokenizers split those out
-before anything else, so no token spans the cut. Anywhere else (a template that
-rewrites earlier text, a tail starting with plain text) the whole text is tokenized.
+turn's cost should be the new message's, not the history's, so:
+
+- When the chat template is content-opaque (``chunking.template_shape``), the
+  history is rendered with short stand-ins for its contents: what the template
+  adds after them is the new turn's text, appended to the stored text and ids
+  without rendering or tokenizing the history again.
+- Otherwise the whole conversation is rendered (cheap string work) and only the
+  text past the stored text is tokenized.
+
+Appending ids is exact only when the new text starts with a special token:
+tokenizers split those out before anything else, so no token spans the cut.
+Anywhere else (a tail starting with plain text, a template that rewrites earlier
+text) the whole text is tokenized. The first append is also checked against a
+whole encode; a mismatch turns appending off.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from chunking.template_shape import content_is_opaque
 from prefixcache.response_store import ResponseStore, StoredResponse
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.tokenizer import validate_messages
@@ -33,15 +45,21 @@ class Turn:
     """A turn ready to run: its prompt ids, and what is needed to store it afterwards.
 
     ``base_text``/``base_ids`` are the conversation up to the new input without a
-    generation prompt; the reply is appended to them once it is known.
+    generation prompt (None when the turn was appended to ``previous`` without
+    rendering the history); the reply is appended to them once it is known.
     """
 
     messages: list[dict]
     instructions: str | None
-    previous_id: str | None
-    base_text: str
-    base_ids: list[int]
-    prompt_ids: list[int]
+    previous: StoredResponse | None
+    base_text: str | None
+    base_ids: np.ndarray | None
+    prompt_ids: np.ndarray
+
+    @property
+    def previous_id(self) -> str | None:
+        """The id of the response this turn continues."""
+        return self.previous.id if self.previous is not None else None
 
 
 @dataclass(slots=True)
@@ -87,7 +105,8 @@ class ConversationRenderer:
         self.tokenizer = engine.tokenizer
         vocab = self.tokenizer.get_added_vocab()
         self._specials = tuple(sorted(vocab, key=len, reverse=True))
-        # The first append is checked against a whole encode; a mismatch turns appends off.
+        self._opaque = content_is_opaque(self.tokenizer.chat_template)
+        self._stand_in = f"<<{uuid.uuid4().hex}:{{}}>>"  # never part of a template's text
         self._verified, self._unsafe = False, not self._specials
         self.appends = self.full_renders = 0
 
@@ -101,44 +120,88 @@ class ConversationRenderer:
         validate_messages(full)
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
+        continued = previous is not None and previous.instructions == instructions
+        if continued:
+            appended = self.appended(previous, new, True)
+            if appended is not None:
+                return Turn(messages, instructions, previous, None, None, appended[1])
         base_text = self._render(full, False)
-        if previous is not None and previous.instructions == instructions:
+        if continued:
             base_ids = self.extend(previous.text, previous.token_ids, base_text)
         else:  # first turn, or new instructions replace the old system message
             base_ids = self.encode(base_text)
         prompt_ids = self.extend(base_text, base_ids, self._render(full, True))
-        previous_id = previous.id if previous is not None else None
-        return Turn(messages, instructions, previous_id, base_text, base_ids, prompt_ids)
+        return Turn(messages, instructions, previous, base_text, base_ids, prompt_ids)
 
-    def finish(self, turn: Turn, reply: str) -> tuple[list[dict], str, list[int]]:
+    def finish(self, turn: Turn, reply: str) -> tuple[list[dict], str, np.ndarray]:
         """The conversation after ``reply``: its messages, rendered text and token ids."""
         messages = turn.messages + [{"role": "assistant", "content": reply}]
+        if turn.base_text is None:
+            new = messages[len(turn.previous.messages) :]
+            appended = self.appended(turn.previous, new, False)
+            if appended is not None:
+                return messages, turn.previous.text + appended[0], appended[1]
         text = self._render(_with_instructions(messages, turn.instructions), False)
+        if turn.base_text is None:
+            return messages, text, self.encode(text)
         return messages, text, self.extend(turn.base_text, turn.base_ids, text)
 
-    def extend(self, text: str, ids: list[int], new_text: str) -> list[int]:
+    def appended(
+        self, previous: StoredResponse, new: list[dict], add_generation_prompt: bool
+    ) -> tuple[str, np.ndarray] | None:
+        """``previous``'s conversation plus ``new`` as (text past the stored text, all ids),
+        without rendering the stored contents; None where that is not known to be exact.
+        """
+        if not self._opaque or self._unsafe:
+            return None
+        stand_ins = [
+            {"role": m["role"], "content": self._stand_in.format(i)}
+            for i, m in enumerate(previous.messages)
+        ]
+        head = self._render(_with_instructions(stand_ins, previous.instructions), False)
+        whole = _with_instructions(stand_ins + new, previous.instructions)
+        rendered = self._render(whole, add_generation_prompt)
+        tail = rendered[len(head) :]
+        marker = self._stand_in.partition("{")[0]
+        if not rendered.startswith(head) or marker in tail or not self._cuttable(tail):
+            return None
+        self.appends += 1
+        ids = np.concatenate([previous.token_ids, self._encode(tail)])
+        if not self._verified:
+            ids = self._verify(previous.text + tail, ids)
+        return tail, ids
+
+    def extend(self, text: str, ids: np.ndarray, new_text: str) -> np.ndarray:
         """Token ids of ``new_text``, given those of its prefix ``text`` where exact."""
         tail = new_text[len(text) :]
-        if self._unsafe or not text or not new_text.startswith(text):
-            return self.encode(new_text)
-        if tail and not tail.startswith(self._specials):
+        if self._unsafe or not text or not new_text.startswith(text) or not self._cuttable(tail):
             return self.encode(new_text)
         self.appends += 1
-        result = ids + self._encode(tail) if tail else list(ids)
+        result = np.concatenate([ids, self._encode(tail)])
         if not self._verified:
-            self._verified = True
-            whole = self._encode(new_text)
-            if whole != result:
-                self._unsafe, result = True, whole
+            result = self._verify(new_text, result)
         return result
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> np.ndarray:
         """Token ids of a whole rendered text."""
         self.full_renders += 1
         return self._encode(text)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def _cuttable(self, tail: str) -> bool:
+        """True when ``tail`` can be tokenized apart from the text before it."""
+        return not tail or tail.startswith(self._specials)
+
+    def _verify(self, text: str, ids: np.ndarray) -> np.ndarray:
+        """Compare the first append with a whole encode; on a mismatch stop appending."""
+        self._verified = True
+        whole = self._encode(text)
+        if not np.array_equal(whole, ids):
+            self._unsafe = True
+            return whole
+        return ids
+
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.engine.segments.render(messages, add_generation_prompt)
@@ -172,7 +235,7 @@ def stored_response(
         created_at=time.time(),
         messages=messages,
         text=text,
-        token_ids=token_ids,
+        tokens=token_ids.tobytes(),
         output_text=reply,
         instructions=turn.instructions,
         previous_response_id=turn.previous_id,

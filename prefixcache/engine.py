@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,7 +37,6 @@ from prefixcache.sizing import (
 )
 from prefixcache.tiered_cache import build_tiers
 from prefixcache.tokenizer import (
-    PromptTokens,
     checked_tokens,
     eos_token_ids,
     load_tokenizer,
@@ -45,7 +45,7 @@ from prefixcache.tokenizer import (
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of them
 
 
 class Engine(CacheControl):
@@ -122,31 +122,31 @@ class Engine(CacheControl):
 
     def add_request(
         self,
-        prompt: Prompt | PromptTokens,
+        prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         salt: str | None = None,
     ) -> str:
-        """Queue a prompt (text, token ids, or ``prompt_tokens``' result); returns its
-        request id. Validates first."""
+        """Queue a prompt (text, token ids or an int array); returns its request id.
+
+        Validates first; a prompt that ``prompt_tokens`` already validated is an
+        int32 array and is not copied again.
+        """
         params = params or SamplingParams()
-        tokens = prompt if isinstance(prompt, PromptTokens) else self.prompt_tokens(prompt)
-        token_ids = tokens.ids
-        self.check_fits(len(token_ids), params)
+        tokens = self.prompt_tokens(prompt)
+        self.check_fits(len(tokens), params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Seq(
             request_id=request_id,
-            token_ids=list(token_ids),
-            num_prompt_tokens=len(token_ids),
+            prompt=tokens,
             params=params,
             arrival=next(self._ids),
             salt=salt,
             generator=make_generator(params.seed, self.device),
             added_at=time.perf_counter(),
         )
-        seq.adopt_token_array(tokens.array)
         self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return request_id
@@ -172,9 +172,9 @@ class Engine(CacheControl):
             return []
         chunks = [
             SequenceChunk(
-                s.seq.token_ids[
-                    s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_tokens
-                ],
+                s.seq.token_slice(
+                    s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_tokens
+                ),
                 s.seq.num_computed_tokens,
                 s.seq.block_ids,
             )
@@ -217,7 +217,7 @@ class Engine(CacheControl):
     ) -> list[RequestOutput]:
         """Generate for each prompt; outputs in the order of ``prompts``."""
         batch = _as_prompt_list(prompts)
-        return self._run_all([self.tokenize_prompt(p) for p in batch], params, use_tqdm, salt)
+        return self._run_all([self.prompt_tokens(p) for p in batch], params, use_tqdm, salt)
 
     def chat(
         self,
@@ -229,7 +229,7 @@ class Engine(CacheControl):
         """Reply to each OpenAI-style message list through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.chat_prompt_ids(c) for c in conversations]
+        prompts = [self.chat_prompt_tokens(c) for c in conversations]
         return self._run_all(prompts, params, use_tqdm, salt)
 
     def respond(
@@ -253,7 +253,13 @@ class Engine(CacheControl):
     def chat_prompt_ids(
         self, messages: Sequence[dict], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Prompt token ids of one message list through the chat template.
+        """Prompt token ids of one message list through the chat template."""
+        return self.chat_prompt_tokens(messages, add_generation_prompt).tolist()
+
+    def chat_prompt_tokens(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True
+    ) -> np.ndarray:
+        """``chat_prompt_ids`` as an int32 array (what ``add_request`` takes without a copy).
 
         Unchanged message segments are not re-tokenized (see ``SegmentTokenizer``).
         Safe to call from other threads than the one stepping the engine.
@@ -284,15 +290,17 @@ class Engine(CacheControl):
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt, or validated ids; ValueError on bad input."""
-        return self.prompt_tokens(prompt).ids
+        return self.prompt_tokens(prompt).tolist()
 
-    def prompt_tokens(self, prompt: Prompt) -> PromptTokens:
-        """Validated token ids of a prompt, as a list and as an int32 array."""
+    def prompt_tokens(self, prompt: Prompt) -> np.ndarray:
+        """Validated token ids of a prompt as an int32 array; ValueError on bad input."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
             prompt = self.tokenizer.encode(prompt)
-        return checked_tokens(list(prompt), self.model_config.vocab_size)
+        elif not isinstance(prompt, np.ndarray):
+            prompt = list(prompt)
+        return checked_tokens(prompt, self.model_config.vocab_size)
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """ValueError unless prompt plus max_tokens fits the model and the KV pool."""
@@ -345,7 +353,7 @@ class Engine(CacheControl):
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
         return [prompts]
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], int):

@@ -24,7 +24,7 @@ class RequestState:
     def append_token(self, token_id: int, max_model_len: int) -> RequestDelta:
         """Record a sampled token; set the finish reason when a stop condition holds."""
         seq = self.seq
-        seq.token_ids.append(token_id)
+        seq.append_token(token_id)
         if not seq.first_token_at:
             seq.first_token_at = time.perf_counter()
         if token_id in self.stop_ids:
@@ -48,7 +48,7 @@ class RequestState:
     def _finish(self, reason: str, text: str, token_ids: list[int] | None = None) -> RequestDelta:
         self.seq.finish_reason = reason
         if token_ids is None:
-            token_ids = self.seq.token_ids[-1:]
+            token_ids = [self.seq.last_token_id]
         return self._delta(token_ids, text)
 
     def _delta(self, token_ids: list[int], text: str) -> RequestDelta:
@@ -80,7 +80,7 @@ class RequestState:
         seq = self.seq
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids,
             text=self.text,
             finish_reason=seq.finish_reason,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     ``messages`` excludes the turn's ``instructions`` (they are not carried over to the
     next turn, as in OpenAI's API). ``text`` is the chat template's rendering of
     ``messages`` (with the instructions as a system message) without a generation
-    prompt, and ``token_ids`` are its tokens.
+    prompt, and ``tokens`` are its token ids as int32 bytes (``token_ids`` reads
+    them as an array without a copy).
     """
 
     id: str
@@ -43,7 +45,7 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     created_at: float
     messages: list[dict]
     text: str
-    token_ids: list[int]
+    tokens: bytes
     output_text: str
     instructions: str | None = None
     previous_response_id: str | None = None
@@ -51,6 +53,16 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     num_input_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """The conversation's token ids (read-only int32 view of ``tokens``)."""
+        return np.frombuffer(self.tokens, dtype=np.int32)
+
+    @property
+    def num_tokens(self) -> int:
+        """How many token ids the entry holds."""
+        return len(self.tokens) // 4
 
 
 class ResponseStore:
@@ -94,17 +106,17 @@ class ResponseStore:
 
     def put(self, entry: StoredResponse) -> bool:
         """Keep ``entry`` (evicting the least recently used to fit); False if too big."""
-        if len(entry.token_ids) > self.max_tokens:
+        if entry.num_tokens > self.max_tokens:
             logger.info(
                 "response %s (%d tokens) is over the store's token bound",
                 entry.id,
-                len(entry.token_ids),
+                entry.num_tokens,
             )
             return False
         with self._lock:
             self._pop(entry.id)
             self._entries[entry.id] = entry
-            self._tokens += len(entry.token_ids)
+            self._tokens += entry.num_tokens
             self._write(entry)
             self._shrink()
         return True
@@ -142,7 +154,7 @@ class ResponseStore:
     def _pop(self, response_id: str) -> None:
         entry = self._entries.pop(response_id, None)
         if entry is not None:
-            self._tokens -= len(entry.token_ids)
+            self._tokens -= entry.num_tokens
             self._unlink(response_id)
 
     def _shrink(self) -> None:
@@ -185,5 +197,5 @@ class ResponseStore:
                 loaded.append(entry)
         for entry in sorted(loaded, key=lambda e: e.created_at):
             self._entries[entry.id] = entry
-            self._tokens += len(entry.token_ids)
+            self._tokens += entry.num_tokens
         self._shrink()

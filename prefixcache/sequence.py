@@ -11,6 +11,8 @@ import torch
 
 from prefixcache.sampling_params import SamplingParams
 
+_FIRST_OUTPUT_ROOM = 256  # output slots reserved up front; more are added by doubling
+
 
 class SequenceStatus(enum.Enum):
     """Where a sequence is in its life."""
@@ -29,8 +31,7 @@ class Sequence:
     """
 
     request_id: str
-    token_ids: list[int]
-    num_prompt_tokens: int
+    prompt: np.ndarray  # validated int32 prompt ids
     params: SamplingParams
     arrival: int
     salt: str | None = None
@@ -49,50 +50,72 @@ class Sequence:
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     lookup_seconds: float = 0.0
-    _array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), repr=False)
-    _array_len: int = 0
+    num_prompt_tokens: int = field(init=False)
+    _array: np.ndarray = field(init=False, repr=False)  # prompt + output, grown by doubling
+    _length: int = field(init=False)
 
-    def adopt_token_array(self, array: np.ndarray) -> None:
-        """Start the int32 mirror of ``token_ids`` from an array the caller already has."""
-        if len(array) != len(self.token_ids):
-            raise ValueError("token array and token ids differ in length")
-        self._array, self._array_len = np.ascontiguousarray(array, dtype=np.int32), len(array)
+    def __post_init__(self) -> None:
+        if self.prompt.dtype != np.int32 or self.prompt.ndim != 1:
+            raise ValueError("a sequence's prompt must be a 1-d int32 array")
+        self.num_prompt_tokens = self._length = len(self.prompt)
+        room = min(self.params.max_tokens, _FIRST_OUTPUT_ROOM)
+        self._array = np.empty(self._length + room, np.int32)
+        self._array[: self._length] = self.prompt
+
+    def append_token(self, token_id: int) -> None:
+        """Add a generated token."""
+        if self._length == len(self._array):
+            grown = np.empty(2 * len(self._array), np.int32)
+            grown[: self._length] = self._array
+            self._array = grown
+        self._array[self._length] = token_id
+        self._length += 1
 
     def token_array(self, length: int | None = None) -> np.ndarray:
-        """The first ``length`` token ids as an int32 array, kept in step incrementally.
+        """The first ``length`` token ids (all by default) as an int32 array view.
 
-        The prefix cache compares arrays; converting a 200k-token list on every
-        lookup would cost milliseconds, so only newly appended tokens are copied.
+        The prefix cache compares arrays; a 200k-token prompt never becomes a list.
         """
-        total = len(self.token_ids)
-        if self._array_len < total:
-            if len(self._array) < total:
-                grown = np.empty(max(total, 2 * len(self._array)), np.int32)
-                grown[: self._array_len] = self._array[: self._array_len]
-                self._array = grown
-            self._array[self._array_len : total] = self.token_ids[self._array_len :]
-            self._array_len = total
-        return self._array[: total if length is None else length]
+        return self._array[: self._length if length is None else length]
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Token ids ``[start, stop)`` as a list (a step's new tokens)."""
+        return self._array[start : min(stop, self._length)].tolist()
+
+    @property
+    def last_token_id(self) -> int:
+        """The newest token."""
+        return int(self._array[self._length - 1])
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt plus generated token ids, as a new list."""
+        return self._array[: self._length].tolist()
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt's token ids, as a new list."""
+        return self.prompt.tolist()
 
     @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
-        return len(self.token_ids)
+        return self._length
 
     @property
     def output_token_ids(self) -> list[int]:
         """Generated tokens so far."""
-        return self.token_ids[self.num_prompt_tokens :]
+        return self._array[self.num_prompt_tokens : self._length].tolist()
 
     @property
     def num_output_tokens(self) -> int:
         """How many tokens have been generated."""
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self._length - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V is not yet in the cache (the last sampled token during decode)."""
-        return len(self.token_ids) - self.num_computed_tokens
+        return self._length - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -13,26 +12,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-class PromptTokens(NamedTuple):
-    """A validated prompt: its token ids as a list and as the int32 array lookups use."""
+def checked_tokens(ids, vocab_size: int) -> np.ndarray:
+    """Validated token ids as an int32 array, in one vectorized pass.
 
-    ids: list[int]
-    array: np.ndarray
-
-
-def checked_tokens(ids: list[int], vocab_size: int) -> PromptTokens:
-    """Validate token ids in one vectorized pass (a 200k-token prompt in milliseconds)."""
-    if not ids:
+    ``ids`` is a list of ints or an integer array; a 200k-token prompt takes well
+    under a millisecond when it is already an array.
+    """
+    array = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    if array.size == 0:
         raise ValueError("prompt has no tokens")
-    array = np.asarray(ids)
     if array.ndim != 1 or array.dtype.kind not in "iu":
         bad = next((t for t in ids if type(t) is not int), ids[0])
         raise ValueError(f"token ids must be integers, got {bad!r}")
     outside = (array < 0) | (array >= vocab_size)
     if outside.any():
-        bad = ids[int(np.argmax(outside))]
-        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
-    return PromptTokens(ids, array.astype(np.int32))
+        bad = array[int(np.argmax(outside))]
+        raise ValueError(f"token id {int(bad)!r} is outside the vocabulary [0, {vocab_size})")
+    return np.ascontiguousarray(array, dtype=np.int32)
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 import msgspec
+import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
 from prefixcache.sampling_params import SamplingParams
@@ -32,7 +33,7 @@ class Prepared(NamedTuple):
     """A validated request, ready for ``AsyncEngine.generate``."""
 
     request_id: str
-    prompt_ids: list[int]
+    prompt_ids: np.ndarray | list[int]  # validated later by the engine
     params: SamplingParams
     salt: str | None
     stream: bool
@@ -89,7 +90,7 @@ async def prepare_chat(
     messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
     engine = state.engine.engine
     decoded = time.perf_counter()
-    prompt_ids = await run_tokenizer(state, lambda: engine.chat_prompt_ids(messages), "messages")
+    prompt_ids = await run_tokenizer(state, lambda: engine.chat_prompt_tokens(messages), "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
     prepared = _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
     return _with_timings(prepared, decoded)
@@ -120,7 +121,7 @@ def _prepared(
     state: ServerState,
     req: ChatCompletionRequest | CompletionRequest,
     prefix: str,
-    prompt_ids: list[int],
+    prompt_ids: np.ndarray | list[int],
     max_tokens: int | None,
     tenant: bytes | None,
     arrival: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from prefixcache import Engine, SamplingParams
@@ -45,7 +46,7 @@ def test_continued_prompt_equals_rendering_the_whole_conversation(engine):
         assert reply.prompt_token_ids == _whole(engine, messages, True)
         messages.append({"role": "assistant", "content": reply.text})
         # What is stored is the template's rendering of the reply's text, not its raw ids.
-        assert reply.stored.token_ids == _whole(engine, messages, False)
+        assert reply.stored.token_ids.tolist() == _whole(engine, messages, False)
         previous = reply
     assert renderer.appends > appends  # turns 2 and 3 appended instead of re-tokenizing
     assert not renderer._unsafe
@@ -109,11 +110,10 @@ def test_extend_falls_back_to_a_whole_encode_where_the_cut_is_unsafe(engine):
     ids = engine.tokenizer.encode(base, add_special_tokens=False)
     whole = base + " world"  # the tail starts with plain text: tokens may span the cut
     before = renderer.full_renders
-    assert renderer.extend(base, ids, whole) == engine.tokenizer.encode(
-        whole, add_special_tokens=False
-    )
+    expected = engine.tokenizer.encode(whole, add_special_tokens=False)
+    assert renderer.extend(base, ids, whole).tolist() == expected
     assert renderer.full_renders == before + 1
-    assert renderer.extend("something else", ids, whole) == renderer.encode(whole)
+    assert renderer.extend("something else", ids, whole).tolist() == expected
 
 
 # ------------------------------------------------------------------- the store
@@ -126,7 +126,7 @@ def _entry(rid: str, tokens: int, scope: str = "") -> StoredResponse:
         created_at=0.0,
         messages=[{"role": "user", "content": "hi"}],
         text="hi",
-        token_ids=list(range(tokens)),
+        tokens=np.arange(tokens, dtype=np.int32).tobytes(),
         output_text="hello",
     )
 
