@@ -7,8 +7,11 @@ and one without. ``--scenario conversation``: turn 1 carries the whole context,
 turn 2 appends the reply and a short question; the time to first token of turn 2
 (streamed), warm and with the cache off, with the server's own stage timings.
 ``--api responses`` sends the conversation through ``POST /v1/responses`` instead:
-turn 2 carries only the new question and ``previous_response_id``; the same server
-then answers a chat-completions turn 2 over the same history, for comparison.
+turn 2 carries only the new question and ``previous_response_id``. On the same
+server, warm turns by id alternate with chat-completions turns over the same
+history (medians of ``--rounds`` each, every question the same token length), and
+the same is done over a ``--baseline-context-tokens`` context, whose time outside
+the model forward is the baseline for the long context's.
 
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
@@ -277,7 +280,7 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     context = synthetic_report(tokenizer, 0, args.context_tokens)
     turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
     if args.api == "responses":
-        return _responses_conversation(args, turn1)
+        return _responses_conversation(args, turn1, tokenizer)
     rows, timings, turn2 = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
@@ -315,69 +318,141 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
 
 
 QUESTION = "What is the main risk it names?"
-CHAT_QUESTION = "What is the main cost it names?"  # the same length, not a cache hit
 
 
-def _responses_conversation(args: argparse.Namespace, turn1: list[dict]):
-    """Turn 2 by ``previous_response_id``, against a chat turn 2 and a cache-off server.
+def same_length_questions(tokenizer, count: int) -> list[str]:
+    """``count`` distinct short questions that all tokenize to the same length, so every
+    measured turn prefills the same number of new tokens."""
+    by_length: dict[int, list[str]] = {}
+    for template in ("What is the main {} it names?", "Which {} does it name first?"):
+        for word in VOCABULARY:
+            question = template.format(word)
+            by_length.setdefault(len(tokenizer.encode(question)), []).append(question)
+    questions = max(by_length.values(), key=len)
+    if len(questions) < count:
+        raise ValueError(f"only {len(questions)} same-length questions; ask for fewer rounds")
+    return questions[:count]
 
-    The chat turns run on the same server after the Responses turn 2; their turn 1
-    (a prefix-cache hit by then) warms the server's chat tokenization as in the chat
-    path, and their turn 2 finds a few more tokens cached than a plain warm turn
-    would: the comparison favours chat. The cache-off server gets turn 2 only, as the
-    whole conversation in ``input``.
+
+async def _warm_turns(url: str, turn1: list[dict], questions: list[str], args) -> dict:
+    """Turn 1 by the Responses API, then alternating warm turn 2s: by
+    ``previous_response_id`` and as a whole chat completion over the same history.
+
+    One turn of each kind runs first, unmeasured: it caches the history's reply as the
+    template renders it (a random model's reply re-tokenizes differently from the ids
+    it generated), so every measured turn prefills only its question.
     """
-    with started_server(args, True) as (url, proc):
-        rid, reply, ttft1, _ = asyncio.run(_one_response(url, turn1, args.max_tokens))
-        _, _, ttft2, usage2 = asyncio.run(_one_response(url, QUESTION, args.max_tokens, rid))
+    async with _client() as http:
+        rid, reply, ttft1, _ = await respond(http, url, turn1, args.max_tokens)
         history = turn1 + [{"role": "assistant", "content": reply}]
-        chat2 = history + [{"role": "user", "content": CHAT_QUESTION}]
-        asyncio.run(_one_chat(url, turn1, args.max_tokens))
-        _, chat_ttft, chat_usage = asyncio.run(_one_chat(url, chat2, args.max_tokens))
+        asked = iter(questions)
+
+        async def by_id():
+            _, _, ttft, usage = await respond(http, url, next(asked), args.max_tokens, rid)
+            return ttft, _usage_row(usage, "input_tokens", "input_tokens_details")
+
+        async def by_chat():
+            turn2 = history + [{"role": "user", "content": next(asked)}]
+            _, ttft, usage = await chat(http, url, turn2, args.max_tokens)
+            return ttft, _usage_row(usage, "prompt_tokens", "prompt_tokens_details")
+
+        await by_id(), await by_chat()
+        turns = {"responses": [], "chat": []}
+        for _ in tqdm(range(args.rounds), desc="warm turns", leave=False):
+            turns["responses"].append(await by_id())
+            turns["chat"].append(await by_chat())
+    return {"turn1_ttft_s": ttft1, "history": history, **turns}
+
+
+def _usage_row(usage: dict, prompt_key: str, details_key: str) -> dict:
+    prompt, cached = usage[prompt_key], usage[details_key]["cached_tokens"]
+    return {"prompt": prompt, "cached": cached, "timings": usage.get("timings")}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _warm_summary(turns: list[tuple[float, dict]]) -> dict:
+    """Medians over measured turns: TTFT, time outside the forward, new tokens."""
+    return {
+        "ttft_s": _median([ttft for ttft, _ in turns]),
+        "outside_forward_ms": _median([outside_forward_ms(u["timings"]) for _, u in turns]),
+        "new_tokens": _median([u["prompt"] - u["cached"] for _, u in turns]),
+        "prompt_tokens": turns[0][1]["prompt"],
+        "breakdown_ms": turns[len(turns) // 2][1]["timings"],
+    }
+
+
+def _responses_conversation(args: argparse.Namespace, turn1: list[dict], tokenizer):
+    """Warm turn 2s by ``previous_response_id`` against chat completions on the same server,
+    at the full context and at a small one; and turn 2 on a cache-off server.
+
+    The cache-off server gets turn 2 only, as the whole conversation in ``input``.
+    """
+    questions = same_length_questions(tokenizer, 2 * args.rounds + 3)
+    small = synthetic_report(tokenizer, 1, args.baseline_context_tokens)
+    small_turn1 = [{"role": "user", "content": f"Read this report:\n{small}\nSummarize it."}]
+    with started_server(args, True) as (url, proc):
+        full = asyncio.run(_warm_turns(url, turn1, questions[1:], args))
+        base = asyncio.run(_warm_turns(url, small_turn1, questions[1:], args))
         peak = peak_rss_mib(proc)
     with started_server(args, False) as (url, proc):
-        whole = history + [{"role": "user", "content": QUESTION}]
+        whole = full["history"] + [{"role": "user", "content": questions[0]}]
         _, _, off_ttft, off_usage = asyncio.run(_one_response(url, whole, args.max_tokens))
         off_peak = peak_rss_mib(proc)
+    warm, chat_warm = _warm_summary(full["responses"]), _warm_summary(full["chat"])
+    small_warm = _warm_summary(base["responses"])
     rows = [
-        _response_row("prefix cache on", ttft1, ttft2, usage2, peak),
-        _response_row("prefix cache off", None, off_ttft, off_usage, off_peak),
+        _response_row("prefix cache on", full["turn1_ttft_s"], warm, peak),
+        _response_row("prefix cache on, chat completions", None, chat_warm, peak),
+        _response_row(f"{args.baseline_context_tokens}-token context", None, small_warm, peak),
         {
-            "server": "prefix cache on, chat completions",
+            "server": "prefix cache off",
             "turn1_ttft_s": None,
-            "turn2_ttft_s": chat_ttft,
-            "turn2_prompt_tokens": chat_usage["prompt_tokens"],
-            "turn2_cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"],
-            "peak_rss_mib": peak,
+            "turn2_ttft_s": off_ttft,
+            "turn2_prompt_tokens": off_usage["input_tokens"],
+            "turn2_new_tokens": off_usage["input_tokens"]
+            - off_usage["input_tokens_details"]["cached_tokens"],
+            "turn2_outside_forward_ms": outside_forward_ms(off_usage.get("timings")),
+            "peak_rss_mib": off_peak,
         },
     ]
-    warm, chat_warm = usage2.get("timings"), chat_usage.get("timings")
     summary = {
         "benchmark": "long_prompt",
         "scenario": "conversation",
         "api": "responses",
-        "context_tokens": usage2["input_tokens"],
-        "turn2_ttft_s_cache_on": ttft2,
+        "context_tokens": warm["prompt_tokens"],
+        "measured_rounds": args.rounds,
+        "turn2_ttft_s_cache_on": warm["ttft_s"],
         "turn2_ttft_s_cache_off": off_ttft,
-        "speedup": off_ttft / ttft2,
-        "turn2_cached_tokens": rows[0]["turn2_cached_tokens"],
-        "warm_breakdown_ms": warm,
-        "warm_outside_forward_ms": outside_forward_ms(warm),
-        "chat_turn2_ttft_s_warm": chat_ttft,
-        "chat_warm_breakdown_ms": chat_warm,
-        "chat_warm_outside_forward_ms": outside_forward_ms(chat_warm),
-        "ttft_vs_chat_warm": ttft2 / chat_ttft,
+        "speedup": off_ttft / warm["ttft_s"],
+        "turn2_new_tokens": warm["new_tokens"],
+        "warm_breakdown_ms": warm["breakdown_ms"],
+        "warm_outside_forward_ms": warm["outside_forward_ms"],
+        "chat_turn2_ttft_s_warm": chat_warm["ttft_s"],
+        "chat_turn2_new_tokens": chat_warm["new_tokens"],
+        "chat_warm_breakdown_ms": chat_warm["breakdown_ms"],
+        "chat_warm_outside_forward_ms": chat_warm["outside_forward_ms"],
+        "ttft_vs_chat_warm": warm["ttft_s"] / chat_warm["ttft_s"],
+        "baseline_context_tokens": small_warm["prompt_tokens"],
+        "baseline_outside_forward_ms": small_warm["outside_forward_ms"],
+        "outside_forward_vs_baseline": warm["outside_forward_ms"]
+        / small_warm["outside_forward_ms"],
     }
     return summary, rows
 
 
-def _response_row(server: str, ttft1, ttft2, usage: dict, peak) -> dict:
+def _response_row(server: str, ttft1, warm: dict, peak) -> dict:
     return {
         "server": server,
         "turn1_ttft_s": ttft1,
-        "turn2_ttft_s": ttft2,
-        "turn2_prompt_tokens": usage["input_tokens"],
-        "turn2_cached_tokens": usage["input_tokens_details"]["cached_tokens"],
+        "turn2_ttft_s": warm["ttft_s"],
+        "turn2_prompt_tokens": warm["prompt_tokens"],
+        "turn2_new_tokens": warm["new_tokens"],
+        "turn2_outside_forward_ms": warm["outside_forward_ms"],
         "peak_rss_mib": peak,
     }
 
@@ -415,6 +490,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=200000)
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="responses: measured warm turns of each API"
+    )
+    parser.add_argument(
+        "--baseline-context-tokens",
+        type=int,
+        default=2000,
+        help="responses: the small context whose time outside the forward is the baseline",
+    )
     parser.add_argument(
         "--server-threads",
         type=int,
