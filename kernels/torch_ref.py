@@ -5,6 +5,10 @@ keys are read in place, one strided view per run of consecutive blocks (gathered
 only when the blocks are scattered), in pieces of at most ``KEY_TILE`` tokens; the
 new tokens attend causally to themselves; partial results merge by log-sum-exp. So
 a 200k-token context fits in memory and a long decode step copies no KV.
+
+Decode steps in float32 go to a small C kernel (``kernels.cpu_native``) when the
+machine can build it: one call for the whole batch, each sequence's blocks streamed
+in place. Everything else, and every step without that kernel, is torch ops.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import AttentionBackend, register_backend
+from kernels.cpu_native import decode_attention
 from kernels.metadata import AttentionMetadata
 
 QUERY_TILE = 512
@@ -42,6 +47,10 @@ class TorchReferenceBackend(AttentionBackend):
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """Attention of each sequence's new queries over its cached and new keys."""
+        if meta.is_decode_only:
+            out = _native_decode(query, k_cache, v_cache, meta, scale)
+            if out is not None:
+                return out
         if meta.is_decode_only and max(meta.seq_lens_cpu) <= BATCHED_DECODE_MAX_LEN:
             return _batched_decode(query, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
@@ -53,6 +62,16 @@ class TorchReferenceBackend(AttentionBackend):
             )
             start += n
         return out
+
+
+def _native_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """The C decode kernel (``kernels.cpu_native``) for float32 on CPU, else None."""
+    on_cpu = query.device.type == "cpu" and k_cache.device.type == "cpu"
+    if not on_cpu or query.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
 
 
 def _batched_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):

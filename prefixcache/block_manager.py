@@ -21,6 +21,9 @@ class _SeqChunks:
     persisted: int = 0
 
 
+RESERVED_OUTPUT_TOKENS = 64  # output slots taken with a prompt's blocks, to keep them adjacent
+
+
 class BlockManager:
     """Gives sequences the blocks they need, reusing cached prefixes when enabled.
 
@@ -94,11 +97,26 @@ class BlockManager:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         if needed <= 0:
             return True
-        block_ids = self._take_blocks(needed)
+        block_ids = self._reserve(seq, needed) or self._take_blocks(needed)
         if block_ids is None:
             return False
         seq.block_ids.extend(block_ids)
         return True
+
+    def _reserve(self, seq: Sequence, needed: int) -> list[int] | None:
+        """On a prompt's first chunk, blocks for the whole prompt and its first output
+        tokens at once, so they are consecutive and attention reads them as one view.
+
+        Only free blocks are used (nothing is evicted for it) and only while plenty stay
+        free for everyone else; otherwise None and blocks come chunk by chunk.
+        """
+        if seq.num_output_tokens or len(seq.block_ids) > seq.num_locked_blocks:
+            return None  # decoding, or a later chunk: its prompt blocks are already out
+        outputs = min(seq.params.max_tokens, RESERVED_OUTPUT_TOKENS)
+        wanted = self.blocks_for(seq.num_tokens + outputs) - len(seq.block_ids)
+        if wanted <= needed or self.pool.num_free - wanted < self.pool.num_blocks // 8:
+            return None
+        return self.pool.allocate(wanted)
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Insert the full blocks ``seq`` has computed, so other requests can share them."""

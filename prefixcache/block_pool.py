@@ -84,22 +84,26 @@ class BlockPool:
         Dropping more references than a block holds (freeing a free block) raises
         ``ValueError`` and leaves every count as it was.
         """
-        refs, free_list = self._ref_counts, self._free
+        refs = self._ref_counts
         done: list[int] = []
+        released: list[int] = []
         for block_id in block_ids:
             if self.ref_count(block_id) == 0:
                 self._undo_free(done)
                 raise ValueError(f"cannot free block {block_id}: it is already free")
             refs[block_id] -= 1
             if refs[block_id] == 0:
-                free_list.append(block_id)
+                released.append(block_id)
             done.append(block_id)
+        # Highest id deepest: the next allocation of these blocks comes out ascending,
+        # so a sequence's blocks form runs that attention reads as one strided view.
+        released.sort(reverse=True)
+        self._free.extend(released)
 
     def _undo_free(self, done: list[int]) -> None:
-        refs, free_list = self._ref_counts, self._free
-        for block_id in reversed(done):
-            if refs[block_id] == 0:
-                free_list.pop()  # it was the last one appended
+        """Restore the counts a failed ``free`` dropped (nothing reached the free list)."""
+        refs = self._ref_counts
+        for block_id in done:
             refs[block_id] += 1
 
     def _check_id(self, block_id: int) -> None:

@@ -1,0 +1,144 @@
+"""Native CPU kernels: C sources in ``kernels/csrc``, built once per machine and loaded
+with ctypes.
+
+The build uses the system C compiler (``$CC``, else ``cc``) with ``-march=native``
+and OpenMP, into a cache folder keyed by the source, the flags, the compiler and the
+CPU, so it runs once (well under a second) and is reused by every later process.
+Nothing here is required: without a compiler, on a failed build, or with
+``PREFIXCACHE_NATIVE_KERNELS=0`` the loader returns None and callers use torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+# -ffast-math lets expf vectorize (glibc's libmvec); the link step leaves it out so the
+# library does not switch the whole process to flush-denormals-to-zero.
+_COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c")
+_LINK_FLAGS = ("-shared", "-fopenmp")
+_LIBS = ("-lmvec", "-lm")
+_F32, _I32 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+
+
+def cache_dir() -> Path:
+    """Where built kernels live (``PREFIXCACHE_KERNEL_CACHE``, else ~/.cache/prefixcache)."""
+    configured = os.environ.get("PREFIXCACHE_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "prefixcache" / "kernels"
+
+
+@functools.cache
+def paged_decode():
+    """The C ``paged_decode_f32`` function, or None when native kernels are unavailable."""
+    if os.environ.get("PREFIXCACHE_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.info("no C compiler found: decode attention stays on torch ops")
+        return None
+    try:
+        library = ctypes.CDLL(str(_built(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logger.warning("native decode kernel unavailable, using torch ops: %s", exc)
+        return None
+    function = library.paged_decode_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
+    function.argtypes += [ctypes.c_float, ctypes.c_int]
+    return function
+
+
+def _built(compiler: str) -> Path:
+    """The shared library for this machine, compiled first if it is not cached yet."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source)
+    for part in (*_COMPILE_FLAGS, *_LINK_FLAGS, compiler, _compiler_version(compiler), _cpu()):
+        key.update(part.encode())
+    target = cache_dir() / f"{_SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        obj, lib = Path(work) / "kernel.o", Path(work) / "kernel.so"
+        _run([compiler, *_COMPILE_FLAGS, str(_SOURCE), "-o", str(obj)])
+        _run([compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), *_LIBS])
+        os.replace(lib, target)  # atomic: a concurrent build ends with one of the two
+    logger.info("built native decode kernel %s", target)
+    return target
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on them)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags")
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)}))
+
+
+def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: float):
+    """Attention of one new token per sequence over its paged context, in float32.
+
+    ``query`` [seqs, heads, dim]; caches [blocks, block_size, kv_heads, dim];
+    ``block_tables`` [seqs, max_blocks] and ``seq_lens`` [seqs] int32 (keys visible to
+    each query, its own included). Returns None when the native kernel is unavailable
+    or cannot take these shapes.
+    """
+    function = paged_decode()
+    if function is None:
+        return None
+    query = query.contiguous()
+    tables, lens = block_tables.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(query)
+    num_seqs, heads, dim = query.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    status = function(
+        _pointer(query, _F32),
+        _pointer(k_cache, _F32),
+        _pointer(v_cache, _F32),
+        _pointer(tables, _I32),
+        _pointer(lens, _I32),
+        _pointer(out, _F32),
+        num_seqs,
+        heads,
+        kv_heads,
+        dim,
+        block_size,
+        tables.shape[1],
+        scale,
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None
+
+
+def _pointer(tensor: torch.Tensor, kind):
+    return ctypes.cast(tensor.data_ptr(), kind)
