@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import bar_chart, write_report  # noqa: E402
+from sse_client import post_events  # noqa: E402
 
 VOCABULARY = [
     "revenue",
@@ -165,21 +166,16 @@ def _served_model(url: str) -> str:
     return _MODELS[url]
 
 
-async def _events(http: httpx.AsyncClient, url: str, path: str, body: dict):
+async def _events(url: str, path: str, body: dict):
     """POST ``body`` with streaming; yield (seconds since sending, parsed event) per event.
 
     The body is encoded before the clock starts: TTFT is the server's and the wire's.
     """
-    payload, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
-    start = time.perf_counter()
-    async with http.stream("POST", url + path, content=payload, headers=headers) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                yield time.perf_counter() - start, json.loads(line[6:])
+    async for elapsed, event in post_events(url, path, json.dumps(body).encode()):
+        yield elapsed, event
 
 
-async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int):
+async def chat(url: str, messages: list[dict], max_tokens: int):
     """One streamed chat completion: (text, seconds to first token, usage)."""
     body = {
         "model": _served_model(url),
@@ -190,7 +186,7 @@ async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_toke
         "stream_options": {"include_usage": True},
     }
     first, text, usage = None, "", None
-    async for elapsed, chunk in _events(http, url, "/v1/chat/completions", body):
+    async for elapsed, chunk in _events(url, "/v1/chat/completions", body):
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices", []):
             if choice["delta"].get("content") or choice.get("finish_reason"):
@@ -199,14 +195,12 @@ async def chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_toke
     return text, first, usage
 
 
-async def respond(
-    http: httpx.AsyncClient, url: str, input, max_tokens: int, previous: str | None = None
-):
+async def respond(url: str, input, max_tokens: int, previous: str | None = None):
     """One streamed response: (response id, text, seconds to first token, usage)."""
     body = {"model": _served_model(url), "input": input, "max_output_tokens": max_tokens}
     body.update(temperature=0, stream=True, previous_response_id=previous)
     first, text, final = None, "", None
-    async for elapsed, event in _events(http, url, "/v1/responses", body):
+    async for elapsed, event in _events(url, "/v1/responses", body):
         if event["type"] == "error":
             raise RuntimeError(f"response stream failed: {event}")
         if event["type"] in ("response.output_text.delta", "response.completed"):
@@ -217,22 +211,17 @@ async def respond(
     return final["id"], text, first, final["usage"]
 
 
-def _client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=httpx.Timeout(3600), trust_env=False)
-
-
 async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str) -> dict:
-    async with _client() as http:
-        bar = tqdm(total=len(prompts), desc=desc, leave=False)
+    bar = tqdm(total=len(prompts), desc=desc, leave=False)
 
-        async def one(text: str):
-            result = await chat(http, url, [{"role": "user", "content": text}], max_tokens)
-            bar.update(1)
-            return result
+    async def one(text: str):
+        result = await chat(url, [{"role": "user", "content": text}], max_tokens)
+        bar.update(1)
+        return result
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        bar.close()
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    bar.close()
     cached = sum(r[2]["prompt_tokens_details"]["cached_tokens"] for r in results)
     prompt = sum(r[2]["prompt_tokens"] for r in results)
     return {"seconds": time.perf_counter() - start, "prompt_tokens": prompt, "cached": cached}
@@ -342,25 +331,24 @@ async def _warm_turns(url: str, turn1: list[dict], questions: list[str], args) -
     template renders it (a random model's reply re-tokenizes differently from the ids
     it generated), so every measured turn prefills only its question.
     """
-    async with _client() as http:
-        rid, reply, ttft1, _ = await respond(http, url, turn1, args.max_tokens)
-        history = turn1 + [{"role": "assistant", "content": reply}]
-        asked = iter(questions)
+    rid, reply, ttft1, _ = await respond(url, turn1, args.max_tokens)
+    history = turn1 + [{"role": "assistant", "content": reply}]
+    asked = iter(questions)
 
-        async def by_id():
-            _, _, ttft, usage = await respond(http, url, next(asked), args.max_tokens, rid)
-            return ttft, _usage_row(usage, "input_tokens", "input_tokens_details")
+    async def by_id():
+        _, _, ttft, usage = await respond(url, next(asked), args.max_tokens, rid)
+        return ttft, _usage_row(usage, "input_tokens", "input_tokens_details")
 
-        async def by_chat():
-            turn2 = history + [{"role": "user", "content": next(asked)}]
-            _, ttft, usage = await chat(http, url, turn2, args.max_tokens)
-            return ttft, _usage_row(usage, "prompt_tokens", "prompt_tokens_details")
+    async def by_chat():
+        turn2 = history + [{"role": "user", "content": next(asked)}]
+        _, ttft, usage = await chat(url, turn2, args.max_tokens)
+        return ttft, _usage_row(usage, "prompt_tokens", "prompt_tokens_details")
 
-        await by_id(), await by_chat()
-        turns = {"responses": [], "chat": []}
-        for _ in tqdm(range(args.rounds), desc="warm turns", leave=False):
-            turns["responses"].append(await by_id())
-            turns["chat"].append(await by_chat())
+    await by_id(), await by_chat()
+    turns = {"responses": [], "chat": []}
+    for _ in tqdm(range(args.rounds), desc="warm turns", leave=False):
+        turns["responses"].append(await by_id())
+        turns["chat"].append(await by_chat())
     return {"turn1_ttft_s": ttft1, "history": history, **turns}
 
 
@@ -464,13 +452,11 @@ def outside_forward_ms(timings: dict | None) -> float | None:
 
 
 async def _one_response(url: str, input, max_tokens: int, previous: str | None = None):
-    async with _client() as http:
-        return await respond(http, url, input, max_tokens, previous)
+    return await respond(url, input, max_tokens, previous)
 
 
 async def _one_chat(url: str, messages: list[dict], max_tokens: int):
-    async with _client() as http:
-        return await chat(http, url, messages, max_tokens)
+    return await chat(url, messages, max_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

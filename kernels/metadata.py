@@ -69,7 +69,9 @@ class AttentionMetadata:
         tables = [list(t) for t in block_tables]  # the step's own copy, unpadded
         slots = _slot_mapping(query_lens, seq_lens, tables, block_size)
         width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        padded = np.zeros((len(tables), width), dtype=np.int32)
+        for row, table in zip(padded, tables, strict=True):
+            row[: len(table)] = table  # one C-level copy per sequence, not per block id
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -77,9 +79,7 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
-                len(block_tables), width
-            ),
+            block_tables=torch.from_numpy(padded).to(device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             block_size=block_size,

@@ -129,10 +129,11 @@ class RadixCache:
         ``block_ids`` instead. The returned node is not locked.
         """
         tokens, block_ids = as_token_array(token_ids), list(block_ids)
-        self._check_insert(tokens, block_ids)
+        self._check_insert_lengths(tokens, block_ids)
         root = self._root(salt)
         path, num_tokens = self._walk(root, tokens)
         tree_ids = _path_blocks(path)
+        self._check_insert_blocks(block_ids, tree_ids)
         done = len(tree_ids)
         if done < len(block_ids):
             path.append(self._add_suffix(path, tokens, block_ids[done:], num_tokens))
@@ -383,15 +384,28 @@ class RadixCache:
 
     # -- checks -----------------------------------------------------------------------
 
-    def _check_insert(self, tokens: np.ndarray, block_ids: list[int]) -> None:
+    def _check_insert_lengths(self, tokens: np.ndarray, block_ids: list[int]) -> None:
         if len(tokens) != len(block_ids) * self.block_size:
             raise ValueError(
                 f"insert needs len(token_ids) == len(block_ids) * block_size, got "
                 f"{len(tokens)} tokens for {len(block_ids)} blocks of {self.block_size}"
             )
-        if len(set(block_ids)) != len(block_ids):
+
+    def _check_insert_blocks(self, block_ids: list[int], tree_ids: list[int]) -> None:
+        """Passed blocks must be distinct and allocated. Those equal to the tree's own at
+        their position are known good, so a sequence extending its cached prefix by a
+        block pays for that block, not for the whole prefix."""
+        done = len(tree_ids)
+        if block_ids[:done] == tree_ids:
+            others = block_ids[done:]
+        else:
+            pairs = zip(block_ids, tree_ids, strict=False)
+            others = [mine for mine, tree in pairs if mine != tree] + block_ids[done:]
+        if not others:
+            return
+        if len(set(others)) != len(others) or not set(others).isdisjoint(tree_ids):
             raise ValueError("insert got the same block id twice")
-        for block_id in block_ids:
+        for block_id in others:
             if self.pool.ref_count(block_id) == 0:
                 raise ValueError(f"insert got block {block_id}, which is free in the pool")
 
