@@ -512,12 +512,12 @@ def main(argv: list[str] | None = None) -> None:
 def _chart(folder: Path, scenario: str, rows: list[dict], name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if scenario == "tgi-long":
-        labels = [f"{r['server']}\nrun {r['run']}" for r in rows]
+        labels = [f"{r['server']}, run {r['run']}" for r in rows]
         values, ylabel = [r["seconds"] for r in rows], "total seconds for all requests"
     else:
         labels = [r["server"] for r in rows]
         values, ylabel = [r["turn2_ttft_s"] for r in rows], "turn-2 time to first token (s)"
-    bar_chart(folder / f"{name}.png", labels, values, ylabel, scenario)
+    bar_chart(folder / f"{name}.png", labels, values, ylabel, scenario, log=True)
 
 
 if __name__ == "__main__":

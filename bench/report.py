@@ -18,8 +18,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str):
-    """Save a simple bar chart as PNG (skipped quietly if matplotlib is missing)."""
+def bar_chart(
+    path: Path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    ylabel: str,
+    title: str,
+    log: bool = False,
+):
+    """Save a simple bar chart as PNG (skipped quietly if matplotlib is missing);
+    ``log`` for values that span orders of magnitude (milliseconds beside minutes)."""
     try:
         import matplotlib
 
@@ -28,7 +36,9 @@ def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], ylabel
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(labels, values, color="#4472c4")
+    ax.bar([label.replace(", ", ",\n") for label in labels], values, color="#4472c4")
+    if log:
+        ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     for i, v in enumerate(values):

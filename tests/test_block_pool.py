@@ -97,3 +97,14 @@ def test_counts_follow_a_reference_model(ops):
             model[block] += 1 if op == "incref" else -1
         assert pool.num_free == sum(1 for b in range(6) if model[b] == 0)
         assert all(pool.ref_count(b) == model[b] for b in range(6))
+
+
+def test_freed_blocks_come_back_out_in_ascending_order():
+    pool = BlockPool(16)
+    first, second = pool.allocate(6), pool.allocate(6)
+    pool.free(reversed(first))
+    pool.free(second[::2])
+    again = pool.allocate(3)
+    assert again == sorted(again) and again == [again[0] + 2 * k for k in range(3)]
+    rest = pool.allocate(6)
+    assert rest == first  # a whole freed sequence is handed out as one run again
