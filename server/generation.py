@@ -29,6 +29,9 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready."""
 
 
+TIMINGS_REQUEST_HEADER = "x-prefixcache-timings"
+
+
 @dataclass(slots=True)
 class Tally:
     """What a request has produced so far: its text and the counts for ``usage``."""
@@ -64,6 +67,27 @@ class Tally:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
             timings=self.timings(),
         )
+
+    def stage_seconds(self) -> dict[str, float] | None:
+        """Seconds per stage, once the engine has reported its own timings (else None)."""
+        engine, prepared = self.engine_timings, self.prepared
+        if engine is None or prepared is None:
+            return None
+        return {
+            "request_decode": prepared.decode_s,
+            "tokenize": prepared.tokenize_s,
+            "queue": engine.queued,
+            "lookup": engine.lookup,
+            "prefill": engine.prefill,
+            "decode": engine.decode,
+        }
+
+    def server_timing(self) -> str | None:
+        """The stages as an HTTP ``Server-Timing`` header value (milliseconds)."""
+        stages = self.stage_seconds()
+        if stages is None:
+            return None
+        return ", ".join(f"{name};dur={1000 * value:.3f}" for name, value in stages.items())
 
     def timings(self) -> Timings | None:
         """Server-side stage timings, once the engine has reported its own (else None)."""
@@ -105,12 +129,29 @@ async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[Reque
                     outcome = delta.finish_reason
                     metrics.cached_prompt_tokens.inc(delta.num_cached_tokens)
                     metrics.e2e.observe(time.perf_counter() - prepared.arrival)
+                    _record_stages(metrics, prepared, delta)
                 yield delta
     except Exception:
         outcome = "error"
         raise
     finally:
         metrics.requests.labels(outcome).inc()
+
+
+def _record_stages(metrics, prepared: Prepared, delta: RequestDelta) -> None:
+    if delta.timings is not None:
+        tally = Tally.of(prepared)
+        tally.add(delta)
+        metrics.record_stages(tally.stage_seconds())
+
+
+def timing_header(request: Request, tally: Tally) -> dict[str, str]:
+    """``Server-Timing`` for a non-streamed answer whose request asked for it with
+    ``X-Prefixcache-Timings: 1`` (streams report timings in their usage chunk)."""
+    if request.headers.get(TIMINGS_REQUEST_HEADER, "").lower() not in ("1", "true", "yes"):
+        return {}
+    value = tally.server_timing()
+    return {"Server-Timing": value} if value else {}
 
 
 async def collect(state: ServerState, prepared: Prepared) -> Tally:

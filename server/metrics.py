@@ -17,6 +17,10 @@ from prometheus_client.registry import Collector
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 )  # fmt: skip
+_STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 120.0,
+)  # fmt: skip
 # engine.stats() key -> tier label, per counter. Tiers the engine does not report
 # (yet) are simply absent from its stats and so from the output.
 _HIT_KEYS = {"hit_tokens": "device", "host_hit_tokens": "host", "disk_hit_tokens": "disk"}
@@ -132,6 +136,14 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
+        self.stages = Histogram(
+            "prefixcache_request_stage_seconds",
+            "Seconds finished requests spent per stage: request_decode, tokenize, queue, "
+            "lookup, prefill (admission to first token) and decode (first to last token).",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=reg,
+        )
         self.in_flight = Gauge(
             "prefixcache_server_requests_in_flight",
             "Requests admitted by the server and not yet answered (the 429 limit counts these).",
@@ -139,6 +151,11 @@ class ServerMetrics:
         )
         self.engine = EngineStatsCollector()
         reg.register(self.engine)
+
+    def record_stages(self, seconds: Mapping[str, float]) -> None:
+        """Observe one finished request's seconds per stage."""
+        for stage, value in seconds.items():
+            self.stages.labels(stage).observe(value)
 
     def record_error(self, status: int) -> None:
         """Count a request refused with ``status``."""

@@ -30,7 +30,14 @@ from prefixcache.response_store import ResponseStore, StoredResponse
 from prefixcache.sampling_params import SamplingParams
 from server.auth import tenant_salt
 from server.errors import APIError
-from server.generation import ClientGone, Tally, collect, tracked, unless_disconnected
+from server.generation import (
+    ClientGone,
+    Tally,
+    collect,
+    timing_header,
+    tracked,
+    unless_disconnected,
+)
 from server.openapi import operation
 from server.prepare import Prepared, decode, read_body
 from server.protocol import encode
@@ -177,8 +184,8 @@ async def delete_response(
     return _json(ResponseDeleted(id=response_id))
 
 
-def _json(body) -> Response:
-    return Response(encode(body), media_type="application/json")
+def _json(body, headers: dict[str, str] | None = None) -> Response:
+    return Response(encode(body), media_type="application/json", headers=headers)
 
 
 # -------------------------------------------------------------- preparation
@@ -302,4 +309,4 @@ async def _finish(request: Request, state: ServerState, job: Job) -> Response:
     except ValueError as exc:  # refused by the engine itself, after our checks passed
         raise APIError.bad_request(str(exc)) from None
     await job.save(state, tally)
-    return _json(job_response(job, tally))
+    return _json(job_response(job, tally), timing_header(request, tally))

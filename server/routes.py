@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from prefixcache.async_engine import EngineDeadError
 from server.errors import APIError
-from server.generation import ClientGone, collect, tracked, unless_disconnected
+from server.generation import ClientGone, collect, timing_header, tracked, unless_disconnected
 from server.openapi import operation
 from server.prepare import Prepared, decode, prepare_chat, prepare_completion, read_body
 from server.protocol import (
@@ -51,8 +51,8 @@ async def authenticate(request: Request) -> bytes | None:
     return _state(request).keys.authenticate(request.headers.get("authorization"))
 
 
-def _json(body) -> Response:
-    return Response(encode(body), media_type="application/json")
+def _json(body, headers: dict[str, str] | None = None) -> Response:
+    return Response(encode(body), media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -117,7 +117,7 @@ async def _collect(request: Request, state: ServerState, prepared: Prepared, fmt
         raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
     except ValueError as exc:  # refused by the engine itself, after our checks passed
         raise APIError.bad_request(str(exc)) from None
-    return _json(fmt.response(tally))
+    return _json(fmt.response(tally), timing_header(request, tally))
 
 
 @router.get("/v1/models", summary="List the served model", openapi_extra=operation(ModelList))

@@ -41,3 +41,23 @@ def test_usage_carries_stage_timings(served, stream):
     assert all(timings[name] >= 0 for name in stages)
     assert timings["ttft_ms"] == pytest.approx(sum(timings[name] for name in stages), rel=1e-6)
     assert timings["total_ms"] >= timings["ttft_ms"] > 0
+
+
+def test_server_timing_header_when_asked(served):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        url = served.api_url + "/chat/completions"
+        asked = http.post(url, json=body, headers={"X-Prefixcache-Timings": "1"})
+        plain = http.post(url, json=body)
+    assert "server-timing" not in plain.headers
+    stages = dict(part.split(";dur=") for part in asked.headers["server-timing"].split(", "))
+    assert list(stages) == ["request_decode", "tokenize", "queue", "lookup", "prefill", "decode"]
+    assert all(float(ms) >= 0 for ms in stages.values())
+
+
+def test_stage_histograms_are_exported(served):
+    _chat(served, "count my stages", stream=False)
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        text = http.get(served.url + "/metrics").text
+    for stage in ("request_decode", "tokenize", "queue", "lookup", "prefill", "decode"):
+        assert f'prefixcache_request_stage_seconds_count{{stage="{stage}"}}' in text
