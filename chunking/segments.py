@@ -2,23 +2,30 @@
 
 A conversation's prompt is the chat template over all its messages. Re-tokenizing a
 200k-token history on every turn costs far more than the prefix-cache lookup, so
-the rendered text is cut at message boundaries and each segment's token ids are
-cached: a new turn tokenizes only its new messages.
+the rendered text is cut into segments and each segment's token ids are cached: a
+new turn tokenizes only its new messages.
 
 Cutting is only safe where tokenization cannot look across the cut. A cut right
 before a special (added) token is such a place: tokenizers split added tokens out
-before anything else runs. Templates whose message segments do not start with one,
-or that do not render each conversation as an extension of its shorter prefixes,
-fall back to tokenizing the whole text.
+before anything else runs. For a content-opaque template (``template_shape``) the
+cuts are before every special token the template writes, found on one rendering with
+short stand-ins for the contents, so the cost stays linear in a long conversation.
+Other templates are cut where each message prefix's rendering ends, when the
+conversation renders as an extension of its prefixes and those cuts fall on special
+tokens; otherwise the whole text is tokenized.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
+
+from chunking.template_shape import content_is_opaque
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
 
@@ -33,6 +40,9 @@ class SegmentTokenizer:
         self._cached_tokens = 0
         self._lock = threading.Lock()
         self._specials = tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True))
+        self._opaque = content_is_opaque(tokenizer.chat_template) and bool(self._specials)
+        self._special_pattern = re.compile("|".join(map(re.escape, self._specials)) or "(?!)")
+        self._stand_in = f"<<{uuid.uuid4().hex}:{{}}>>"  # never part of a template's text
         self._verified = False  # the first segmented prompt is checked against a whole encode
         self._unsafe = not self._specials
         self.hits = self.misses = self.fallbacks = 0
@@ -64,19 +74,46 @@ class SegmentTokenizer:
         )
 
     def segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[str] | None:
-        """The rendered text cut before each message (None when cutting is unsafe)."""
+        """The rendered text cut before special tokens: before each message's, or for a
+        content-opaque template before every one the template writes (None when there is
+        no safe cut)."""
         full = self.render(messages, add_generation_prompt)
+        cuts = self._stand_in_cuts(messages, full, add_generation_prompt) if self._opaque else None
+        if cuts is None:
+            cuts = self._rendered_cuts(messages, full)
+        if not cuts:
+            return None  # no safe place to cut: the whole text is one piece
+        bounds = [0, *cuts, len(full)]
+        pieces = [full[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        if not all(piece.startswith(self._specials) for piece in pieces[1:]):
+            return None
+        return pieces
+
+    def _rendered_cuts(self, messages: Sequence[dict], full: str) -> list[int] | None:
+        """Cut positions from rendering every prefix of the conversation (any template;
+        quadratic in the number of messages)."""
         cuts = [0]
         for k in range(1, len(messages) + 1):
             prefix = self.render(messages[:k], False)
             if not full.startswith(prefix) or len(prefix) < cuts[-1]:
                 return None
             cuts.append(len(prefix))
-        cuts.append(len(full))
-        pieces = [full[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
-        if not all(piece.startswith(self._specials) for piece in pieces[1:]):
+        return cuts[1:]
+
+    def _stand_in_cuts(
+        self, messages: Sequence[dict], full: str, add_generation_prompt: bool
+    ) -> list[int] | None:
+        """Cuts before every special token the template itself writes, found on the
+        conversation rendered once with short stand-ins for its contents (a
+        content-opaque template) and mapped onto ``full``; None where that mapping is
+        not certain. Linear in the conversation, however many messages it has."""
+        stand_ins = [
+            {"role": m["role"], "content": self._stand_in.format(i)} for i, m in enumerate(messages)
+        ]
+        layout = _Layout.of(self.render(stand_ins, add_generation_prompt), self._stand_in)
+        if not layout.align(full, [m["content"] for m in messages]):
             return None
-        return pieces
+        return layout.literal_cuts(self._special_pattern)
 
     def _segment_ids(self, text: str) -> np.ndarray:
         with self._lock:
@@ -102,3 +139,71 @@ class SegmentTokenizer:
 
     def _encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+
+class _Layout:
+    """A stand-in rendering cut into literal text and stand-ins, aligned with the real
+    rendering: for a content-opaque template the real text is the same literals with
+    each stand-in replaced by its content (possibly trimmed by the template)."""
+
+    def __init__(self, text: str, pieces: list[tuple[int, int, int | None]]) -> None:
+        self.text = text
+        self.pieces = pieces  # (start in the stand-in text, length, message index or None)
+        self.real_starts: list[int] = []
+
+    @classmethod
+    def of(cls, text: str, stand_in: str) -> _Layout:
+        head, _, tail = stand_in.partition("{}")
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+        pieces, at = [], 0
+        for match in pattern.finditer(text):
+            if match.start() > at:
+                pieces.append((at, match.start() - at, None))
+            pieces.append((match.start(), match.end() - match.start(), int(match.group(1))))
+            at = match.end()
+        if at < len(text):
+            pieces.append((at, len(text) - at, None))
+        return cls(text, pieces)
+
+    def align(self, full: str, contents: list[str]) -> bool:
+        """Find where each piece starts in ``full``; False unless exactly one way fits."""
+        real = 0
+        for k, (start, length, index) in enumerate(self.pieces):
+            self.real_starts.append(real)
+            if index is None:
+                if not full.startswith(self.text[start : start + length], real):
+                    return False
+                real += length
+                continue
+            after = self._literal_after(k)
+            fits = {
+                len(form)
+                for form in _printed_forms(contents[index])
+                if full.startswith(form, real) and full.startswith(after, real + len(form))
+            }
+            if len(fits) != 1:
+                return False
+            real += fits.pop()
+        return real == len(full)
+
+    def literal_cuts(self, specials: re.Pattern) -> list[int]:
+        """Real offsets of every special token inside the literal pieces (contents may
+        hold special-token text too; cutting only at the template's own is enough)."""
+        cuts = []
+        for (start, length, index), real in zip(self.pieces, self.real_starts, strict=True):
+            if index is None:
+                literal = self.text[start : start + length]
+                found = (real + m.start() for m in specials.finditer(literal))
+                cuts.extend(cut for cut in found if cut > 0)
+        return cuts
+
+    def _literal_after(self, k: int) -> str:
+        if k + 1 < len(self.pieces) and self.pieces[k + 1][2] is None:
+            start, length, _ = self.pieces[k + 1]
+            return self.text[start : start + length]
+        return ""
+
+
+def _printed_forms(content: str) -> set[str]:
+    """What an opaque template may print for a content: as is, or trimmed."""
+    return {content, content.strip()}
