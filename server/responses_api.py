@@ -89,7 +89,7 @@ class Job:
             entry.created_at = self.created_at
             return entry
 
-        self.store.put(await _off_loop(state, build))
+        await _off_loop(state, lambda: self.store.put(build()))  # a file write with a folder
 
 
 def install_response_store(app: FastAPI, store: ResponseStore) -> None:
