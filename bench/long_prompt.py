@@ -13,6 +13,10 @@ history (medians of ``--rounds`` each, every question the same token length), an
 the same is done over a ``--baseline-context-tokens`` context, whose time outside
 the model forward is the baseline for the long context's.
 
+Servers are started here (``prefixcache serve``, with and without prefix caching)
+unless ``--url``/``--url-no-cache`` name running ones; ``--backend sdk`` runs the
+same scenarios in this process through the ``Engine`` instead of HTTP.
+
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
     python bench/long_prompt.py --scenario conversation --api responses
@@ -36,6 +40,7 @@ import httpx
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sdk_backend  # noqa: E402
 from report import bar_chart, write_report  # noqa: E402
 from sse_client import post_events  # noqa: E402
 
@@ -128,6 +133,18 @@ def started_server(args: argparse.Namespace, caching: bool):
         proc.wait(timeout=60)
 
 
+@contextmanager
+def server_for(args: argparse.Namespace, caching: bool):
+    """The server a run talks to: ``--url`` (cache on) or ``--url-no-cache`` when given,
+    else one started here; yields (base url, process or None)."""
+    given = args.url if caching else args.url_no_cache
+    if given:
+        yield given.rstrip("/"), None
+        return
+    with started_server(args, caching) as started:
+        yield started
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,8 +159,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> N
     raise TimeoutError("server did not become healthy")
 
 
-def peak_rss_mib(proc: subprocess.Popen) -> float | None:
-    """The process's peak resident memory (Linux ``VmHWM``)."""
+def peak_rss_mib(proc: subprocess.Popen | None) -> float | None:
+    """The process's peak resident memory (Linux ``VmHWM``); None for a server not
+    started here."""
+    if proc is None:
+        return None
     try:
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -240,7 +260,13 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     rows, peaks = [], {}
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
-        with started_server(args, caching) as (url, proc):
+        if args.backend == "sdk":
+            with sdk_backend.started_engine(args, caching) as engine:
+                for run in (1, 2):
+                    result = sdk_backend.send_all(engine, prompts, args.max_tokens)
+                    rows.append({"server": name, "run": run, **result})
+            continue
+        with server_for(args, caching) as (url, proc):
             for run in (1, 2):
                 result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
                 rows.append({"server": name, "run": run, **result})
@@ -273,15 +299,15 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     rows, timings, turn2 = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
-        with started_server(args, caching) as (url, proc):
+        with _chat_target(args, caching) as (turn, proc):
             ttft1 = None
             if turn2 is None:
-                reply, ttft1, _ = asyncio.run(_one_chat(url, turn1, args.max_tokens))
+                reply, ttft1, _ = turn(turn1)
                 turn2 = turn1 + [
                     {"role": "assistant", "content": reply},
                     {"role": "user", "content": "What is the main risk it names?"},
                 ]
-            _, ttft2, usage2 = asyncio.run(_one_chat(url, turn2, args.max_tokens))
+            _, ttft2, usage2 = turn(turn2)
             timings[name] = usage2.get("timings")
             rows.append(
                 {
@@ -304,6 +330,18 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
         "warm_outside_forward_ms": outside_forward_ms(timings["prefix cache on"]),
     }
     return summary, rows
+
+
+@contextmanager
+def _chat_target(args: argparse.Namespace, caching: bool):
+    """A function running one streamed chat turn (over HTTP, or stepped through the SDK),
+    and the server process if one was started here."""
+    if args.backend == "sdk":
+        with sdk_backend.started_engine(args, caching) as engine:
+            yield lambda messages: sdk_backend.chat_turn(engine, messages, args.max_tokens), None
+        return
+    with server_for(args, caching) as (url, proc):
+        yield lambda messages: asyncio.run(_one_chat(url, messages, args.max_tokens)), proc
 
 
 QUESTION = "What is the main risk it names?"
@@ -383,11 +421,11 @@ def _responses_conversation(args: argparse.Namespace, turn1: list[dict], tokeniz
     questions = same_length_questions(tokenizer, 2 * args.rounds + 3)
     small = synthetic_report(tokenizer, 1, args.baseline_context_tokens)
     small_turn1 = [{"role": "user", "content": f"Read this report:\n{small}\nSummarize it."}]
-    with started_server(args, True) as (url, proc):
+    with server_for(args, True) as (url, proc):
         full = asyncio.run(_warm_turns(url, turn1, questions[1:], args))
         base = asyncio.run(_warm_turns(url, small_turn1, questions[1:], args))
         peak = peak_rss_mib(proc)
-    with started_server(args, False) as (url, proc):
+    with server_for(args, False) as (url, proc):
         whole = full["history"] + [{"role": "user", "content": questions[0]}]
         _, _, off_ttft, off_usage = asyncio.run(_one_response(url, whole, args.max_tokens))
         off_peak = peak_rss_mib(proc)
@@ -492,8 +530,22 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads of the server (e.g. 1 on a 2-core machine, leaving one core "
         "to this process's clients)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["http", "sdk"],
+        default="http",
+        help="http: prefixcache serve (started here, or --url); sdk: the Engine in this process",
+    )
+    parser.add_argument("--url", default=None, help="http: a running server (cache on)")
+    parser.add_argument(
+        "--url-no-cache", default=None, help="http: a running server with --no-prefix-caching"
+    )
     parser.add_argument("--out", default=None, help="folder for JSON, markdown and PNG")
     args = parser.parse_args(argv)
+    if args.backend == "sdk" and args.api == "responses":
+        parser.error("--api responses measures the HTTP API: use --backend http")
+    if args.backend == "sdk" and (args.url or args.url_no_cache):
+        parser.error("--url and --url-no-cache need --backend http")
     from transformers import AutoTokenizer
 
     from prefixcache.testing import default_model_path

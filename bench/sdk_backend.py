@@ -1,0 +1,94 @@
+"""The long-prompt scenarios run in this process through the Python SDK (no HTTP).
+
+Rows have the same keys as the HTTP runs' rows in ``long_prompt.py``, so reports and
+charts are the same; an engine stands where a server would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from prefixcache import Engine, SamplingParams
+
+
+@contextmanager
+def started_engine(args: argparse.Namespace, caching: bool) -> Iterator[Engine]:
+    """An engine configured as ``prefixcache serve`` would be for the same options."""
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)
+    from prefixcache.testing import default_model_path
+
+    engine = Engine.from_pretrained(
+        args.model or str(default_model_path()),
+        kv_cache_tokens=args.kv_cache_tokens,
+        enable_prefix_caching=caching,
+        load_format=args.load_format,
+    )
+    try:
+        yield engine
+    finally:
+        del engine
+        gc.collect()
+
+
+def send_all(engine: Engine, prompts: list[str], max_tokens: int) -> dict:
+    """All prompts at once as single-message chats: total seconds and token counts."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    start = time.perf_counter()
+    outputs = engine.chat(chats, params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+        "cached": sum(o.num_cached_tokens for o in outputs),
+    }
+
+
+def chat_turn(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[str, float, dict]:
+    """One chat turn stepped here: (text, seconds to first token, usage with timings).
+
+    The clock starts before the chat template and tokenization, as a server's would.
+    """
+    start = time.perf_counter()
+    prompt = engine.chat_prompt_tokens(messages)
+    tokenized = time.perf_counter()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    request_id = engine.add_request(prompt, params)
+    first, text, last = None, "", None
+    while last is None:
+        for delta in engine.step():
+            if delta.request_id != request_id:
+                continue
+            first = first if first is not None else time.perf_counter() - start
+            text += delta.text
+            if delta.finish_reason is not None:
+                last = delta
+    return text, first, _usage(len(prompt), last, tokenized - start)
+
+
+def _usage(num_prompt: int, last, tokenize_s: float) -> dict:
+    timings = None
+    if last.timings is not None:
+        t = last.timings
+        ttft = tokenize_s + t.queued + t.lookup + t.prefill
+        timings = {
+            "request_decode_ms": 0.0,
+            "tokenize_ms": 1000 * tokenize_s,
+            "queue_ms": 1000 * t.queued,
+            "lookup_ms": 1000 * t.lookup,
+            "prefill_ms": 1000 * t.prefill,
+            "ttft_ms": 1000 * ttft,
+            "total_ms": 1000 * (ttft + t.decode),
+        }
+    return {
+        "prompt_tokens": num_prompt,
+        "prompt_tokens_details": {"cached_tokens": last.num_cached_tokens},
+        "timings": timings,
+    }
