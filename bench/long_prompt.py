@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -265,6 +266,7 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
                 for run in (1, 2):
                     result = sdk_backend.send_all(engine, prompts, args.max_tokens)
                     rows.append({"server": name, "run": run, **result})
+            peaks[name] = sdk_backend.peak_rss_mib()  # this process, so far
             continue
         with server_for(args, caching) as (url, proc):
             for run in (1, 2):
@@ -299,7 +301,7 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     rows, timings, turn2 = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
-        with _chat_target(args, caching) as (turn, proc):
+        with _chat_target(args, caching) as (turn, peak):
             ttft1 = None
             if turn2 is None:
                 reply, ttft1, _ = turn(turn1)
@@ -316,7 +318,7 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
                     "turn2_ttft_s": ttft2,
                     "turn2_prompt_tokens": usage2["prompt_tokens"],
                     "turn2_cached_tokens": usage2["prompt_tokens_details"]["cached_tokens"],
-                    "peak_rss_mib": peak_rss_mib(proc),
+                    "peak_rss_mib": peak(),
                 }
             )
     summary = {
@@ -335,13 +337,19 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
 @contextmanager
 def _chat_target(args: argparse.Namespace, caching: bool):
     """A function running one streamed chat turn (over HTTP, or stepped through the SDK),
-    and the server process if one was started here."""
+    and one reading the peak memory of whatever serves it."""
     if args.backend == "sdk":
         with sdk_backend.started_engine(args, caching) as engine:
-            yield lambda messages: sdk_backend.chat_turn(engine, messages, args.max_tokens), None
+            yield partial(sdk_backend.chat_turn, engine, max_tokens=args.max_tokens), (
+                sdk_backend.peak_rss_mib
+            )
         return
     with server_for(args, caching) as (url, proc):
-        yield lambda messages: asyncio.run(_one_chat(url, messages, args.max_tokens)), proc
+        yield partial(_chat_now, url, max_tokens=args.max_tokens), partial(peak_rss_mib, proc)
+
+
+def _chat_now(url: str, messages: list[dict], max_tokens: int):
+    return asyncio.run(_one_chat(url, messages, max_tokens))
 
 
 QUESTION = "What is the main risk it names?"

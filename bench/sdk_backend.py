@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,11 @@ def started_engine(args: argparse.Namespace, caching: bool) -> Iterator[Engine]:
     finally:
         del engine
         gc.collect()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def send_all(engine: Engine, prompts: list[str], max_tokens: int) -> dict:
