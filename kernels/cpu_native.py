@@ -53,7 +53,7 @@ def paged_decode():
         return None
     try:
         library = ctypes.CDLL(str(_built(compiler)))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except (OSError, subprocess.SubprocessError) as exc:  # a failed or hung build
         logger.warning("native decode kernel unavailable, using torch ops: %s", exc)
         return None
     function = library.paged_decode_f32
