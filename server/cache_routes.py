@@ -43,7 +43,7 @@ from server.cache_protocol import (
 from server.errors import APIError
 from server.openapi import operation
 from server.prepare import decode, message_dict, read_body, run_tokenizer
-from server.protocol import encode
+from server.protocol import json_response
 from server.routes import authenticate
 from server.state import ServerState
 
@@ -55,10 +55,6 @@ _MAC_CHARS = 24
 
 def _state(request: Request) -> ServerState:
     return request.app.state.server
-
-
-def _json(body) -> Response:
-    return Response(encode(body), media_type="application/json")
 
 
 def _not_found_doc() -> dict:
@@ -82,7 +78,7 @@ async def prewarm(request: Request, tenant: bytes | None = Depends(authenticate)
     req = decode(await read_body(request, state.max_body_bytes), CachePrewarmRequest)
     ticket = state.admission.acquire()
     try:
-        return _json(await _prewarm(state, req, tenant))
+        return json_response(await _prewarm(state, req, tenant))
     finally:
         ticket.release()
 
@@ -170,7 +166,7 @@ async def unpin(
     )
     if not released:
         raise APIError(404, f"no pin {handle!r}", param="handle", code="pin_not_found")
-    return _json(CacheUnpinResponse(handle=handle))
+    return json_response(CacheUnpinResponse(handle=handle))
 
 
 @cache_router.post(
@@ -183,7 +179,7 @@ async def flush(request: Request, tenant: bytes | None = Depends(authenticate)) 
     state = _state(request)
     freed = await _on_engine(state, lambda e: e.flush_cache())
     block_size = state.engine.engine.config.block_size
-    return _json(CacheFlushResponse(freed_blocks=freed, freed_tokens=freed * block_size))
+    return json_response(CacheFlushResponse(freed_blocks=freed, freed_tokens=freed * block_size))
 
 
 @cache_router.get(
@@ -191,7 +187,7 @@ async def flush(request: Request, tenant: bytes | None = Depends(authenticate)) 
 )
 async def cache_info(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Sizes per tier, hit counters and pins."""
-    return _json(await _on_engine(_state(request), _info))
+    return json_response(await _on_engine(_state(request), _info))
 
 
 def _info(engine: Engine) -> CacheInfo:

@@ -16,13 +16,18 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from prefixcache.async_engine import EngineDeadError
 from prefixcache.outputs import RequestDelta, RequestTimings
+from server.errors import APIError
 from server.prepare import Prepared
 from server.protocol import PromptTokensDetails, Timings, Usage
 from server.state import ServerState
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
+
+CLIENT_GONE = 499  # the status logged for a request whose client hung up (nginx's)
 
 
 class ClientGone(Exception):
@@ -70,17 +75,9 @@ class Tally:
 
     def stage_seconds(self) -> dict[str, float] | None:
         """Seconds per stage, once the engine has reported its own timings (else None)."""
-        engine, prepared = self.engine_timings, self.prepared
-        if engine is None or prepared is None:
+        if self.engine_timings is None or self.prepared is None:
             return None
-        return {
-            "request_decode": prepared.decode_s,
-            "tokenize": prepared.tokenize_s,
-            "queue": engine.queued,
-            "lookup": engine.lookup,
-            "prefill": engine.prefill,
-            "decode": engine.decode,
-        }
+        return stage_seconds(self.prepared, self.engine_timings)
 
     def server_timing(self) -> str | None:
         """The stages as an HTTP ``Server-Timing`` header value (milliseconds)."""
@@ -129,7 +126,8 @@ async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[Reque
                     outcome = delta.finish_reason
                     metrics.cached_prompt_tokens.inc(delta.num_cached_tokens)
                     metrics.e2e.observe(time.perf_counter() - prepared.arrival)
-                    _record_stages(metrics, prepared, delta)
+                    if delta.timings is not None:
+                        metrics.record_stages(stage_seconds(prepared, delta.timings))
                 yield delta
     except Exception:
         outcome = "error"
@@ -138,11 +136,16 @@ async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[Reque
         metrics.requests.labels(outcome).inc()
 
 
-def _record_stages(metrics, prepared: Prepared, delta: RequestDelta) -> None:
-    if delta.timings is not None:
-        tally = Tally.of(prepared)
-        tally.add(delta)
-        metrics.record_stages(tally.stage_seconds())
+def stage_seconds(prepared: Prepared, engine: RequestTimings) -> dict[str, float]:
+    """A request's seconds per stage: the server's own, then the engine's."""
+    return {
+        "request_decode": prepared.decode_s,
+        "tokenize": prepared.tokenize_s,
+        "queue": engine.queued,
+        "lookup": engine.lookup,
+        "prefill": engine.prefill,
+        "decode": engine.decode,
+    }
 
 
 def timing_header(request: Request, tally: Tally) -> dict[str, str]:
@@ -161,6 +164,19 @@ async def collect(state: ServerState, prepared: Prepared) -> Tally:
         async for delta in deltas:
             tally.add(delta)
     return tally
+
+
+async def answer(request: Request, state: ServerState, prepared: Prepared) -> Tally | None:
+    """Run ``prepared`` for a non-streamed reply: its tally, or None when the client hung
+    up first (answer with ``CLIENT_GONE``). Engine failures become HTTP errors."""
+    try:
+        return await unless_disconnected(request, collect(state, prepared))
+    except ClientGone:
+        return None
+    except EngineDeadError:
+        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
+    except ValueError as exc:  # refused by the engine itself, after our checks passed
+        raise APIError.bad_request(str(exc)) from None
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -67,15 +67,20 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise APIError.from_decode_error(exc) from None
 
 
-def check_request(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
-    """The checks that need no tokenizing: a 404 for another model, a 400 for n > 1."""
-    if req.model is not None and req.model != state.model_name:
+def check_model(state: ServerState, model: str | None) -> None:
+    """A 404 unless ``model`` (when given) is the one this server serves."""
+    if model is not None and model != state.model_name:
         raise APIError(
             404,
-            f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
             param="model",
             code="model_not_found",
         )
+
+
+def check_request(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
+    """The checks that need no tokenizing: a 404 for another model, a 400 for n > 1."""
+    check_model(state, req.model)
     if req.n != 1:
         raise APIError.bad_request("only n=1 is supported", param="n")
 

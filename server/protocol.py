@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+from starlette.responses import Response
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -230,3 +231,8 @@ REQUEST_TYPES = (ChatCompletionRequest, CompletionRequest)
 RESPONSE_TYPES = (ChatCompletion, ChatCompletionChunk, Completion, ModelList, ErrorResponse)
 
 encode = msgspec.json.Encoder().encode
+
+
+def json_response(body, headers: dict[str, str] | None = None) -> Response:
+    """``body`` (a Struct) as an ``application/json`` response."""
+    return Response(encode(body), media_type="application/json", headers=headers)

@@ -19,7 +19,6 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from prefixcache.async_engine import EngineDeadError
 from prefixcache.conversations import (
     ConversationRenderer,
     Turn,
@@ -30,17 +29,10 @@ from prefixcache.response_store import ResponseStore, StoredResponse
 from prefixcache.sampling_params import SamplingParams
 from server.auth import tenant_salt
 from server.errors import APIError
-from server.generation import (
-    ClientGone,
-    Tally,
-    collect,
-    timing_header,
-    tracked,
-    unless_disconnected,
-)
+from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
 from server.openapi import operation
-from server.prepare import Prepared, decode, read_body
-from server.protocol import encode
+from server.prepare import Prepared, check_model, decode, read_body
+from server.protocol import json_response
 from server.responses_format import job_response, response_events, stored_response_object
 from server.responses_protocol import (
     RESPONSES_TYPES,
@@ -58,7 +50,6 @@ __all__ = ["RESPONSES_TYPES", "install_response_store", "router"]
 
 T = TypeVar("T")
 router = APIRouter()
-_CLIENT_GONE = 499
 
 
 @dataclass(slots=True)
@@ -167,7 +158,7 @@ async def get_response(
     entry = _store(request, state).get(response_id, _scope(tenant))
     if entry is None:
         raise _not_found(response_id)
-    return _json(stored_response_object(entry, state.model_name))
+    return json_response(stored_response_object(entry, state.model_name))
 
 
 @router.delete(
@@ -181,11 +172,7 @@ async def delete_response(
     """Forget a stored response; 404 when ``GET`` would not find it."""
     if not _store(request, request.app.state.server).delete(response_id, _scope(tenant)):
         raise _not_found(response_id)
-    return _json(ResponseDeleted(id=response_id))
-
-
-def _json(body, headers: dict[str, str] | None = None) -> Response:
-    return Response(encode(body), media_type="application/json", headers=headers)
+    return json_response(ResponseDeleted(id=response_id))
 
 
 # -------------------------------------------------------------- preparation
@@ -199,13 +186,7 @@ async def _prepare(
     arrival: float,
 ) -> Job:
     decoded = time.perf_counter()
-    if req.model is not None and req.model != state.model_name:
-        raise APIError(
-            404,
-            f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(state, req.model)
     store, renderer, scope = _store(request, state), _renderer(request, state), _scope(tenant)
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
@@ -300,13 +281,8 @@ async def _off_loop(state: ServerState, fn: Callable[[], T]) -> T:
 
 
 async def _finish(request: Request, state: ServerState, job: Job) -> Response:
-    try:
-        tally = await unless_disconnected(request, collect(state, job.prepared))
-    except ClientGone:
-        return Response(status_code=_CLIENT_GONE)
-    except EngineDeadError:
-        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
-    except ValueError as exc:  # refused by the engine itself, after our checks passed
-        raise APIError.bad_request(str(exc)) from None
+    tally = await answer(request, state, job.prepared)
+    if tally is None:
+        return Response(status_code=CLIENT_GONE)
     await job.save(state, tally)
-    return _json(job_response(job, tally), timing_header(request, tally))
+    return json_response(job_response(job, tally), timing_header(request, tally))

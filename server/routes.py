@@ -15,9 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from prefixcache.async_engine import EngineDeadError
 from server.errors import APIError
-from server.generation import ClientGone, collect, timing_header, tracked, unless_disconnected
+from server.generation import CLIENT_GONE, answer, timing_header, tracked
 from server.openapi import operation
 from server.prepare import Prepared, decode, prepare_chat, prepare_completion, read_body
 from server.protocol import (
@@ -28,7 +27,7 @@ from server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    encode,
+    json_response,
 )
 from server.responses import ChatFormat, CompletionFormat
 from server.state import ServerState, Ticket
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 _STATS_TIMEOUT_S = 5.0
 # nginx's "client closed request": nobody reads it, but the access log shows why.
-_CLIENT_GONE = 499
 
 
 def _state(request: Request) -> ServerState:
@@ -49,10 +47,6 @@ def _state(request: Request) -> ServerState:
 async def authenticate(request: Request) -> bytes | None:
     """The caller's tenant id (a hash of its API key), or None when auth is off."""
     return _state(request).keys.authenticate(request.headers.get("authorization"))
-
-
-def _json(body, headers: dict[str, str] | None = None) -> Response:
-    return Response(encode(body), media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -109,15 +103,10 @@ async def _generate(
 
 
 async def _collect(request: Request, state: ServerState, prepared: Prepared, fmt) -> Response:
-    try:
-        tally = await unless_disconnected(request, collect(state, prepared))
-    except ClientGone:
-        return Response(status_code=_CLIENT_GONE)
-    except EngineDeadError:
-        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
-    except ValueError as exc:  # refused by the engine itself, after our checks passed
-        raise APIError.bad_request(str(exc)) from None
-    return _json(fmt.response(tally), timing_header(request, tally))
+    tally = await answer(request, state, prepared)
+    if tally is None:
+        return Response(status_code=CLIENT_GONE)
+    return json_response(fmt.response(tally), timing_header(request, tally))
 
 
 @router.get("/v1/models", summary="List the served model", openapi_extra=operation(ModelList))
@@ -125,7 +114,7 @@ async def models(request: Request, tenant: bytes | None = Depends(authenticate))
     """The one model this server serves."""
     state = _state(request)
     card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
-    return _json(ModelList(data=[card]))
+    return json_response(ModelList(data=[card]))
 
 
 @router.get("/health", summary="Liveness")
