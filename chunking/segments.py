@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import re
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
-from chunking.template_shape import content_is_opaque
+from chunking.template_shape import STAND_IN, content_is_opaque, with_stand_ins
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
+
+
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's added (special) tokens, longest first."""
+    return tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True))
+
+
+def encode_ids(tokenizer, text: str) -> np.ndarray:
+    """Token ids of ``text`` (no BOS/EOS added) as an int32 array."""
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
 
 
 class SegmentTokenizer:
@@ -39,10 +48,9 @@ class SegmentTokenizer:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_tokens = 0
         self._lock = threading.Lock()
-        self._specials = tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True))
+        self._specials = special_tokens(tokenizer)
         self._opaque = content_is_opaque(tokenizer.chat_template) and bool(self._specials)
         self._special_pattern = re.compile("|".join(map(re.escape, self._specials)) or "(?!)")
-        self._stand_in = f"<<{uuid.uuid4().hex}:{{}}>>"  # never part of a template's text
         self._verified = False  # the first segmented prompt is checked against a whole encode
         self._unsafe = not self._specials
         self.hits = self.misses = self.fallbacks = 0
@@ -107,10 +115,7 @@ class SegmentTokenizer:
         conversation rendered once with short stand-ins for its contents (a
         content-opaque template) and mapped onto ``full``; None where that mapping is
         not certain. Linear in the conversation, however many messages it has."""
-        stand_ins = [
-            {"role": m["role"], "content": self._stand_in.format(i)} for i, m in enumerate(messages)
-        ]
-        layout = _Layout.of(self.render(stand_ins, add_generation_prompt), self._stand_in)
+        layout = _Layout.of(self.render(with_stand_ins(messages), add_generation_prompt))
         if not layout.align(full, [m["content"] for m in messages]):
             return None
         return layout.literal_cuts(self._special_pattern)
@@ -138,7 +143,7 @@ class SegmentTokenizer:
             self._cached_tokens -= len(dropped)
 
     def _encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+        return encode_ids(self.tokenizer, text)
 
 
 class _Layout:
@@ -152,8 +157,8 @@ class _Layout:
         self.real_starts: list[int] = []
 
     @classmethod
-    def of(cls, text: str, stand_in: str) -> _Layout:
-        head, _, tail = stand_in.partition("{}")
+    def of(cls, text: str) -> _Layout:
+        head, _, tail = STAND_IN.partition("{}")
         pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
         pieces, at = [], 0
         for match in pattern.finditer(text):

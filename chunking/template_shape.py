@@ -13,6 +13,8 @@ message handed to a filter such as ``tojson``.
 
 from __future__ import annotations
 
+import uuid
+
 import jinja2
 from jinja2 import nodes
 
@@ -21,6 +23,16 @@ _TYPE_TESTS = frozenset({"string", "defined", "undefined", "none", "mapping", "s
 _TEXT_FILTERS = frozenset({"trim", "string", "safe"})
 _LIST_FILTERS = frozenset({"reverse", "list"})
 _LIST, _MESSAGE, _CONTENT = "list", "message", "content"
+
+
+# What stands in for message contents: a process-wide random tag no template writes.
+STAND_IN = f"<<{uuid.uuid4().hex}:{{}}>>"
+STAND_IN_MARK = STAND_IN.partition("{")[0]
+
+
+def with_stand_ins(messages) -> list[dict]:
+    """``messages`` with each content replaced by its numbered stand-in."""
+    return [{"role": m["role"], "content": STAND_IN.format(i)} for i, m in enumerate(messages)]
 
 
 def content_is_opaque(source: object) -> bool:

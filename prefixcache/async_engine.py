@@ -148,7 +148,7 @@ class AsyncEngine:
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
-            self.engine.add_request(tokens, params, request_id, salt)
+            self.engine.add_prompt_tokens(tokens, params, request_id, salt)
         except Exception as exc:  # e.g. a request id already in use: that caller's error
             logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)

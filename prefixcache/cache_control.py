@@ -35,7 +35,7 @@ class CacheControl:
         token_ids = self.prewarm_token_ids(prompt)
         if pin:
             self.check_pinnable(len(token_ids), ttl)
-        self._run_all([token_ids], SamplingParams(max_tokens=1), False, salt)
+        self._run_all([self.prompt_tokens(token_ids)], SamplingParams(max_tokens=1), False, salt)
         if pin:
             return self.pin_prefix(token_ids, salt, ttl)
         return PinHandle(None, len(token_ids), self._cached_tokens(token_ids, salt), False)

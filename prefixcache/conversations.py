@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from chunking.template_shape import content_is_opaque
+from chunking.segments import encode_ids, special_tokens
+from chunking.template_shape import STAND_IN_MARK, content_is_opaque, with_stand_ins
 from prefixcache.response_store import ResponseStore, StoredResponse
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.tokenizer import validate_messages
@@ -103,10 +104,8 @@ class ConversationRenderer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        vocab = self.tokenizer.get_added_vocab()
-        self._specials = tuple(sorted(vocab, key=len, reverse=True))
+        self._specials = special_tokens(self.tokenizer)
         self._opaque = content_is_opaque(self.tokenizer.chat_template)
-        self._stand_in = f"<<{uuid.uuid4().hex}:{{}}>>"  # never part of a template's text
         self._verified, self._unsafe = False, not self._specials
         self.appends = self.full_renders = 0
 
@@ -154,16 +153,12 @@ class ConversationRenderer:
         """
         if not self._opaque or self._unsafe:
             return None
-        stand_ins = [
-            {"role": m["role"], "content": self._stand_in.format(i)}
-            for i, m in enumerate(previous.messages)
-        ]
+        stand_ins = with_stand_ins(previous.messages)
         head = self._render(_with_instructions(stand_ins, previous.instructions), False)
         whole = _with_instructions(stand_ins + new, previous.instructions)
         rendered = self._render(whole, add_generation_prompt)
         tail = rendered[len(head) :]
-        marker = self._stand_in.partition("{")[0]
-        if not rendered.startswith(head) or marker in tail or not self._cuttable(tail):
+        if not rendered.startswith(head) or STAND_IN_MARK in tail or not self._cuttable(tail):
             return None
         self.appends += 1
         ids = np.concatenate([previous.token_ids, self._encode(tail)])
@@ -201,7 +196,7 @@ class ConversationRenderer:
         return ids
 
     def _encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+        return encode_ids(self.tokenizer, text)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.engine.segments.render(messages, add_generation_prompt)

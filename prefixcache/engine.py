@@ -129,11 +129,19 @@ class Engine(CacheControl):
     ) -> str:
         """Queue a prompt (text, token ids or an int array); returns its request id.
 
-        Validates first; a prompt that ``prompt_tokens`` already validated is an
-        int32 array and is not copied again.
+        Validates first; an int32 array is not copied.
         """
+        return self.add_prompt_tokens(self.prompt_tokens(prompt), params, request_id, salt)
+
+    def add_prompt_tokens(
+        self,
+        tokens: np.ndarray,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        salt: str | None = None,
+    ) -> str:
+        """Queue ids that ``prompt_tokens`` returned, without validating them again."""
         params = params or SamplingParams()
-        tokens = self.prompt_tokens(prompt)
         self.check_fits(len(tokens), params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -229,7 +237,7 @@ class Engine(CacheControl):
         """Reply to each OpenAI-style message list through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.chat_prompt_tokens(c) for c in conversations]
+        prompts = [self.prompt_tokens(self.chat_prompt_tokens(c)) for c in conversations]
         return self._run_all(prompts, params, use_tqdm, salt)
 
     def respond(
@@ -274,7 +282,8 @@ class Engine(CacheControl):
         for p, sp in zip(prompts, param_list, strict=True):  # validate all before queueing any
             self.check_fits(len(p), sp)
         ids = [
-            self.add_request(p, sp, salt=salt) for p, sp in zip(prompts, param_list, strict=True)
+            self.add_prompt_tokens(p, sp, salt=salt)
+            for p, sp in zip(prompts, param_list, strict=True)
         ]
         states = [self.requests[i] for i in ids]
         pending = set(ids)
