@@ -24,8 +24,8 @@ def checked_tokens(ids, vocab_size: int) -> np.ndarray:
     if array.ndim != 1 or array.dtype.kind not in "iu":
         bad = next((t for t in ids if type(t) is not int), ids[0])
         raise ValueError(f"token ids must be integers, got {bad!r}")
-    outside = (array < 0) | (array >= vocab_size)
-    if outside.any():
+    if array.min() < 0 or array.max() >= vocab_size:  # two reductions, no temporaries
+        outside = (array < 0) | (array >= vocab_size)
         bad = array[int(np.argmax(outside))]
         raise ValueError(f"token id {int(bad)!r} is outside the vocabulary [0, {vocab_size})")
     return np.ascontiguousarray(array, dtype=np.int32)
