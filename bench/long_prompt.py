@@ -359,7 +359,13 @@ def same_length_questions(tokenizer, count: int) -> list[str]:
     """``count`` distinct short questions that all tokenize to the same length, so every
     measured turn prefills the same number of new tokens."""
     by_length: dict[int, list[str]] = {}
-    for template in ("What is the main {} it names?", "Which {} does it name first?"):
+    templates = (
+        "What is the main {} it names?",
+        "Which {} does it name first?",
+        "Where does the {} part begin?",
+        "How large is the {} item?",
+    )
+    for template in templates:
         for word in VOCABULARY:
             question = template.format(word)
             by_length.setdefault(len(tokenizer.encode(question)), []).append(question)
@@ -369,33 +375,48 @@ def same_length_questions(tokenizer, count: int) -> list[str]:
     return questions[:count]
 
 
-async def _warm_turns(url: str, turn1: list[dict], questions: list[str], args) -> dict:
-    """Turn 1 by the Responses API, then alternating warm turn 2s: by
-    ``previous_response_id`` and as a whole chat completion over the same history.
+class _Conversation:
+    """One conversation on a server: turn 1 by the Responses API, then warm turn 2s by
+    ``previous_response_id`` or as a whole chat completion over the same history."""
 
-    One turn of each kind runs first, unmeasured: it caches the history's reply as the
-    template renders it (a random model's reply re-tokenizes differently from the ids
-    it generated), so every measured turn prefills only its question.
-    """
-    rid, reply, ttft1, _ = await respond(url, turn1, args.max_tokens)
-    history = turn1 + [{"role": "assistant", "content": reply}]
-    asked = iter(questions)
+    def __init__(self, url: str, turn1: list[dict], questions: list[str], max_tokens: int):
+        self.url, self.turn1, self.max_tokens = url, turn1, max_tokens
+        self.asked = iter(questions)
+        self.turns: dict[str, list] = {"responses": [], "chat": []}
 
-    async def by_id():
-        _, _, ttft, usage = await respond(url, next(asked), args.max_tokens, rid)
-        return ttft, _usage_row(usage, "input_tokens", "input_tokens_details")
+    async def start(self) -> None:
+        """Turn 1, then one turn of each kind, unmeasured: it caches the history's reply
+        as the template renders it (a random model's reply re-tokenizes differently from
+        the ids it generated), so every measured turn prefills only its question."""
+        self.rid, reply, self.turn1_ttft_s, _ = await respond(
+            self.url, self.turn1, self.max_tokens
+        )
+        self.history = self.turn1 + [{"role": "assistant", "content": reply}]
+        await self.by_id(), await self.by_chat()
+        self.turns = {"responses": [], "chat": []}
 
-    async def by_chat():
-        turn2 = history + [{"role": "user", "content": next(asked)}]
-        _, ttft, usage = await chat(url, turn2, args.max_tokens)
-        return ttft, _usage_row(usage, "prompt_tokens", "prompt_tokens_details")
+    async def by_id(self) -> None:
+        _, _, ttft, usage = await respond(self.url, next(self.asked), self.max_tokens, self.rid)
+        self.turns["responses"].append(
+            (ttft, _usage_row(usage, "input_tokens", "input_tokens_details"))
+        )
 
-    await by_id(), await by_chat()
-    turns = {"responses": [], "chat": []}
-    for _ in tqdm(range(args.rounds), desc="warm turns", leave=False):
-        turns["responses"].append(await by_id())
-        turns["chat"].append(await by_chat())
-    return {"turn1_ttft_s": ttft1, "history": history, **turns}
+    async def by_chat(self) -> None:
+        turn2 = self.history + [{"role": "user", "content": next(self.asked)}]
+        _, ttft, usage = await chat(self.url, turn2, self.max_tokens)
+        row = _usage_row(usage, "prompt_tokens", "prompt_tokens_details")
+        self.turns["chat"].append((ttft, row))
+
+
+async def _warm_rounds(full: _Conversation, base: _Conversation, rounds: int) -> None:
+    """Interleaved measured turns, so the long context and the baseline see the same
+    machine: by id and by chat on ``full``, by id on ``base``, each round."""
+    await full.start()
+    await base.start()
+    for _ in tqdm(range(rounds), desc="warm turns", leave=False):
+        await full.by_id()
+        await full.by_chat()
+        await base.by_id()
 
 
 def _usage_row(usage: dict, prompt_key: str, details_key: str) -> dict:
@@ -430,17 +451,18 @@ def _responses_conversation(args: argparse.Namespace, turn1: list[dict], tokeniz
     small = synthetic_report(tokenizer, 1, args.baseline_context_tokens)
     small_turn1 = [{"role": "user", "content": f"Read this report:\n{small}\nSummarize it."}]
     with server_for(args, True) as (url, proc):
-        full = asyncio.run(_warm_turns(url, turn1, questions[1:], args))
-        base = asyncio.run(_warm_turns(url, small_turn1, questions[1:], args))
+        full = _Conversation(url, turn1, questions[1:], args.max_tokens)
+        base = _Conversation(url, small_turn1, questions[1:], args.max_tokens)
+        asyncio.run(_warm_rounds(full, base, args.rounds))
         peak = peak_rss_mib(proc)
     with server_for(args, False) as (url, proc):
-        whole = full["history"] + [{"role": "user", "content": questions[0]}]
+        whole = full.history + [{"role": "user", "content": questions[0]}]
         _, _, off_ttft, off_usage = asyncio.run(_one_response(url, whole, args.max_tokens))
         off_peak = peak_rss_mib(proc)
-    warm, chat_warm = _warm_summary(full["responses"]), _warm_summary(full["chat"])
-    small_warm = _warm_summary(base["responses"])
+    warm, chat_warm = _warm_summary(full.turns["responses"]), _warm_summary(full.turns["chat"])
+    small_warm = _warm_summary(base.turns["responses"])
     rows = [
-        _response_row("prefix cache on", full["turn1_ttft_s"], warm, peak),
+        _response_row("prefix cache on", full.turn1_ttft_s, warm, peak),
         _response_row("prefix cache on, chat completions", None, chat_warm, peak),
         _response_row(f"{args.baseline_context_tokens}-token context", None, small_warm, peak),
         {
@@ -523,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144)
     parser.add_argument(
-        "--rounds", type=int, default=5, help="responses: measured warm turns of each API"
+        "--rounds", type=int, default=9, help="responses: measured warm turns of each API"
     )
     parser.add_argument(
         "--baseline-context-tokens",

@@ -133,13 +133,11 @@ class RadixCache:
         root = self._root(salt)
         path, num_tokens = self._walk(root, tokens)
         tree_ids = _path_blocks(path)
-        self._check_insert_blocks(block_ids, tree_ids)
+        duplicates = self._check_insert_blocks(block_ids, tree_ids)
         done = len(tree_ids)
         if done < len(block_ids):
             path.append(self._add_suffix(path, tokens, block_ids[done:], num_tokens))
         self._touch(path)
-        pairs = zip(tree_ids, block_ids[:done], strict=True)
-        duplicates = [mine for tree, mine in pairs if tree != mine]
         if duplicates:
             self.pool.free(duplicates)
         return InsertResult(num_tokens, tree_ids + block_ids[done:], path[-1])
@@ -391,23 +389,25 @@ class RadixCache:
                 f"{len(tokens)} tokens for {len(block_ids)} blocks of {self.block_size}"
             )
 
-    def _check_insert_blocks(self, block_ids: list[int], tree_ids: list[int]) -> None:
-        """Passed blocks must be distinct and allocated. Those equal to the tree's own at
+    def _check_insert_blocks(self, block_ids: list[int], tree_ids: list[int]) -> list[int]:
+        """Passed blocks must be distinct and allocated; returns the duplicates (passed
+        where the tree already holds another block). Those equal to the tree's own at
         their position are known good, so a sequence extending its cached prefix by a
         block pays for that block, not for the whole prefix."""
         done = len(tree_ids)
-        if block_ids[:done] == tree_ids:
-            others = block_ids[done:]
-        else:
+        duplicates = []
+        if block_ids[:done] != tree_ids:
             pairs = zip(block_ids, tree_ids, strict=False)
-            others = [mine for mine, tree in pairs if mine != tree] + block_ids[done:]
+            duplicates = [mine for mine, tree in pairs if mine != tree]
+        others = duplicates + block_ids[done:]
         if not others:
-            return
+            return duplicates
         if len(set(others)) != len(others) or not set(others).isdisjoint(tree_ids):
             raise ValueError("insert got the same block id twice")
         for block_id in others:
             if self.pool.ref_count(block_id) == 0:
                 raise ValueError(f"insert got block {block_id}, which is free in the pool")
+        return duplicates
 
     def _iter_nodes(self) -> Iterator[TreeNode]:
         stack: list[TreeNode] = list(self._roots.values())
