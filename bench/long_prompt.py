@@ -340,8 +340,9 @@ def _chat_target(args: argparse.Namespace, caching: bool):
     and one reading the peak memory of whatever serves it."""
     if args.backend == "sdk":
         with sdk_backend.started_engine(args, caching) as engine:
-            yield partial(sdk_backend.chat_turn, engine, max_tokens=args.max_tokens), (
-                sdk_backend.peak_rss_mib
+            yield (
+                partial(sdk_backend.chat_turn, engine, max_tokens=args.max_tokens),
+                (sdk_backend.peak_rss_mib),
             )
         return
     with server_for(args, caching) as (url, proc):
@@ -388,9 +389,7 @@ class _Conversation:
         """Turn 1, then one turn of each kind, unmeasured: it caches the history's reply
         as the template renders it (a random model's reply re-tokenizes differently from
         the ids it generated), so every measured turn prefills only its question."""
-        self.rid, reply, self.turn1_ttft_s, _ = await respond(
-            self.url, self.turn1, self.max_tokens
-        )
+        self.rid, reply, self.turn1_ttft_s, _ = await respond(self.url, self.turn1, self.max_tokens)
         self.history = self.turn1 + [{"role": "assistant", "content": reply}]
         await self.by_id(), await self.by_chat()
         self.turns = {"responses": [], "chat": []}

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import bar_chart  # noqa: E402
 
 from chunking import chunk_hashes, root_seed  # noqa: E402
-from prefixcache.block_pool import BlockPool  # noqa: E402
-from prefixcache.radix_cache import RadixCache  # noqa: E402
+from prefixcache.cache.block_pool import BlockPool  # noqa: E402
+from prefixcache.cache.radix_cache import RadixCache  # noqa: E402
 
 DEFAULT_TOKENS = (1_000, 10_000, 100_000, 200_000)
 BLOCK_SIZE, CHUNK_SIZE, NEW_TOKENS, VOCAB = 16, 256, 7, 32_000

@@ -36,7 +36,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from report import bar_chart, write_report  # noqa: E402
 
 from prefixcache import Engine, SamplingParams  # noqa: E402
-from prefixcache.model_config import ModelConfig  # noqa: E402
+from prefixcache.models.config import ModelConfig  # noqa: E402
 from prefixcache.testing import default_model_path  # noqa: E402
 
 CHUNK_SIZE = 256

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from prefixcache import Engine, SamplingParams
-from prefixcache.rag import Document, RagPipeline
+from prefixcache.apps.rag import Document, RagPipeline
 from prefixcache.testing import default_model_path
 
 DOCUMENTS = [

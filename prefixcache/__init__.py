@@ -13,16 +13,16 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "RequestDelta", "RequestOutput", "SamplingParams"]
 
 _LOCATIONS = {
-    "Engine": "prefixcache.engine",
+    "Engine": "prefixcache.sdk",
     "RequestDelta": "prefixcache.outputs",
     "RequestOutput": "prefixcache.outputs",
     "SamplingParams": "prefixcache.sampling_params",
 }
 
 if TYPE_CHECKING:
-    from prefixcache.engine import Engine
     from prefixcache.outputs import RequestDelta, RequestOutput
     from prefixcache.sampling_params import SamplingParams
+    from prefixcache.sdk import Engine
 
 
 def __getattr__(name: str):

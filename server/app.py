@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from fastapi import FastAPI
 
 import prefixcache
-from prefixcache.async_engine import AsyncEngine
+from prefixcache.engine.loop import AsyncEngine
 from server.auth import KeyRing
 from server.cache_protocol import CACHE_TYPES
 from server.cache_routes import cache_router

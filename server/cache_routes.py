@@ -26,9 +26,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from prefixcache.async_engine import EngineDeadError
-from prefixcache.engine import Engine
+from prefixcache.engine.loop import EngineDeadError
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.sdk import Engine
 from server.auth import tenant_salt
 from server.cache_protocol import (
     CacheCounters,

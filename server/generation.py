@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from prefixcache.async_engine import EngineDeadError
+from prefixcache.engine.loop import EngineDeadError
 from prefixcache.outputs import RequestDelta, RequestTimings
 from server.errors import APIError
 from server.prepare import Prepared

@@ -9,9 +9,9 @@ from typing import TextIO
 
 import uvicorn
 
-from prefixcache.async_engine import AsyncEngine
-from prefixcache.engine import Engine
-from prefixcache.response_store import ResponseStore
+from prefixcache.apps.response_store import ResponseStore
+from prefixcache.engine.loop import AsyncEngine
+from prefixcache.sdk import Engine
 from server.app import DEFAULT_MAX_QUEUE, create_app
 from server.background import bind_socket
 from server.responses_api import install_response_store

@@ -2,7 +2,7 @@
 
 ``POST /v1/responses`` with ``previous_response_id`` sends only the new message: the
 stored conversation's token ids are reused and only the new text is tokenized (see
-``prefixcache.conversations``), then the prefix cache skips the history's prefill.
+``prefixcache.apps.conversations``), then the prefix cache skips the history's prefill.
 Stored responses are scoped per API key: another key's id answers 404 like an
 unknown one.
 """
@@ -19,13 +19,13 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from prefixcache.conversations import (
+from prefixcache.apps.conversations import (
     ConversationRenderer,
     Turn,
     new_response_id,
     stored_response,
 )
-from prefixcache.response_store import ResponseStore, StoredResponse
+from prefixcache.apps.response_store import ResponseStore, StoredResponse
 from prefixcache.sampling_params import SamplingParams
 from server.auth import tenant_salt
 from server.errors import APIError

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from prefixcache.async_engine import EngineDeadError
+from prefixcache.apps.response_store import StoredResponse
+from prefixcache.engine.loop import EngineDeadError
 from prefixcache.outputs import RequestDelta
-from prefixcache.response_store import StoredResponse
 from server.generation import Tally
 from server.protocol import encode
 from server.responses_protocol import (

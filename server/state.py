@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from prefixcache.async_engine import AsyncEngine
+from prefixcache.engine.loop import AsyncEngine
 from server.auth import KeyRing
 from server.errors import APIError
 from server.metrics import ServerMetrics

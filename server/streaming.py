@@ -15,7 +15,7 @@ import msgspec
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from prefixcache.async_engine import EngineDeadError
+from prefixcache.engine.loop import EngineDeadError
 from prefixcache.outputs import RequestDelta
 from server.errors import error_body
 from server.generation import Tally

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixcache.block_pool import BlockPool, NoFreeBlocksError
+from prefixcache.cache.block_pool import BlockPool, NoFreeBlocksError
 
 
 def test_fresh_pool_hands_out_distinct_blocks_with_one_reference():

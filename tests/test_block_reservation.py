@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefixcache.block_manager import RESERVED_OUTPUT_TOKENS, BlockManager
+from prefixcache.cache.block_manager import RESERVED_OUTPUT_TOKENS, BlockManager
+from prefixcache.engine.sequence import Sequence
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.sequence import Sequence
 
 BLOCK = 16
 

@@ -9,7 +9,7 @@ import pytest
 
 from chunking.template_shape import content_is_opaque
 from prefixcache import Engine
-from prefixcache.conversations import ConversationRenderer, stored_response
+from prefixcache.apps.conversations import ConversationRenderer, stored_response
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "

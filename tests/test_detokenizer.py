@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from prefixcache.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prefixcache.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 # Multi-byte characters are rare enough in this corpus that BPE leaves several of
 # them split across tokens (some tokens hold the end of one and the start of another).

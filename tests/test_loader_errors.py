@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefixcache.loader import load_model
-from prefixcache.model_config import ModelConfig
+from prefixcache.models.config import ModelConfig
+from prefixcache.models.loader import load_model
 
 
 def _copy(src, dst):

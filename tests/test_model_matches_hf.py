@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kernels import get_backend
-from prefixcache.kv_cache import KVCache
-from prefixcache.loader import load_model
-from prefixcache.model_config import ModelConfig
-from prefixcache.model_runner import ModelRunner, SequenceChunk
+from prefixcache.cache.kv_cache import KVCache
+from prefixcache.engine.model_runner import ModelRunner, SequenceChunk
+from prefixcache.models.config import ModelConfig
+from prefixcache.models.loader import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 LLAMA3_ROPE = {

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from naive_cache import NaiveCache
 
 import chunking.hashing
 from chunking import chunk_hashes, root_seed
-from prefixcache.block_pool import BlockPool
-from prefixcache.naive_cache import NaiveCache
-from prefixcache.radix_cache import EvictedRun, RadixCache
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.radix_cache import EvictedRun, RadixCache
 
 BS = 2  # block size used by the targeted tests
 CS = 4  # chunk size used by the targeted tests

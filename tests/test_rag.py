@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_harness import on_engine, running_server
 
 from prefixcache import Engine, SamplingParams
-from prefixcache.rag import Document, RagPipeline
-from server.testing import on_engine, running_server
+from prefixcache.apps.rag import Document, RagPipeline
 
 BLOCK = 16
 KEY = "rag-key"
@@ -213,7 +213,7 @@ class _NoBackendEngine:
     """Enough of an Engine for input checks: pre-warm does nothing."""
 
     def prewarm(self, messages, pin=False, ttl=None, salt=None):
-        from prefixcache.pins import PinHandle
+        from prefixcache.cache.pins import PinHandle
 
         return PinHandle(None, 0, 0, False)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from prefixcache import Engine, SamplingParams
-from prefixcache.conversations import session
-from prefixcache.response_store import ResponseStore, StoredResponse
+from prefixcache.apps.conversations import session
+from prefixcache.apps.response_store import ResponseStore, StoredResponse
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)

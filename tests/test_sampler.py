@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from prefixcache.sampler import Sampler, make_generator
+from prefixcache.engine.sampler import Sampler, make_generator
 from prefixcache.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()

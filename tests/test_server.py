@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.testing import running_server
+from server_harness import running_server
 
 BLOCK = 16
 KEY_A, KEY_B = "key-a", "key-b"

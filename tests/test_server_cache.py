@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-
-from server.testing import running_server
+from server_harness import running_server
 
 BLOCK = 16
 KEY_A, KEY_B = "cache-key-a", "cache-key-b"

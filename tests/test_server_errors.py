@@ -7,8 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-
-from server.testing import running_server
+from server_harness import running_server
 
 MAX_MODEL_LEN = 512
 MAX_BODY = 1 << 16

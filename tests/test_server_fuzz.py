@@ -15,8 +15,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from server.testing import running_server
+from server_harness import running_server
 
 SETTINGS = settings(
     max_examples=60,

@@ -8,15 +8,15 @@ import json
 import httpx
 import openai
 import pytest
+from server_harness import running_server
 
 from prefixcache import cli
-from prefixcache.async_engine import AsyncEngine
-from prefixcache.engine import Engine
-from prefixcache.response_store import ResponseStore
+from prefixcache.apps.response_store import ResponseStore
+from prefixcache.engine.loop import AsyncEngine
+from prefixcache.sdk import Engine
 from server.app import create_app
 from server.background import BackgroundServer
 from server.responses_api import install_response_store
-from server.testing import running_server
 
 BLOCK = 16
 KEY_A, KEY_B = "key-a", "key-b"

@@ -6,8 +6,7 @@ import json
 
 import httpx
 import pytest
-
-from server.testing import running_server
+from server_harness import running_server
 
 
 @pytest.fixture(scope="module")

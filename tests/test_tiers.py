@@ -11,9 +11,9 @@ import torch
 
 import chunking.hashing
 from prefixcache import Engine, SamplingParams
-from prefixcache.chunk_chains import ChunkChains
-from prefixcache.kv_file import decode
-from prefixcache.kv_transfer import _runs
+from prefixcache.tiers.chunk_chains import ChunkChains
+from prefixcache.tiers.kv_file import decode
+from prefixcache.tiers.transfer import _runs
 
 CHUNK = 64  # small hash chunks keep the prompts short
 PARAMS = SamplingParams(max_tokens=6)
@@ -210,7 +210,7 @@ def test_file_of_another_model_is_a_miss_and_removed(
     other = _engine(tiny_model_factory("llama", seed=1), disk_cache_dir=tmp_path)
     target = _chunk_file(other, prompt, 0)
     target.write_bytes(_chunk_file(mine, prompt, 0).read_bytes())  # right name, wrong model
-    with caplog.at_level(logging.WARNING, logger="prefixcache.disk_tier"):
+    with caplog.at_level(logging.WARNING, logger="prefixcache.tiers.disk"):
         out = other.generate(prompt, PARAMS)[0]
     assert out.num_cached_tokens == 0 and out.token_ids == expected
     assert "fingerprint" in caplog.text
@@ -235,7 +235,7 @@ def test_damaged_file_is_a_miss_and_removed(tiny_llama, reference, tmp_path, cap
         raw = bytearray()
     path.write_bytes(raw)
     second = _engine(tiny_llama, disk_cache_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="prefixcache.disk_tier"):
+    with caplog.at_level(logging.WARNING, logger="prefixcache.tiers.disk"):
         out = second.generate(prompt, PARAMS)[0]
     assert out.num_cached_tokens == CHUNK  # chunk 0 from disk; the damaged chunk 1 ends it
     assert out.token_ids == reference([prompt])[0]

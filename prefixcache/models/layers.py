@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from prefixcache.model_config import RopeConfig
+from prefixcache.models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):

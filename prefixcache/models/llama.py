@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from prefixcache.forward_context import ForwardContext
-from prefixcache.model_config import ModelConfig
+from prefixcache.engine.forward_context import ForwardContext
+from prefixcache.models.config import ModelConfig
 from prefixcache.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from prefixcache.models.registry import register_model
 

@@ -2,7 +2,7 @@
 
 from dataclasses import replace
 
-from prefixcache.model_config import ModelConfig
+from prefixcache.models.config import ModelConfig
 from prefixcache.models.llama import LlamaForCausalLM
 from prefixcache.models.registry import register_model
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from prefixcache.model_config import ModelConfig
+from prefixcache.models.config import ModelConfig
 
 ConfigAdapter = Callable[[ModelConfig], ModelConfig]
 

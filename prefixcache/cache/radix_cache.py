@@ -28,9 +28,9 @@ from chunking.hashing import (
     common_prefix_length,
     root_seed,
 )
-from prefixcache.block_pool import BlockPool
-from prefixcache.radix_integrity import check_tree
-from prefixcache.radix_node import (
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.radix_integrity import check_tree
+from prefixcache.cache.radix_node import (
     CacheStats,
     EvictedRun,
     InsertResult,

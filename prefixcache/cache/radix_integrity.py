@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from chunking.hashing import TOKEN_DTYPE, chunk_hashes, root_seed
-from prefixcache.radix_node import TreeNode, is_evictable
+from prefixcache.cache.radix_node import TreeNode, is_evictable
 
 if TYPE_CHECKING:
-    from prefixcache.radix_cache import RadixCache
+    from prefixcache.cache.radix_cache import RadixCache
 
 
 def check_tree(cache: RadixCache, num_held_outside: int = 0) -> None:

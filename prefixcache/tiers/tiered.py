@@ -26,16 +26,16 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from chunking.hashing import common_prefix_length
-from prefixcache.chunk_chains import ChunkChains
-from prefixcache.disk_tier import DiskTier
-from prefixcache.host_tier import HostChunk, HostTier
-from prefixcache.kv_file import ChunkLayout, ChunkRecord
-from prefixcache.kv_transfer import KVTransfer
-from prefixcache.radix_node import EvictedRun
+from prefixcache.cache.radix_node import EvictedRun
+from prefixcache.tiers.chunk_chains import ChunkChains
+from prefixcache.tiers.disk import DiskTier
+from prefixcache.tiers.host import HostChunk, HostTier
+from prefixcache.tiers.kv_file import ChunkLayout, ChunkRecord
+from prefixcache.tiers.transfer import KVTransfer
 
 if TYPE_CHECKING:
+    from prefixcache.cache.kv_cache import KVCache
     from prefixcache.config import EngineConfig
-    from prefixcache.kv_cache import KVCache
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prefixcache.radix_cache import RadixCache
-from prefixcache.radix_node import TreeNode
+from prefixcache.cache.radix_cache import RadixCache
+from prefixcache.cache.radix_node import TreeNode
 
 
 @dataclass(frozen=True, slots=True)

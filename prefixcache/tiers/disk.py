@@ -20,7 +20,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from prefixcache.kv_file import ChunkFileError, ChunkLayout, ChunkRecord, decode, encode
+from prefixcache.tiers.kv_file import ChunkFileError, ChunkLayout, ChunkRecord, decode, encode
 
 logger = logging.getLogger(__name__)
 

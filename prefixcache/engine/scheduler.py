@@ -7,8 +7,8 @@ from collections import deque
 from itertools import islice
 from typing import NamedTuple
 
-from prefixcache.block_manager import BlockManager
-from prefixcache.sequence import Sequence, SequenceStatus
+from prefixcache.cache.block_manager import BlockManager
+from prefixcache.engine.sequence import Sequence, SequenceStatus
 
 # Admission looks this far down the queue for the request with the longest cached prefix.
 ADMISSION_WINDOW = 8

@@ -30,12 +30,12 @@ import numpy as np
 
 from chunking.segments import encode_ids, special_tokens
 from chunking.template_shape import STAND_IN_MARK, content_is_opaque, with_stand_ins
-from prefixcache.response_store import ResponseStore, StoredResponse
+from prefixcache.apps.response_store import ResponseStore, StoredResponse
+from prefixcache.inputs.tokenizer import validate_messages
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.tokenizer import validate_messages
 
 if TYPE_CHECKING:
-    from prefixcache.engine import Engine
+    from prefixcache.sdk import Engine
 
 Input = str | Sequence[dict]
 _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

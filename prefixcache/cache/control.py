@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prefixcache.pins import PinHandle
+from prefixcache.cache.pins import PinHandle
 from prefixcache.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from prefixcache.engine import Prompt
+    from prefixcache.sdk import Prompt
 
 
 class CacheControl:

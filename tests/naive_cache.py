@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from prefixcache.block_pool import BlockPool
-from prefixcache.radix_cache import CacheStats, InsertResult, MatchResult
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.radix_cache import CacheStats, InsertResult, MatchResult
 
 _Key = tuple[str | None, tuple[int, ...]]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from prefixcache.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prefixcache.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prefixcache.engine.sequence import Sequence
 from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
-from prefixcache.sequence import Sequence
 
 
 class RequestState:

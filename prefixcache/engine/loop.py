@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from prefixcache.engine import Engine, Prompt
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.sdk import Engine, Prompt
 
 logger = logging.getLogger(__name__)
 

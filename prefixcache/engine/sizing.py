@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from prefixcache.model_config import ModelConfig
+from prefixcache.models.config import ModelConfig
 
 _CPU_KV_FRACTION = 0.2
 _CPU_KV_CAP_BYTES = 8 << 30

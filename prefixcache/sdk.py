@@ -14,34 +14,34 @@ from tqdm import tqdm
 
 from chunking.segments import SegmentTokenizer
 from kernels import get_backend
-from prefixcache.block_manager import BlockManager
-from prefixcache.cache_control import CacheControl
+from prefixcache.cache.block_manager import BlockManager
+from prefixcache.cache.control import CacheControl
+from prefixcache.cache.kv_cache import KVCache, bytes_per_token
+from prefixcache.cache.pins import PinRegistry
 from prefixcache.config import EngineConfig
-from prefixcache.fingerprint import model_fingerprint
-from prefixcache.kv_cache import KVCache, bytes_per_token
-from prefixcache.loader import load_model, resolve_dtype, resolve_model_path
-from prefixcache.model_config import ModelConfig
-from prefixcache.model_runner import ModelRunner, SequenceChunk
-from prefixcache.output_processor import RequestState
-from prefixcache.outputs import RequestDelta, RequestOutput
-from prefixcache.pins import PinRegistry
-from prefixcache.sampler import Sampler, make_generator
-from prefixcache.sampling_params import SamplingParams
-from prefixcache.scheduler import ScheduledSeq, Scheduler
-from prefixcache.sequence import Sequence as Seq
-from prefixcache.sizing import (
+from prefixcache.engine.model_runner import ModelRunner, SequenceChunk
+from prefixcache.engine.output_processor import RequestState
+from prefixcache.engine.sampler import Sampler, make_generator
+from prefixcache.engine.scheduler import ScheduledSeq, Scheduler
+from prefixcache.engine.sequence import Sequence as Seq
+from prefixcache.engine.sizing import (
     default_batched_tokens,
     default_device,
     resolve_kv_cache_tokens,
     resolve_max_model_len,
 )
-from prefixcache.tiered_cache import build_tiers
-from prefixcache.tokenizer import (
+from prefixcache.inputs.tokenizer import (
     checked_tokens,
     eos_token_ids,
     load_tokenizer,
     validate_messages,
 )
+from prefixcache.models.config import ModelConfig
+from prefixcache.models.fingerprint import model_fingerprint
+from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
+from prefixcache.outputs import RequestDelta, RequestOutput
+from prefixcache.sampling_params import SamplingParams
+from prefixcache.tiers.tiered import build_tiers
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +252,9 @@ class Engine(CacheControl):
 
         ``previous`` is an earlier ``ResponseOutput`` or its id (stored under the same
         ``salt``). Only the new input is tokenized; the prompt equals rendering the
-        whole conversation. Returns a ``prefixcache.conversations.ResponseOutput``.
+        whole conversation. Returns a ``prefixcache.apps.conversations.ResponseOutput``.
         """
-        from prefixcache.conversations import respond  # keeps engine.py's imports lean
+        from prefixcache.apps.conversations import respond  # keeps engine.py's imports lean
 
         return respond(self, input, previous, instructions, params, salt)
 

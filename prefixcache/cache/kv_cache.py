@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixcache.model_config import ModelConfig
+from prefixcache.models.config import ModelConfig
 
 
 class KVCache:

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixcache.async_engine import AsyncEngine
-from prefixcache.engine import Engine
+from prefixcache.engine.loop import AsyncEngine
+from prefixcache.sdk import Engine
 from server.app import create_app
 from server.background import BackgroundServer
 

@@ -10,11 +10,11 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from prefixcache.pins import PinHandle
+from prefixcache.cache.pins import PinHandle
 from prefixcache.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from prefixcache.engine import Engine
+    from prefixcache.sdk import Engine
 
 
 class Piece(NamedTuple):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefixcache.block_pool import BlockPool
-from prefixcache.chunk_chains import ChunkChains
-from prefixcache.radix_cache import RadixCache
-from prefixcache.radix_node import EvictedRun
-from prefixcache.sequence import Sequence
-from prefixcache.tiered_cache import TieredCache
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.radix_cache import RadixCache
+from prefixcache.cache.radix_node import EvictedRun
+from prefixcache.engine.sequence import Sequence
+from prefixcache.tiers.chunk_chains import ChunkChains
+from prefixcache.tiers.tiered import TieredCache
 
 
 @dataclass(slots=True)

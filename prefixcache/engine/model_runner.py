@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kernels import AttentionBackend, AttentionMetadata
-from prefixcache.forward_context import ForwardContext
-from prefixcache.kv_cache import KVCache
+from prefixcache.cache.kv_cache import KVCache
+from prefixcache.engine.forward_context import ForwardContext
 
 
 class SequenceChunk(NamedTuple):

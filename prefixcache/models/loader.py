@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from prefixcache.model_config import ModelConfig
 from prefixcache.models import resolve_model
+from prefixcache.models.config import ModelConfig
 
 _DTYPES = {
     "float32": torch.float32,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prefixcache.block_pool import BlockPool
-from prefixcache.kv_transfer import KVLayers
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.tiers.transfer import KVLayers
 
 
 @dataclass(slots=True, eq=False)

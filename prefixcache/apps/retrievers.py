@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prefixcache.rag import Document
+    from prefixcache.apps.rag import Document
 
 Retriever = Callable[[str, Sequence["Document"], int], list[str]]
 

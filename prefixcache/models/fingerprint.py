@@ -7,7 +7,7 @@ from pathlib import Path
 
 import xxhash
 
-from prefixcache.loader import safetensors_files
+from prefixcache.models.loader import safetensors_files
 
 _SAMPLE_BYTES = 1 << 16
 

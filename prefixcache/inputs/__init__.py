@@ -1,0 +1,1 @@
+"""From user input to validated token ids: tokenizer loading, chat rendering, limits."""
