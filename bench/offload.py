@@ -56,7 +56,7 @@ def _engine(args, kv_tokens: int, **tiers) -> Engine:
 
 def _empty_device(engine: Engine) -> None:
     """Evict every cached device block (offloading it when there is a host tier)."""
-    cache = engine.blocks.cache
+    cache = engine.core.blocks.cache
     cache.evict(cache.num_evictable_blocks)
 
 

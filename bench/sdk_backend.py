@@ -63,7 +63,7 @@ def chat_turn(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[st
     The clock starts before the chat template and tokenization, as a server's would.
     """
     start = time.perf_counter()
-    prompt = engine.chat_prompt_tokens(messages)
+    prompt = engine.inputs.chat_tokens(messages)
     tokenized = time.perf_counter()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     request_id = engine.add_request(prompt, params)

@@ -146,12 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or str(default_model_path())
     engine = Engine.from_pretrained(model, device="cpu", dtype="float32", kv_cache_tokens=65536)
     prompts = [
-        engine.chat_prompt_ids(c) for c in _conversations(args.num_requests, args.prompt_words, 0)
+        engine.inputs.chat_tokens(c).tolist()
+        for c in _conversations(args.num_requests, args.prompt_words, 0)
     ]
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    warm_up = [engine.chat_prompt_ids(c) for c in _conversations(2, args.prompt_words, 99)]
+    warm_up = [
+        engine.inputs.chat_tokens(c).tolist() for c in _conversations(2, args.prompt_words, 99)
+    ]
     run_ours(engine, warm_up, 4)  # other prompts than the measured ones: nothing is cached
     rows = [
         run_ours(engine, prompts, args.max_tokens),

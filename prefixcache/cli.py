@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from prefixcache.config import LOAD_FORMATS
+
 DEFAULT_PROMPT = "Tell me about prefix caching."
 DEFAULT_SERVED_NAME = "prefixcache/tiny-random"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -78,7 +80,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-tokens", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--no-prefix-caching", action="store_true")
 
 

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKENDS = ("auto", "torch", "triton", "flash-attn")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+"""How weights are read: from the folder (``auto``/``safetensors``) or made at random."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +52,7 @@ class EngineConfig:
         if self.max_pinned_tokens is not None and self.max_pinned_tokens < 0:
             raise ValueError(f"max_pinned_tokens must be >= 0, got {self.max_pinned_tokens}")
         _check_tiers(self)
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {', '.join(BACKENDS)}, "
-                f"got {self.attention_backend!r}"
-            )
+        _check_backend(self.attention_backend)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
@@ -94,6 +90,15 @@ def _check_tiers(config: EngineConfig) -> None:
     if folder is not None and (not isinstance(folder, str | os.PathLike) or not str(folder)):
         raise ValueError(f"disk_cache_dir must be a folder path, got {folder!r}")
     _positive("disk_cache_bytes", config.disk_cache_bytes)
+
+
+def _check_backend(name: str) -> None:
+    """The attention backend must be ``auto`` or one the kernel registry knows."""
+    from kernels import available_backends  # the registry imports torch: only when checked
+
+    known = ("auto", *available_backends())
+    if name not in known:
+        raise ValueError(f"attention_backend must be one of {', '.join(known)}, got {name!r}")
 
 
 def _positive(name: str, value: int) -> None:

@@ -1,4 +1,4 @@
-"""The app factory: one FastAPI app serving one ``AsyncEngine``."""
+"""The app factory: one FastAPI app serving one ``EngineClient``."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from collections.abc import AsyncIterator, Iterable
 from fastapi import FastAPI
 
 import prefixcache
-from prefixcache.engine.loop import AsyncEngine
+from prefixcache.client import EngineClient, ResponseStore
 from server.auth import KeyRing
 from server.cache_protocol import CACHE_TYPES
 from server.cache_routes import cache_router
+from server.chat_protocol import REQUEST_TYPES, RESPONSE_TYPES
+from server.chat_routes import router
 from server.errors import install_error_handlers
 from server.openapi import install_openapi
-from server.protocol import REQUEST_TYPES, RESPONSE_TYPES
-from server.responses_api import RESPONSES_TYPES
-from server.responses_api import router as responses_router
-from server.routes import router
+from server.ops_routes import ops_router
+from server.responses_routes import RESPONSES_TYPES
+from server.responses_routes import router as responses_router
 from server.state import Admission, ServerState
 
 DEFAULT_MAX_QUEUE = 512
@@ -25,30 +26,33 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20  # a 200k-token prompt as JSON token ids is ~1
 
 
 def create_app(
-    async_engine: AsyncEngine,
+    client: EngineClient,
     *,
     model_name: str,
     api_keys: Iterable[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    response_store: ResponseStore | None = None,
 ) -> FastAPI:
-    """An OpenAI-compatible app for ``async_engine``, serving it as ``model_name``.
+    """An OpenAI-compatible app for ``client``'s engine, serving it as ``model_name``.
 
     With ``api_keys``, every ``/v1`` call needs ``Authorization: Bearer <key>`` and
     each key gets its own prefix-cache namespace. At most ``max_num_seqs +
-    max_queue`` requests are in flight; more get a 429. The caller owns the engine
-    and shuts it down after the app stops.
+    max_queue`` requests are in flight; more get a 429. The Responses API keeps its
+    conversations in ``response_store`` (default: next to the disk KV tier if any,
+    else in memory). The caller owns the client and shuts it down after the app stops.
     """
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     if not model_name:
         raise ValueError("model_name must be a non-empty string")
     state = ServerState(
-        engine=async_engine,
+        client=client,
         model_name=model_name,
         keys=KeyRing(api_keys),
-        admission=Admission(async_engine.engine.config.max_num_seqs + max_queue),
+        admission=Admission(client.limits.max_num_seqs + max_queue),
         max_body_bytes=max_body_bytes,
+        responses=response_store,
     )
 
     @contextlib.asynccontextmanager
@@ -68,6 +72,7 @@ def create_app(
     app.state.server = state
     install_error_handlers(app, state.metrics.record_error)
     app.include_router(router)
+    app.include_router(ops_router)
     app.include_router(cache_router)
     app.include_router(responses_router)
     install_openapi(app, REQUEST_TYPES + RESPONSE_TYPES + CACHE_TYPES + RESPONSES_TYPES)

@@ -14,6 +14,8 @@ import hmac
 from collections.abc import Iterable
 from pathlib import Path
 
+from starlette.requests import Request
+
 from server.errors import APIError
 
 _SALT_DOMAIN = b"prefixcache-tenant-salt-v1"
@@ -89,3 +91,10 @@ def _bearer_token(authorization: str | None) -> str | None:
 
 def _unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def authenticate(request: Request) -> bytes | None:
+    """FastAPI dependency: the caller's tenant id (a hash of its API key), or None when
+    auth is off; a 401 for a missing or wrong key."""
+    keys: KeyRing = request.app.state.server.keys
+    return keys.authenticate(request.headers.get("authorization"))

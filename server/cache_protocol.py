@@ -6,7 +6,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from server.protocol import ChatMessage, TokenId
+from server.chat_protocol import ChatMessage, TokenId
 
 # Up to ten years: finite, so no deadline overflows the clock.
 TtlSeconds = Annotated[float, Meta(gt=0.0, le=3.2e8)]
@@ -61,12 +61,25 @@ class CacheFlushResponse(Struct, kw_only=True):
 
 
 class CacheTier(Struct, kw_only=True):
-    """Sizes of one cache tier, in KV blocks."""
+    """One cache tier: the device first, then each tier behind it in lookup order.
+
+    Every tier reports the same fields (0 where a tier has no such notion); the
+    device also says how its blocks split into free, evictable and locked.
+    """
 
     name: str
     capacity_blocks: int
-    cached_blocks: int
-    free_blocks: int
+    cached_blocks: int  # blocks holding cached KV now
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    entries: int = 0
+    hit_tokens: int = 0
+    stored_blocks: int = 0
+    evicted_blocks: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    failures: int = 0
+    free_blocks: int = 0
     evictable_blocks: int = 0
     locked_blocks: int = 0
 

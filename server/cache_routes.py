@@ -19,17 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from prefixcache.engine.loop import EngineDeadError
-from prefixcache.sampling_params import SamplingParams
-from prefixcache.sdk import Engine
-from server.auth import tenant_salt
+from prefixcache.client import EngineStats, TierStats
+from server.auth import authenticate, tenant_salt
 from server.cache_protocol import (
     CacheCounters,
     CacheFlushResponse,
@@ -40,21 +37,16 @@ from server.cache_protocol import (
     CacheTier,
     CacheUnpinResponse,
 )
-from server.errors import APIError
+from server.chat_protocol import json_response
+from server.errors import APIError, engine_error
 from server.openapi import operation
-from server.prepare import decode, message_dict, read_body, run_tokenizer
-from server.protocol import json_response
-from server.routes import authenticate
-from server.state import ServerState
+from server.prepare import check_fits, check_model, decode, message_dict, read_body, run_tokenizer
+from server.state import ServerState, server_state
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 cache_router = APIRouter()
-_PREFILL_ONLY = SamplingParams(max_tokens=1)
 _MAC_CHARS = 24
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 def _not_found_doc() -> dict:
@@ -74,7 +66,7 @@ def _with_404(extra: dict) -> dict:
 )
 async def prewarm(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Prefill a prompt or message list into the cache without replying."""
-    state = _state(request)
+    state = server_state(request)
     req = decode(await read_body(request, state.max_body_bytes), CachePrewarmRequest)
     ticket = state.admission.acquire()
     try:
@@ -86,69 +78,32 @@ async def prewarm(request: Request, tenant: bytes | None = Depends(authenticate)
 async def _prewarm(
     state: ServerState, req: CachePrewarmRequest, tenant: bytes | None
 ) -> CachePrewarmResponse:
-    _check_model(state, req.model)
+    check_model(state, req.model)
     prompt_ids = await _prompt_ids(state, req)
-    try:
-        state.engine.engine.check_fits(len(prompt_ids), _PREFILL_ONLY)
-    except ValueError as exc:
-        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
+    check_fits(state, len(prompt_ids), 1)
     salt = tenant_salt(tenant, req.cache_salt)
-    if req.pin:
-        await _on_engine(state, lambda e: e.check_pinnable(len(prompt_ids), req.ttl_s))
-    reused = await _prefill(state, prompt_ids, salt)
-    if req.pin:
-        pinned = await _on_engine(state, lambda e: _pin(e, prompt_ids, salt, req.ttl_s))
-        handle, cached, expires_at = pinned
-        handle = _sign(handle, tenant)
-    else:
-        cached = await _on_engine(state, lambda e: _peek(e, prompt_ids, salt))
-        handle = expires_at = None
+    result = await _on_engine(
+        state.client.prewarm(prompt_ids, pin=req.pin, ttl=req.ttl_s, salt=salt)
+    )
     return CachePrewarmResponse(
-        handle=handle,
-        num_tokens=len(prompt_ids),
-        num_cached_tokens=cached,
-        num_reused_tokens=reused,
-        pinned=req.pin,
-        expires_at=expires_at,
+        handle=_sign(result.handle, tenant) if result.handle is not None else None,
+        num_tokens=result.num_tokens,
+        num_cached_tokens=result.num_cached_tokens,
+        num_reused_tokens=result.num_reused_tokens,
+        pinned=result.pinned,
+        expires_at=result.expires_at,
     )
 
 
-async def _prompt_ids(state: ServerState, req: CachePrewarmRequest) -> list[int]:
+async def _prompt_ids(state: ServerState, req: CachePrewarmRequest):
     if (req.messages is None) == (req.prompt is None):
         raise APIError.bad_request("give exactly one of 'messages' or 'prompt'")
-    engine = state.engine.engine
+    inputs = state.client.inputs
     if req.messages is not None:
         messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
-        return await run_tokenizer(state, lambda: engine.prewarm_token_ids(messages), "messages")
+        return await run_tokenizer(state, lambda: inputs.prewarm_tokens(messages), "messages")
     prompt = req.prompt
-    return await run_tokenizer(state, lambda: engine.tokenize_prompt(prompt), "prompt")
-
-
-async def _prefill(state: ServerState, prompt_ids: list[int], salt: str | None) -> int:
-    """Run the prompt as a one-token request; returns the tokens it found cached."""
-    reused = 0
-    try:
-        async for delta in state.engine.generate(prompt_ids, _PREFILL_ONLY, salt=salt):
-            reused = delta.num_cached_tokens
-    except EngineDeadError:
-        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
-    except ValueError as exc:
-        raise APIError.bad_request(str(exc)) from None
-    return reused
-
-
-def _peek(engine: Engine, prompt_ids: list[int], salt: str | None) -> int:
-    cache = engine.blocks.cache
-    return cache.peek(prompt_ids, salt) if cache is not None else 0
-
-
-def _pin(engine: Engine, prompt_ids: list[int], salt: str | None, ttl: float | None):
-    """On the loop thread: pin, and turn the engine's deadline into Unix time."""
-    handle = engine.pin_prefix(prompt_ids, salt, ttl)
-    expires_at = None
-    if handle.expires_at is not None:
-        expires_at = time.time() + (handle.expires_at - engine.pins.clock())
-    return handle.handle, handle.num_cached_tokens, expires_at
+    return await run_tokenizer(state, lambda: inputs.prompt_tokens(prompt), "prompt")
 
 
 @cache_router.delete(
@@ -161,9 +116,8 @@ async def unpin(
 ) -> Response:
     """Release a pin made by this API key; 404 if unknown, expired or another key's."""
     engine_handle = _verify(handle, tenant)
-    released = engine_handle is not None and await _on_engine(
-        _state(request), lambda e: e.unpin(engine_handle)
-    )
+    client = server_state(request).client
+    released = engine_handle is not None and await _on_engine(client.unpin(engine_handle))
     if not released:
         raise APIError(404, f"no pin {handle!r}", param="handle", code="pin_not_found")
     return json_response(CacheUnpinResponse(handle=handle))
@@ -176,9 +130,9 @@ async def unpin(
 )
 async def flush(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Empty the cache except pinned and in-use entries (of every tenant)."""
-    state = _state(request)
-    freed = await _on_engine(state, lambda e: e.flush_cache())
-    block_size = state.engine.engine.config.block_size
+    state = server_state(request)
+    freed = await _on_engine(state.client.flush())
+    block_size = state.client.limits.block_size
     return json_response(CacheFlushResponse(freed_blocks=freed, freed_tokens=freed * block_size))
 
 
@@ -187,72 +141,52 @@ async def flush(request: Request, tenant: bytes | None = Depends(authenticate)) 
 )
 async def cache_info(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Sizes per tier, hit counters and pins."""
-    return json_response(await _on_engine(_state(request), _info))
+    stats = await _on_engine(server_state(request).client.cache_info())
+    return json_response(_info(stats))
 
 
-def _info(engine: Engine) -> CacheInfo:
-    stats, pins = engine.stats(), engine.pins
+def _info(stats: EngineStats) -> CacheInfo:
+    query, hits = stats.query_tokens, stats.hit_tokens
     counters = CacheCounters(
-        query_tokens=stats.get("query_tokens", 0),
-        hit_tokens=stats.get("hit_tokens", 0),
-        hit_rate=stats["hit_tokens"] / stats["query_tokens"] if stats.get("query_tokens") else 0.0,
-        evicted_blocks=stats.get("evicted_blocks", 0),
+        query_tokens=query,
+        hit_tokens=hits,
+        hit_rate=hits / query if query else 0.0,
+        evicted_blocks=stats.tiers[0].evicted_blocks,
     )
+    device = stats.device
+    tiers = [_tier(t) for t in stats.tiers]
+    tiers[0].free_blocks = device.free
+    tiers[0].evictable_blocks = device.evictable
+    tiers[0].locked_blocks = device.locked
+    pins = stats.pins
     return CacheInfo(
-        block_size=engine.config.block_size,
-        prefix_caching=engine.blocks.cache is not None,
-        tiers=_tiers(stats),
+        block_size=stats.block_size,
+        prefix_caching=stats.prefix_caching,
+        tiers=tiers,
         counters=counters,
         pins=CachePins(
-            count=len(pins) if pins is not None else 0,
-            pinned_tokens=pins.pinned_tokens if pins is not None else 0,
-            max_pinned_tokens=pins.max_pinned_tokens if pins is not None else 0,
+            count=pins.count,
+            pinned_tokens=pins.pinned_tokens,
+            max_pinned_tokens=pins.max_pinned_tokens,
         ),
     )
 
 
-def _tiers(stats: dict) -> list[CacheTier]:
-    """The device tier, plus ``host``/``disk`` tiers where the stats carry them."""
-    tiers = [_tier("device", stats)]
-    for name in ("host", "disk"):
-        sub = {k.removeprefix(f"{name}_"): v for k, v in stats.items() if k.startswith(f"{name}_")}
-        if sub:
-            tiers.append(_tier(name, sub))
-    return tiers
-
-
-def _tier(name: str, stats: dict) -> CacheTier:
-    return CacheTier(
-        name=name,
-        capacity_blocks=stats.get("num_blocks", 0),
-        cached_blocks=stats.get("cached_blocks", 0),
-        free_blocks=stats.get("free_blocks", 0),
-        evictable_blocks=stats.get("evictable_blocks", 0),
-        locked_blocks=stats.get("locked_blocks", 0),
-    )
+def _tier(tier: TierStats) -> CacheTier:
+    values = tier.counters()
+    values["cached_blocks"] = values.pop("used_blocks")
+    return CacheTier(name=tier.name, **values)
 
 
 # --------------------------------------------------------------------- helpers
 
 
-async def _on_engine(state: ServerState, fn: Callable[[Engine], Any]) -> Any:
-    """``fn(engine)`` on the loop thread; its ValueError is a 400, a dead loop a 503."""
+async def _on_engine(call: Awaitable[T]) -> T:
+    """Await a cache-control call; engine failures become HTTP errors."""
     try:
-        return await state.engine.call(fn)
-    except EngineDeadError:
-        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
-    except ValueError as exc:
-        raise APIError.bad_request(str(exc)) from None
-
-
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+        return await call
+    except Exception as exc:
+        raise engine_error(exc) from None
 
 
 def _mac(engine_handle: str, tenant: bytes | None) -> str:

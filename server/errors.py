@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from server.protocol import ErrorBody, ErrorResponse, encode
+from prefixcache.client import EngineDeadError
+from server.chat_protocol import ErrorBody, ErrorResponse, encode
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,26 @@ class APIError(Exception):
     def body(self) -> bytes:
         """The encoded ``{"error": {...}}`` body."""
         return error_body(self.status, self.message, self.param, self.code)
+
+
+ENGINE_DEAD_MESSAGE = "the engine has stopped; retry later"
+
+
+def engine_dead() -> APIError:
+    """The 503 for every request the engine can no longer serve."""
+    return APIError(503, ENGINE_DEAD_MESSAGE, code="engine_dead")
+
+
+def engine_error(exc: Exception, param: str | None = None) -> APIError:
+    """The one mapping of engine failures to HTTP: a dead engine is a 503, a request the
+    engine refuses (``ValueError``) a 400; anything else is re-raised as the bug it is."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return engine_dead()
+    if isinstance(exc, ValueError):
+        return APIError.bad_request(str(exc), param=param)
+    raise exc
 
 
 def error_body(

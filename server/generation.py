@@ -16,11 +16,10 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from prefixcache.engine.loop import EngineDeadError
-from prefixcache.outputs import RequestDelta, RequestTimings
-from server.errors import APIError
+from prefixcache.client import RequestDelta, RequestTimings
+from server.chat_protocol import PromptTokensDetails, Timings, Usage
+from server.errors import engine_error
 from server.prepare import Prepared
-from server.protocol import PromptTokensDetails, Timings, Usage
 from server.state import ServerState
 
 T = TypeVar("T")
@@ -107,12 +106,12 @@ class Tally:
 async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[RequestDelta]:
     """The engine's deltas for ``prepared``, recording tokens, TTFT, latency and outcome.
 
-    Raises ``EngineDeadError`` if the engine loop has died.
+    Raises ``EngineDeadError`` if the engine has stopped.
     """
     metrics = state.metrics
     metrics.prompt_tokens.inc(len(prepared.prompt_ids))
     outcome, first = "abort", True
-    stream = state.engine.generate(
+    stream = state.client.generate(
         prepared.prompt_ids, prepared.params, request_id=prepared.request_id, salt=prepared.salt
     )
     try:
@@ -173,10 +172,8 @@ async def answer(request: Request, state: ServerState, prepared: Prepared) -> Ta
         return await unless_disconnected(request, collect(state, prepared))
     except ClientGone:
         return None
-    except EngineDeadError:
-        raise APIError(503, "the engine stopped; retry later", code="engine_dead") from None
-    except ValueError as exc:  # refused by the engine itself, after our checks passed
-        raise APIError.bad_request(str(exc)) from None
+    except Exception as exc:  # a dead engine, or a refusal by the engine itself
+        raise engine_error(exc) from None
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -9,12 +9,10 @@ from typing import TextIO
 
 import uvicorn
 
-from prefixcache.apps.response_store import ResponseStore
-from prefixcache.engine.loop import AsyncEngine
-from prefixcache.sdk import Engine
+from prefixcache import Engine
+from prefixcache.client import EngineLimits, InProcessEngineClient, ResponseStore
 from server.app import DEFAULT_MAX_QUEUE, create_app
 from server.background import bind_socket
-from server.responses_api import install_response_store
 
 
 def serve(
@@ -35,26 +33,30 @@ def serve(
     ``responses_dir`` keeps the Responses API's stored conversations there, so they
     survive a restart (without it: next to the disk KV tier if any, else in memory).
     """
-    async_engine = AsyncEngine(engine)
+    client = InProcessEngineClient(engine)
     try:
+        store = ResponseStore(folder=responses_dir) if responses_dir is not None else None
         app = create_app(
-            async_engine, model_name=model_name, api_keys=api_keys, max_queue=max_queue
+            client,
+            model_name=model_name,
+            api_keys=api_keys,
+            max_queue=max_queue,
+            response_store=store,
         )
-        if responses_dir is not None:
-            install_response_store(app, ResponseStore(folder=responses_dir))
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
-        print_banner(engine, model_name, host, bound_port, len(set(api_keys)), random_weights)
+        keys = len(set(api_keys))
+        print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is the normal end.
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run(sockets=[sock])
     finally:
-        async_engine.shutdown()
+        client.shutdown()
 
 
 def print_banner(
-    engine: Engine,
+    limits: EngineLimits,
     model_name: str,
     host: str,
     port: int,
@@ -64,19 +66,20 @@ def print_banner(
 ) -> None:
     """Print the URL, model, device, backend and cache sizes the server runs with."""
     out = out or sys.stdout
-    config = engine.config
+    config = limits
     shown_host = f"[{host}]" if ":" in host else host
-    caching = "on" if config.enable_prefix_caching else "off"
+    caching = "on" if config.prefix_caching else "off"
     weights = "RANDOM weights: its text is gibberish" if random_weights else config.model
     auth = f"{num_keys} API key(s), one prefix-cache namespace each" if num_keys else "off"
     disk = config.disk_cache_dir or "off"
-    dtype = str(engine.dtype).removeprefix("torch.")
+    num_blocks = config.kv_cache_tokens // config.block_size
     lines = [
         f"prefixcache serving at http://{shown_host}:{port}/v1 (OpenAI-compatible)",
         f"  model       {model_name} ({weights})",
-        f"  device      {engine.device}, {dtype}, attention backend {engine.runner.backend.name}",
+        f"  device      {config.device}, {config.dtype}, "
+        f"attention backend {config.attention_backend}",
         f"  context     max_model_len {config.max_model_len} tokens",
-        f"  KV cache    {config.kv_cache_tokens} tokens ({config.num_kv_blocks} blocks of "
+        f"  KV cache    {config.kv_cache_tokens} tokens ({num_blocks} blocks of "
         f"{config.block_size}), prefix caching {caching}",
         f"  host cache  {config.host_cache_tokens} tokens; disk cache {disk}",
         f"  batching    max_num_seqs {config.max_num_seqs}, "

@@ -1,5 +1,5 @@
 """Prometheus metrics: request counters and latency histograms kept by the server,
-plus the engine's own counters and block gauges read from ``engine.stats()``.
+plus the engine's own counters and block gauges from its ``EngineStats`` snapshot.
 
 Each app has its own registry, so several servers can live in one process (tests).
 The engine's counters are cumulative totals owned by the engine; a custom collector
@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from prefixcache.client import EngineStats
+
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 )  # fmt: skip
@@ -21,10 +23,6 @@ _STAGE_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0, 120.0,
 )  # fmt: skip
-# engine.stats() key -> tier label, per counter. Tiers the engine does not report
-# (yet) are simply absent from its stats and so from the output.
-_HIT_KEYS = {"hit_tokens": "device", "host_hit_tokens": "host", "disk_hit_tokens": "disk"}
-_EVICTION_KEYS = {"evicted_blocks": "device", "host_evicted_blocks": "host"}
 # HTTP status -> outcome label for requests refused before reaching the engine.
 _ERROR_OUTCOMES = {
     400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid", 413: "invalid",
@@ -33,68 +31,78 @@ _ERROR_OUTCOMES = {
 
 
 class EngineStatsCollector(Collector):
-    """Reports the last ``engine.stats()`` snapshot handed to ``update``."""
+    """Reports the last ``EngineStats`` snapshot handed to ``update``.
+
+    Every tier (the device, then each tier behind it) is one ``tier`` label value of
+    the same families, so a tier registered later shows up with no change here.
+    """
 
     def __init__(self) -> None:
-        self._stats: Mapping[str, int] = {}
+        self._stats: EngineStats | None = None
 
-    def update(self, stats: Mapping[str, int] | None) -> None:
+    def update(self, stats: EngineStats | None) -> None:
         """Replace the snapshot (None: the engine could not be asked; report nothing)."""
-        self._stats = stats or {}
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        """Counters for prefix-cache tokens and evictions; gauges for blocks and queues."""
+        """Counters for prefix-cache tokens and per-tier traffic; gauges for blocks."""
         stats = self._stats
-        if not stats:
+        if stats is None:
             return
         queried = CounterMetricFamily(
             "prefixcache_prefix_cache_queried_tokens",
             "Prompt tokens looked up in the prefix cache.",
         )
-        queried.add_metric([], stats.get("query_tokens", 0))
+        queried.add_metric([], stats.query_tokens)
         yield queried
-        yield _by_tier(
-            "prefixcache_prefix_cache_hit_tokens",
-            "Prompt tokens served from the prefix cache, by tier.",
-            stats,
-            _HIT_KEYS,
-        )
-        yield _by_tier(
-            "prefixcache_prefix_cache_evicted_blocks",
-            "KV blocks evicted from the prefix cache, by tier.",
-            stats,
-            _EVICTION_KEYS,
-        )
+        for field, (name, doc) in _TIER_COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=["tier"])
+            for tier in stats.tiers:
+                family.add_metric([tier.name], getattr(tier, field))
+            yield family
+        for field, (name, doc) in _TIER_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["tier"])
+            for tier in stats.tiers:
+                family.add_metric([tier.name], getattr(tier, field))
+            yield family
         yield from _gauges(stats)
 
 
-def _by_tier(name: str, doc: str, stats: Mapping[str, int], keys: Mapping[str, str]):
-    family = CounterMetricFamily(name, doc, labels=["tier"])
-    for key, tier in keys.items():
-        if key in stats or tier == "device":
-            family.add_metric([tier], stats.get(key, 0))
-    return family
+# TierStats field -> (metric, help), reported for every tier with a ``tier`` label.
+_TIER_COUNTERS = {
+    "hit_tokens": ("prefixcache_prefix_cache_hit_tokens", "Prompt tokens served, by tier."),
+    "evicted_blocks": (
+        "prefixcache_prefix_cache_evicted_blocks",
+        "KV blocks evicted, by tier.",
+    ),
+    "stored_blocks": ("prefixcache_tier_stored_blocks", "KV blocks written into a tier."),
+    "read_bytes": ("prefixcache_tier_read_bytes", "Bytes read from a tier."),
+    "written_bytes": ("prefixcache_tier_written_bytes", "Bytes written to a tier."),
+    "failures": ("prefixcache_tier_failures", "Tier operations that failed and were skipped."),
+}
+_TIER_GAUGES = {
+    "capacity_blocks": ("prefixcache_tier_capacity_blocks", "KV blocks a tier can hold."),
+    "used_blocks": ("prefixcache_tier_used_blocks", "KV blocks a tier holds now."),
+    "used_bytes": ("prefixcache_tier_used_bytes", "Bytes a tier holds now."),
+    "entries": ("prefixcache_tier_entries", "Chunks a tier holds now."),
+}
 
 
-def _gauges(stats: Mapping[str, int]) -> Iterator[Metric]:
-    total, free = stats.get("num_blocks", 0), stats.get("free_blocks", 0)
-    evictable = stats.get("evictable_blocks", 0)
+def _gauges(stats: EngineStats) -> Iterator[Metric]:
+    blocks = stats.device
     values = {
-        "prefixcache_kv_blocks_capacity": ("KV blocks in the device pool.", total),
+        "prefixcache_kv_blocks_capacity": ("KV blocks in the device pool.", blocks.total),
         "prefixcache_kv_blocks_in_use": (
             "KV blocks held by requests (not free, not evictable cache).",
-            total - free - evictable,
+            blocks.total - blocks.free - blocks.evictable,
         ),
-        "prefixcache_kv_blocks_cached": (
-            "KV blocks held by the prefix cache.",
-            stats.get("cached_blocks", 0),
-        ),
+        "prefixcache_kv_blocks_cached": ("KV blocks held by the prefix cache.", blocks.cached),
         "prefixcache_kv_blocks_locked": (
             "Cached KV blocks locked by running requests.",
-            stats.get("locked_blocks", 0),
+            blocks.locked,
         ),
-        "prefixcache_requests_running": ("Requests being run.", stats.get("running", 0)),
-        "prefixcache_requests_waiting": ("Requests queued in the engine.", stats.get("waiting", 0)),
+        "prefixcache_requests_running": ("Requests being run.", stats.running),
+        "prefixcache_requests_waiting": ("Requests queued in the engine.", stats.waiting),
     }
     for name, (doc, value) in values.items():
         yield GaugeMetricFamily(name, doc, value=value)
@@ -161,7 +169,7 @@ class ServerMetrics:
         """Count a request refused with ``status``."""
         self.requests.labels(_ERROR_OUTCOMES.get(status, "error")).inc()
 
-    def render(self, stats: Mapping[str, int] | None) -> bytes:
+    def render(self, stats: EngineStats | None) -> bytes:
         """The Prometheus text exposition, with ``stats`` as the engine snapshot."""
         self.engine.update(stats)
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.protocol import ErrorResponse
+from server.chat_protocol import ErrorResponse
 
 _REF = "#/components/schemas/{name}"
 

@@ -17,10 +17,10 @@ import msgspec
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from prefixcache.sampling_params import SamplingParams
+from prefixcache.client import SamplingParams
 from server.auth import tenant_salt
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
+from server.chat_protocol import ChatCompletionRequest, CompletionRequest, TextPart
+from server.errors import APIError, engine_error
 from server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class Prepared(NamedTuple):
-    """A validated request, ready for ``AsyncEngine.generate``."""
+    """A validated request, ready for ``EngineClient.generate``."""
 
     request_id: str
-    prompt_ids: np.ndarray | list[int]  # validated later by the engine
+    prompt_ids: np.ndarray  # validated: in the vocabulary, and fits with max_tokens
     params: SamplingParams
     salt: str | None
     stream: bool
@@ -93,9 +93,9 @@ async def prepare_chat(
     if req.logprobs or req.top_logprobs:
         raise APIError.bad_request("logprobs are not supported", param="logprobs")
     messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
-    engine = state.engine.engine
+    inputs = state.client.inputs
     decoded = time.perf_counter()
-    prompt_ids = await run_tokenizer(state, lambda: engine.chat_prompt_tokens(messages), "messages")
+    prompt_ids = await run_tokenizer(state, lambda: inputs.chat_tokens(messages), "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
     prepared = _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
     return _with_timings(prepared, decoded)
@@ -113,13 +113,15 @@ async def prepare_completion(
     if req.suffix:
         raise APIError.bad_request("suffix is not supported", param="suffix")
     prompt = _single_prompt(req.prompt)
-    engine = state.engine.engine
-    prompt_ids = await run_tokenizer(state, lambda: engine.tokenize_prompt(prompt), "prompt")
+    inputs = state.client.inputs
+    decoded = time.perf_counter()
+    prompt_ids = await run_tokenizer(state, lambda: inputs.prompt_tokens(prompt), "prompt")
     max_tokens = req.max_tokens
     if max_tokens is None:
         room = state.max_context_tokens - len(prompt_ids)
         max_tokens = min(_DEFAULT_COMPLETION_TOKENS, room) if room > 0 else 1
-    return _prepared(state, req, "cmpl", prompt_ids, max_tokens, tenant, arrival)
+    prepared = _prepared(state, req, "cmpl", prompt_ids, max_tokens, tenant, arrival)
+    return _with_timings(prepared, decoded)
 
 
 def _prepared(
@@ -141,10 +143,7 @@ def _prepared(
                 code="context_length_exceeded",
             )
     params = _sampling_params(req, max_tokens)
-    try:
-        state.engine.engine.check_fits(len(prompt_ids), params)
-    except ValueError as exc:
-        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
+    check_fits(state, len(prompt_ids), params.max_tokens)
     return Prepared(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         prompt_ids=prompt_ids,
@@ -154,6 +153,14 @@ def _prepared(
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         arrival=arrival,
     )
+
+
+def check_fits(state: ServerState, num_prompt_tokens: int, max_tokens: int) -> None:
+    """A 400 ``context_length_exceeded`` unless the prompt and its output fit the engine."""
+    try:
+        state.client.inputs.check_fits(num_prompt_tokens, max_tokens)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
 
 
 def _sampling_params(
@@ -212,13 +219,16 @@ def _single_prompt(prompt) -> str | list[int]:
     )
 
 
-async def run_tokenizer(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
-    """Run ``fn`` on the tokenizer thread; a failure there is the input's fault: 400."""
+async def run_tokenizer(state: ServerState, fn: Callable[[], T], param: str) -> T:
+    """Run ``fn`` (tokenizing, rendering) on the tokenizer thread, off the event loop.
+
+    A failure there is the input's fault: a 400 naming ``param``.
+    """
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(state.tokenizer_pool, fn)
     except ValueError as exc:
-        raise APIError.bad_request(str(exc), param=param) from None
+        raise engine_error(exc, param) from None
     except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's
         logger.info("tokenizing %s failed: %r", param, exc)
         raise APIError.bad_request(f"cannot tokenize {param}: {exc}", param=param) from None

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from prefixcache.apps.response_store import StoredResponse
-from prefixcache.engine.loop import EngineDeadError
-from prefixcache.outputs import RequestDelta
+from prefixcache.client import EngineDeadError, RequestDelta, StoredResponse
+from server.chat_protocol import encode
+from server.errors import ENGINE_DEAD_MESSAGE
 from server.generation import Tally
-from server.protocol import encode
 from server.responses_protocol import (
     IncompleteDetails,
     InputTokensDetails,
@@ -34,7 +33,7 @@ from server.responses_protocol import (
 )
 
 if TYPE_CHECKING:
-    from server.responses_api import Job
+    from server.responses_routes import Job
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def _error_event(ev: _Events, exc: Exception) -> bytes:
     rid = ev.job.prepared.request_id
     if isinstance(exc, EngineDeadError):
         logger.error("response stream %s failed: %s", rid, exc)
-        code, message = "engine_dead", "the engine stopped; retry later"
+        code, message = "engine_dead", ENGINE_DEAD_MESSAGE
     else:
         logger.error("response stream %s failed", rid, exc_info=exc)
         code, message = "server_error", "internal server error; see the server log"

@@ -1,6 +1,6 @@
 """OpenAI Responses API bodies (the subset served here) as msgspec Structs.
 
-As in ``server.protocol``, requests are decoded straight from the raw body and the
+As in ``server.chat_protocol``, requests are decoded straight from the raw body and the
 annotations are the first validation; unknown fields are ignored.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from server.protocol import MaxTokens, Temperature, Timings, TopP
+from server.chat_protocol import MaxTokens, Temperature, Timings, TopP
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]

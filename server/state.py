@@ -1,12 +1,16 @@
-"""What every route shares: the engine, the served model's name, keys, limits, metrics."""
+"""What every route shares: the engine client, the served model's name, keys, metrics,
+and the Responses API's store and renderer."""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from prefixcache.engine.loop import AsyncEngine
+from starlette.requests import Request
+
+from prefixcache.client import ConversationRenderer, EngineClient, ResponseStore
 from server.auth import KeyRing
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -55,7 +59,7 @@ class Admission:
 class ServerState:
     """The state behind one app; routes reach it as ``request.app.state.server``."""
 
-    engine: AsyncEngine
+    client: EngineClient
     model_name: str
     keys: KeyRing
     admission: Admission
@@ -66,19 +70,40 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixcache-tokenize")
     )
     created: int = field(default_factory=lambda: int(time.time()))
+    responses: ResponseStore | None = None  # made on first use when none was given
+    _renderer: ConversationRenderer | None = None
 
     @property
     def max_model_len(self) -> int:
         """Longest prompt plus output the engine accepts."""
-        return self.engine.engine.config.max_model_len
+        return self.client.limits.max_model_len
 
     @property
     def max_context_tokens(self) -> int:
         """Most prompt plus output tokens one request can have (model limit and KV pool)."""
-        config = self.engine.engine.config
-        return min(config.max_model_len, config.num_kv_blocks * config.block_size)
+        return self.client.limits.max_context_tokens
 
     @property
     def fingerprint(self) -> str:
         """A short id of the served weights (OpenAI's ``system_fingerprint``)."""
-        return "fp_" + str(self.engine.engine.fingerprint)[:12]
+        return "fp_" + self.client.limits.fingerprint[:12]
+
+    @property
+    def response_store(self) -> ResponseStore:
+        """The Responses API's store: next to the disk KV tier if any, else in memory."""
+        if self.responses is None:
+            disk = self.client.limits.disk_cache_dir
+            self.responses = ResponseStore(folder=Path(disk) / "responses" if disk else None)
+        return self.responses
+
+    @property
+    def renderer(self) -> ConversationRenderer:
+        """Renders Responses turns on the engine's tokenizer and chat template."""
+        if self._renderer is None:
+            self._renderer = ConversationRenderer(self.client.inputs)
+        return self._renderer
+
+
+def server_state(request: Request) -> ServerState:
+    """The state of the app serving ``request``."""
+    return request.app.state.server

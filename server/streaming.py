@@ -15,13 +15,12 @@ import msgspec
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from prefixcache.engine.loop import EngineDeadError
-from prefixcache.outputs import RequestDelta
-from server.errors import error_body
+from prefixcache.client import EngineDeadError, RequestDelta
+from server.chat_format import ChatFormat, CompletionFormat
+from server.chat_protocol import encode
+from server.errors import ENGINE_DEAD_MESSAGE, error_body
 from server.generation import Tally
 from server.prepare import Prepared
-from server.protocol import encode
-from server.responses import ChatFormat, CompletionFormat
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ async def events(
 def _error_event(request_id: str, exc: Exception) -> bytes:
     if isinstance(exc, EngineDeadError):
         logger.error("stream %s failed: %s", request_id, exc)
-        body = error_body(503, "the engine stopped; retry later")
+        body = error_body(503, ENGINE_DEAD_MESSAGE, code="engine_dead")
     else:
         logger.error("stream %s failed", request_id, exc_info=exc)
         body = error_body(500, "internal server error; see the server log")

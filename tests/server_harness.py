@@ -1,7 +1,7 @@
 """Helpers for tests that run a real server in-process: start one, inspect its engine.
 
 The engine belongs to its loop thread, so tests read it only through
-``AsyncEngine.call`` (``on_engine`` below), never directly. Needs the ``dev`` extra
+``InProcessEngineClient.run`` (``on_engine`` below), never directly. Needs the ``dev`` extra
 (httpx).
 """
 
@@ -16,17 +16,17 @@ from typing import Any, NamedTuple
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixcache.engine.loop import AsyncEngine
-from prefixcache.sdk import Engine
+from prefixcache import Engine
+from prefixcache.client import InProcessEngineClient
 from server.app import create_app
 from server.background import BackgroundServer
 
 
 class RunningServer(NamedTuple):
-    """A server started by ``running_server``: its base URL and its engine front."""
+    """A server started by ``running_server``: its base URL and its engine client."""
 
     url: str
-    async_engine: AsyncEngine
+    client: InProcessEngineClient
 
     @property
     def api_url(self) -> str:
@@ -53,7 +53,7 @@ class RunningServer(NamedTuple):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"requests still in flight after {timeout}s")
             time.sleep(0.02)  # polling interval
-        return wait_until_idle(self.async_engine, max(deadline - time.monotonic(), 1.0))
+        return wait_until_idle(self.client, max(deadline - time.monotonic(), 1.0))
 
 
 @contextlib.contextmanager
@@ -65,25 +65,21 @@ def running_server(
     ``engine_options`` go to ``Engine.from_pretrained``, ``app_options`` to ``create_app``.
     """
     engine = Engine.from_pretrained(model, device="cpu", **(engine_options or {}))
-    async_engine = AsyncEngine(engine)
+    client = InProcessEngineClient(engine)
     try:
-        app = create_app(async_engine, model_name=model_name, **app_options)
+        app = create_app(client, model_name=model_name, **app_options)
         with BackgroundServer(app) as server:
-            yield RunningServer(server.url, async_engine)
+            yield RunningServer(server.url, client)
     finally:
-        async_engine.shutdown()
+        client.shutdown()
 
 
-def on_engine(async_engine: AsyncEngine, fn: Callable[[Engine], Any]) -> Any:
+def on_engine(client: InProcessEngineClient, fn: Callable[[Engine], Any]) -> Any:
     """Run ``fn(engine)`` on the engine's loop thread and return its result."""
-
-    async def run() -> Any:
-        return await async_engine.call(fn)
-
-    return asyncio.run(run())
+    return asyncio.run(client.run(fn))
 
 
-def wait_until_idle(async_engine: AsyncEngine, timeout: float = 30.0) -> dict:
+def wait_until_idle(client: InProcessEngineClient, timeout: float = 30.0) -> dict:
     """Wait until no request runs or waits and no block is locked; return the stats.
 
     Then check block accounting (``check_integrity``). Raises TimeoutError if the
@@ -91,9 +87,9 @@ def wait_until_idle(async_engine: AsyncEngine, timeout: float = 30.0) -> dict:
     """
     deadline = time.monotonic() + timeout
     while True:
-        stats = on_engine(async_engine, lambda e: e.stats())
+        stats = on_engine(client, lambda e: e.stats())
         if not stats["running"] and not stats["waiting"] and not stats.get("locked_blocks"):
-            on_engine(async_engine, lambda e: e.check_integrity())
+            on_engine(client, lambda e: e.check_integrity())
             return stats
         if time.monotonic() > deadline:
             raise TimeoutError(f"engine still busy after {timeout}s: {stats}")

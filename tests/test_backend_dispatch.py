@@ -14,7 +14,7 @@ from kernels.flash_attn_backend import FlashAttnBackend
 from kernels.torch_ref import TorchReferenceBackend
 from kernels.triton_backend import TritonBackend, triton_importable
 from prefixcache import Engine
-from prefixcache.config import BACKENDS
+from prefixcache.config import EngineConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -32,8 +32,14 @@ def _hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     )
 
 
-def test_every_configurable_backend_is_registered():
-    assert set(available_backends()) == set(BACKENDS) - {"auto"}
+def test_the_config_accepts_exactly_auto_and_the_registered_backends():
+    assert set(available_backends()) == {"torch", "triton", "flash-attn"}
+    for name in ("auto", *available_backends()):
+        EngineConfig(model="m", device="cpu", dtype="float32", max_model_len=64,
+                     attention_backend=name)  # fmt: skip
+    with pytest.raises(ValueError, match="attention_backend must be one of auto, "):
+        EngineConfig(model="m", device="cpu", dtype="float32", max_model_len=64,
+                     attention_backend="xformers")  # fmt: skip
 
 
 def test_importing_kernels_imports_neither_triton_nor_flash_attn():

@@ -42,10 +42,10 @@ def test_pinned_prefix_survives_eviction_pressure_until_unpinned(tiny_llama):
     assert handle.pinned and handle.num_cached_tokens == 160
     for seed in range(3, 12):  # each fills most of the pool
         engine.generate(_prompt(seed, 300), SamplingParams(max_tokens=2))
-    assert engine.blocks.cache.peek(pinned) == 160
+    assert engine.core.blocks.cache.peek(pinned) == 160
     assert engine.unpin(handle) and not engine.unpin(handle)
     engine.generate(_prompt(20, 400), SamplingParams(max_tokens=2))
-    assert engine.blocks.cache.peek(pinned) < 160
+    assert engine.core.blocks.cache.peek(pinned) < 160
     engine.check_integrity()
 
 
@@ -61,15 +61,15 @@ def test_pin_over_the_cap_is_refused_before_any_work(tiny_llama):
 def test_ttl_expiry_unpins(tiny_llama):
     engine = _engine(tiny_llama)
     now = [100.0]
-    engine.pins.clock = lambda: now[0]
+    engine.control.pins.clock = lambda: now[0]
     handle = engine.prewarm(_prompt(3, 64), pin=True, ttl=5.0)
-    assert engine.blocks.cache.num_locked_blocks == 4
+    assert engine.core.blocks.cache.num_locked_blocks == 4
     now[0] += 4.0
-    engine.pins.expire()
-    assert engine.blocks.cache.num_locked_blocks == 4
+    engine.control.pins.expire()
+    assert engine.core.blocks.cache.num_locked_blocks == 4
     now[0] += 2.0
     engine.generate([1, 2, 3], SamplingParams(max_tokens=1))  # any step expires pins
-    assert engine.blocks.cache.num_locked_blocks == 0 and not engine.unpin(handle)
+    assert engine.core.blocks.cache.num_locked_blocks == 0 and not engine.unpin(handle)
 
 
 def test_flush_drops_everything_not_pinned(tiny_llama):
@@ -78,8 +78,8 @@ def test_flush_drops_everything_not_pinned(tiny_llama):
     engine.prewarm(_prompt(5, 64))
     freed = engine.flush_cache()
     assert freed == 4
-    assert engine.blocks.cache.peek(_prompt(4, 64)) == 64
-    assert engine.blocks.cache.peek(_prompt(5, 64)) == 0
+    assert engine.core.blocks.cache.peek(_prompt(4, 64)) == 64
+    assert engine.core.blocks.cache.peek(_prompt(5, 64)) == 0
     engine.unpin(kept)
     engine.check_integrity()
 

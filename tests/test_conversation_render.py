@@ -53,7 +53,7 @@ def with_template(engine):
 
     def use(template: str) -> ConversationRenderer:
         engine.tokenizer.chat_template = template
-        return ConversationRenderer(engine)
+        return ConversationRenderer(engine.inputs)
 
     yield use
     engine.tokenizer.chat_template = original

@@ -101,7 +101,7 @@ def test_a_conversation_extended_turn_by_turn_stays_one_tree_node(tiny_llama):
     for _ in range(6):
         ids += [rng.randrange(3, 700) for _ in range(70)]
         ids += engine.generate(ids, SamplingParams(max_tokens=9, ignore_eos=True))[0].token_ids
-    cache = engine.blocks.cache
+    cache = engine.core.blocks.cache
     match = cache.match(ids)
     depth, node = 0, match.node
     while node.parent is not None:

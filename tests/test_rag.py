@@ -47,7 +47,7 @@ class Target:
     def run(self, fn):
         """``fn(engine)`` where the engine lives (its loop thread for a server)."""
         if self.server is not None:
-            return on_engine(self.server.async_engine, fn)
+            return on_engine(self.server.client, fn)
         return fn(self.engine)
 
     def traffic(self, seeds) -> None:
@@ -84,8 +84,8 @@ def target(request) -> Target:
 
 
 def _reset(engine: Engine) -> None:
-    engine.pins.clear()
-    engine.pins.clock = time.monotonic
+    engine.control.pins.clear()
+    engine.control.pins.clock = time.monotonic
     engine.flush_cache()
 
 
@@ -160,7 +160,7 @@ def test_ttl_expiry_makes_documents_evictable(target):
     now = [1000.0]
 
     def fake_clock(engine):
-        engine.pins.clock = lambda: now[0]
+        engine.control.pins.clock = lambda: now[0]
 
     target.run(fake_clock)
     with target.pipeline() as rag:
@@ -189,7 +189,10 @@ def test_flush_keeps_the_blocks_a_running_request_holds(tiny_llama):
     engine.add_request(running, PARAMS)
     engine.step()  # a first 32-token chunk of prefill: cached, locked by the request
     assert engine.flush_cache() == 4
-    assert engine.blocks.cache.peek(running) == 32 and engine.blocks.cache.peek(_prompt(8, 64)) == 0
+    assert (
+        engine.core.blocks.cache.peek(running) == 32
+        and engine.core.blocks.cache.peek(_prompt(8, 64)) == 0
+    )
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_integrity()

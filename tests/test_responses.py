@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from prefixcache import Engine, SamplingParams
-from prefixcache.apps.conversations import session
 from prefixcache.apps.response_store import ResponseStore, StoredResponse
 
 BLOCK = 16
@@ -36,7 +35,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def test_continued_prompt_equals_rendering_the_whole_conversation(engine):
-    renderer = session(engine)[0]
+    renderer = engine.responses.renderer
     appends = renderer.appends
     messages = [{"role": "system", "content": "Answer briefly."}]
     previous = None
@@ -105,7 +104,7 @@ def test_bad_input_is_a_value_error(engine):
 
 
 def test_extend_falls_back_to_a_whole_encode_where_the_cut_is_unsafe(engine):
-    renderer = session(engine)[0]
+    renderer = engine.responses.renderer
     base = "<|im_start|>user\nhello"
     ids = engine.tokenizer.encode(base, add_special_tokens=False)
     whole = base + " world"  # the tail starts with plain text: tokens may span the cut

@@ -82,13 +82,13 @@ def test_abort_in_every_state_frees_everything(tiny_llama, stage):
     target = {"waiting": victim, "prefill": blocker, "decode": blocker}[stage]
     engine.step()  # blocker is mid-prefill, victim waits behind max_num_seqs=1
     if stage == "decode":
-        while engine.requests[blocker].seq.num_output_tokens < 3:
+        while engine.core.requests[blocker].seq.num_output_tokens < 3:
             engine.step()
     delta = engine.abort(target)
-    assert delta.finish_reason == "abort" and target not in engine.requests
+    assert delta.finish_reason == "abort" and target not in engine.core.requests
     _drain(engine)
     engine.check_integrity()
-    assert engine.blocks.cache.num_locked_blocks == 0
+    assert engine.core.blocks.cache.num_locked_blocks == 0
     assert engine.stats()["free_blocks"] + engine.stats()["cached_blocks"] == 512
 
 
@@ -111,7 +111,7 @@ def test_request_that_never_fits_is_refused_and_others_continue(tiny_llama):
     first = engine.add_request([5] * 50, params)
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         engine.add_request([6] * 600, params)
-    states = engine.requests[first]
+    states = engine.core.requests[first]
     _drain(engine)
     assert len(states.output().token_ids) == 8
     engine.check_integrity()
@@ -124,15 +124,15 @@ def test_prefix_is_shared_while_its_first_request_still_prefills(tiny_llama):
     first = engine.add_request(shared + [1], params)
     for _ in range(3):  # three budget-sized chunks of the first prompt are computed
         engine.step()
-    assert engine.requests[first].seq.num_computed_tokens < len(shared)
-    peek = engine.blocks.cache.match(shared + [2])
-    engine.blocks.cache.unlock(peek.node)
+    assert engine.core.requests[first].seq.num_computed_tokens < len(shared)
+    peek = engine.core.blocks.cache.match(shared + [2])
+    engine.core.blocks.cache.unlock(peek.node)
     assert peek.num_tokens == 3 * 128
     second = engine.add_request(shared + [2], params)
-    state = engine.requests[second]
+    state = engine.core.requests[second]
     _drain(engine)
     assert state.seq.num_cached_tokens >= 3 * 128
-    assert first not in engine.requests
+    assert first not in engine.core.requests
     engine.check_integrity()
 
 

@@ -81,7 +81,7 @@ def test_banner_shows_url_model_device_backend_and_cache_sizes(tiny_llama):
     text = out.getvalue()
     for expected in ("http://127.0.0.1:8123/v1", "tiny", "RANDOM", "cpu", "4096 tokens", "512"):
         assert expected in text
-    assert engine.runner.backend.name in text and "2 API key" in text
+    assert engine.core.runner.backend.name in text and "2 API key" in text
 
 
 def test_generate_command_still_works(tiny_llama, capsys):

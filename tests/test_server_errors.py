@@ -214,7 +214,7 @@ def test_a_dead_engine_gets_503s_not_500s(tiny_llama, http):
         def broken_step():
             raise RuntimeError("simulated engine failure")
 
-        server.async_engine.engine.step = broken_step  # the loop thread calls it next
+        server.client.engine.core.step = broken_step  # the loop thread calls it next
         url = server.api_url + "/chat/completions"
         for stream in (False, False, True):
             error = _assert_error(http.post(url, json=_chat_body(stream=stream)), 503)

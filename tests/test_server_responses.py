@@ -12,11 +12,11 @@ from server_harness import running_server
 
 from prefixcache import cli
 from prefixcache.apps.response_store import ResponseStore
-from prefixcache.engine.loop import AsyncEngine
+from prefixcache.client import InProcessEngineClient
 from prefixcache.sdk import Engine
 from server.app import create_app
 from server.background import BackgroundServer
-from server.responses_api import install_response_store
+from server.responses_routes import install_response_store
 
 BLOCK = 16
 KEY_A, KEY_B = "key-a", "key-b"
@@ -37,14 +37,14 @@ def served(tiny_llama):
 def _serving(model, store: ResponseStore):
     """A fresh server (engine and all) whose Responses API keeps its answers in ``store``."""
     options = {"kv_cache_tokens": 4096, "max_model_len": 2048}
-    async_engine = AsyncEngine(Engine.from_pretrained(str(model), device="cpu", **options))
+    client = InProcessEngineClient(Engine.from_pretrained(str(model), device="cpu", **options))
     try:
-        app = create_app(async_engine, model_name="tiny")
+        app = create_app(client, model_name="tiny")
         install_response_store(app, store)
         with BackgroundServer(app) as server:
             yield server.url + "/v1"
     finally:
-        async_engine.shutdown()
+        client.shutdown()
 
 
 def _client(served, key: str = KEY_A) -> openai.OpenAI:

@@ -46,13 +46,13 @@ def reference(tiny_llama):
 
 
 def _files(engine: Engine) -> list:
-    return sorted(engine.blocks.tiers.disk.folder.glob("*.kv"))
+    return sorted(engine.core.blocks.tiers.disk.folder.glob("*.kv"))
 
 
 def _chunk_file(engine: Engine, prompt: list[int], chunk: int):
-    chains = ChunkChains(engine.fingerprint, None, CHUNK)
+    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
     chains.extend_to(np.asarray(prompt, dtype=np.int32))
-    return engine.blocks.tiers.disk.path(chains.chunk_hash(chunk))
+    return engine.core.blocks.tiers.disk.path(chains.chunk_hash(chunk))
 
 
 # -- host tier --------------------------------------------------------------------------
@@ -120,15 +120,15 @@ def test_chunk_evicted_block_by_block_reaches_host_whole(tiny_llama):
     engine = _engine(tiny_llama, host_cache_tokens=4096)
     prompt = _prompt(11, 4 * CHUNK + 5)
     engine.generate(prompt, SamplingParams(max_tokens=1))
-    cache = engine.blocks.cache
+    cache = engine.core.blocks.cache
     match = cache.match(np.asarray(prompt[: 4 * CHUNK]))
-    k_pool = engine.runner.kv_cache.layers[1][0]
+    k_pool = engine.core.runner.kv_cache.layers[1][0]
     on_device = k_pool[match.block_ids].clone()
     cache.unlock(match.node)
     while cache.evict(1):  # the smallest steps eviction takes: one block at a time
         pass
-    host = engine.blocks.tiers.host
-    chains = ChunkChains(engine.fingerprint, None, CHUNK)
+    host = engine.core.blocks.tiers.host
+    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
     chains.extend_to(np.asarray(prompt, dtype=np.int32))
     nb = CHUNK // 16
     for c in range(4):
@@ -154,10 +154,10 @@ def test_colliding_hashes_never_serve_kv_of_another_prefix(tiny_llama, reference
     x, z, y = _prompt(30, CHUNK), _prompt(31, CHUNK), _prompt(32, CHUNK + 20)
     engine = _engine(tiny_llama, host_cache_tokens=4096)
     engine.generate(x + y, PARAMS)
-    while engine.blocks.cache.evict(1):  # suffix first: y's chunk takes the one hash slot
+    while engine.core.blocks.cache.evict(1):  # suffix first: y's chunk takes the one hash slot
         pass
     engine.generate(z, SamplingParams(max_tokens=1))  # z on device, y (after x) on host
-    held = engine.blocks.tiers.host.get(7)
+    held = engine.core.blocks.tiers.host.get(7)
     assert held is not None and held.tokens.tolist() == y[:CHUNK]
     out = engine.generate(z + y, PARAMS)[0]
     # Chunk 1 of both prompts has the same tokens and the same (forced) hash chain, but
@@ -184,7 +184,7 @@ def test_second_engine_reuses_prefix_from_disk(tiny_llama, reference, tmp_path):
     stats = second.stats()
     assert stats["disk_hit_tokens"] == 4 * CHUNK and stats["disk_read_bytes"] > 0
     # Blocks read from disk are named like computed ones: evicted, they reach the host.
-    second.blocks.cache.evict(second.blocks.cache.num_evictable_blocks)
+    second.core.blocks.cache.evict(second.core.blocks.cache.num_evictable_blocks)
     again = second.generate(prompt, PARAMS)[0]
     assert again.token_ids == out.token_ids and second.stats()["host_hit_tokens"] == 4 * CHUNK
     second.check_integrity()
@@ -215,7 +215,7 @@ def test_file_of_another_model_is_a_miss_and_removed(
     assert out.num_cached_tokens == 0 and out.token_ids == expected
     assert "fingerprint" in caplog.text
     # The bad file went; the one there now is the second model's own, written through.
-    assert decode(other.blocks.tiers.disk.layout, bytearray(target.read_bytes()))
+    assert decode(other.core.blocks.tiers.disk.layout, bytearray(target.read_bytes()))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
@@ -241,7 +241,7 @@ def test_damaged_file_is_a_miss_and_removed(tiny_llama, reference, tmp_path, cap
     assert out.token_ids == reference([prompt])[0]
     assert "discarding" in caplog.text
     assert bytearray(path.read_bytes()) != raw  # removed, then rewritten whole
-    decode(second.blocks.tiers.disk.layout, bytearray(path.read_bytes()))
+    decode(second.core.blocks.tiers.disk.layout, bytearray(path.read_bytes()))
     second.check_integrity()
 
 

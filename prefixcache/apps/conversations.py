@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,10 +34,10 @@ from prefixcache.inputs.tokenizer import validate_messages
 from prefixcache.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from prefixcache.inputs.processor import InputProcessor
     from prefixcache.sdk import Engine
 
 Input = str | Sequence[dict]
-_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(slots=True)
@@ -101,9 +100,9 @@ def input_messages(value: Input) -> list[dict]:
 class ConversationRenderer:
     """Renders turns on one engine's tokenizer and chat template, appending where exact."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
+    def __init__(self, inputs: InputProcessor) -> None:
+        self.inputs = inputs
+        self.tokenizer = inputs.tokenizer
         self._specials = special_tokens(self.tokenizer)
         self._opaque = content_is_opaque(self.tokenizer.chat_template)
         self._verified, self._unsafe = False, not self._specials
@@ -199,7 +198,7 @@ class ConversationRenderer:
         return encode_ids(self.tokenizer, text)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.engine.segments.render(messages, add_generation_prompt)
+        return self.inputs.segments.render(messages, add_generation_prompt)
 
 
 def _with_instructions(messages: list[dict], instructions: str | None) -> list[dict]:
@@ -244,41 +243,37 @@ def stored_response(
 # ---------------------------------------------------------------------- the SDK
 
 
-def session(engine: Engine) -> tuple[ConversationRenderer, ResponseStore]:
-    """The renderer and the store behind ``engine.respond`` (made on first use)."""
-    if engine not in _STORES:
-        _STORES[engine] = (ConversationRenderer(engine), ResponseStore())
-    return _STORES[engine]
+@dataclass(slots=True)
+class ResponseSession:
+    """The renderer and the store behind one SDK engine's ``respond``."""
 
+    renderer: ConversationRenderer
+    store: ResponseStore
 
-def respond(
-    engine: Engine,
-    input: Input,
-    previous: ResponseOutput | StoredResponse | str | None = None,
-    instructions: str | None = None,
-    params: SamplingParams | None = None,
-    salt: str | None = None,
-) -> ResponseOutput:
-    """Reply to ``input`` in the conversation ending at ``previous`` (see ``Engine.respond``)."""
-    renderer, store = session(engine)
-    scope = salt or ""
-    prev = _resolve_previous(store, previous, scope)
-    turn = renderer.turn(input_messages(input), prev, instructions)
-    out = engine.generate(turn.prompt_ids, params or SamplingParams(), salt=salt)[0]
-    counts = (len(out.prompt_token_ids), out.num_cached_tokens, len(out.token_ids))
-    rid = new_response_id()
-    entry = stored_response(renderer, turn, rid, scope, out.text, counts, out.finish_reason)
-    store.put(entry)
-    return ResponseOutput(
-        rid,
-        out.text,
-        out.prompt_token_ids,
-        out.token_ids,
-        out.finish_reason,
-        counts[0],
-        counts[1],
-        entry,
-    )
+    def respond(
+        self,
+        engine: Engine,
+        input: Input,
+        previous: ResponseOutput | StoredResponse | str | None = None,
+        instructions: str | None = None,
+        params: SamplingParams | None = None,
+        salt: str | None = None,
+    ) -> ResponseOutput:
+        """Reply to ``input`` after ``previous`` on ``engine`` (see ``Engine.respond``)."""
+        scope = salt or ""
+        prev = _resolve_previous(self.store, previous, scope)
+        turn = self.renderer.turn(input_messages(input), prev, instructions)
+        out = engine.generate(turn.prompt_ids, params or SamplingParams(), salt=salt)[0]
+        counts = (len(out.prompt_token_ids), out.num_cached_tokens, len(out.token_ids))
+        rid = new_response_id()
+        entry = stored_response(
+            self.renderer, turn, rid, scope, out.text, counts, out.finish_reason
+        )
+        self.store.put(entry)
+        return ResponseOutput(
+            rid, out.text, out.prompt_token_ids, out.token_ids, out.finish_reason,
+            counts[0], counts[1], entry,
+        )  # fmt: skip
 
 
 def _resolve_previous(

@@ -46,7 +46,7 @@ class LocalBackend:
     def stream(self, messages: Sequence[dict], params: SamplingParams) -> Iterator[Piece]:
         """Reply to ``messages``; leaving the iteration early aborts the request."""
         engine = self.engine
-        request_id = engine.add_request(engine.chat_prompt_tokens(messages), params, salt=self.salt)
+        request_id = engine.add_request(engine.inputs.chat_tokens(messages), params, salt=self.salt)
         finished = False
         try:
             while not finished:

@@ -1,82 +1,76 @@
-"""Explicit cache control for the engine: pre-warm, pin with a TTL, unpin, flush."""
+"""Explicit cache control, composed into the engine core: pin, peek, unpin, flush.
+
+Pins are locks on radix-tree nodes held by a ``PinRegistry``. Everything here runs on
+the thread that steps the engine (the SDK's, or the engine loop's).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
 
-from prefixcache.cache.pins import PinHandle
-from prefixcache.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from prefixcache.sdk import Prompt
+from prefixcache.cache.block_manager import BlockManager
+from prefixcache.cache.pins import PinHandle, PinRegistry
+from prefixcache.engine.stats import PinStats
 
 
 class CacheControl:
-    """Methods ``Engine`` gains for managing its prefix cache directly.
+    """Pins, peeks and flushes over one engine's prefix cache (None when caching is off)."""
 
-    Pins are locks on radix-tree nodes held by the engine's ``PinRegistry``.
-    """
+    def __init__(self, blocks: BlockManager, max_pinned_tokens: int) -> None:
+        self.blocks = blocks
+        cache = blocks.cache
+        self.pins = PinRegistry(cache, max_pinned_tokens) if cache is not None else None
 
-    def prewarm(
-        self,
-        prompt: Prompt | Sequence[dict],
-        pin: bool = False,
-        ttl: float | None = None,
-        salt: str | None = None,
-    ) -> PinHandle:
-        """Prefill a prompt (text, token ids or a message list) into the cache, no reply.
-
-        With ``pin`` the cached prefix is protected from eviction until ``unpin`` or
-        until ``ttl`` seconds pass; a pin over the cap is refused before any work. A
-        message list is rendered without the assistant header, so it is the prefix of
-        any later conversation that extends it.
-        """
-        token_ids = self.prewarm_token_ids(prompt)
-        if pin:
-            self.check_pinnable(len(token_ids), ttl)
-        self._run_all([self.prompt_tokens(token_ids)], SamplingParams(max_tokens=1), False, salt)
-        if pin:
-            return self.pin_prefix(token_ids, salt, ttl)
-        return PinHandle(None, len(token_ids), self._cached_tokens(token_ids, salt), False)
-
-    def prewarm_token_ids(self, prompt: Prompt | Sequence[dict]) -> list[int]:
-        """Token ids ``prewarm`` caches for a text, token-id or message-list prompt."""
-        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.chat_prompt_ids(prompt, add_generation_prompt=False)
-        return self.tokenize_prompt(prompt)
+    def expire(self) -> None:
+        """Release pins whose TTL has passed."""
+        if self.pins is not None:
+            self.pins.expire()
 
     def check_pinnable(self, num_tokens: int, ttl: float | None = None) -> None:
         """ValueError unless pinning ``num_tokens`` more tokens stays under the cap."""
-        if self.pins is None:
-            raise ValueError("cannot pin: prefix caching is disabled")
+        pins = self._pins()
         if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-        self.pins.expire()
-        wanted = num_tokens // self.config.block_size * self.config.block_size
-        if self.pins.pinned_tokens + wanted > self.pins.max_pinned_tokens:
+        pins.expire()
+        block_size = self.blocks.block_size
+        wanted = num_tokens // block_size * block_size
+        if pins.pinned_tokens + wanted > pins.max_pinned_tokens:
             raise ValueError(
                 f"pinning {wanted} more tokens would exceed the pinned-token cap "
-                f"({self.pins.pinned_tokens} of {self.pins.max_pinned_tokens} in use)"
+                f"({pins.pinned_tokens} of {pins.max_pinned_tokens} in use)"
             )
 
-    def pin_prefix(self, token_ids: list[int], salt: str | None, ttl: float | None) -> PinHandle:
-        """Pin the already cached prefix of ``token_ids`` (see ``prewarm``)."""
-        if self.pins is None:
-            raise ValueError("cannot pin: prefix caching is disabled")
-        handle, pinned = self.pins.pin(token_ids, salt, ttl)
-        return PinHandle(handle, len(token_ids), pinned, True, self.pins.expires_at(handle))
+    def pin(self, token_ids, salt: str | None, ttl: float | None) -> PinHandle:
+        """Pin the cached prefix of ``token_ids``; ``expires_at`` is Unix time (or None)."""
+        pins = self._pins()
+        handle, pinned = pins.pin(token_ids, salt, ttl)
+        deadline = pins.expires_at(handle)
+        expires_at = None if deadline is None else time.time() + (deadline - pins.clock())
+        return PinHandle(handle, len(token_ids), pinned, True, expires_at)
 
-    def _cached_tokens(self, token_ids: list[int], salt: str | None) -> int:
+    def peek(self, token_ids, salt: str | None) -> int:
+        """Tokens of ``token_ids`` the device cache holds now (changes nothing)."""
         cache = self.blocks.cache
         return cache.peek(token_ids, salt) if cache is not None else 0
 
     def unpin(self, handle: str | PinHandle) -> bool:
-        """Release a pin made by ``prewarm(pin=True)``; False if it is unknown or expired."""
+        """Release a pin; False if it is unknown or expired."""
         key = handle.handle if isinstance(handle, PinHandle) else handle
         return self.pins is not None and key is not None and self.pins.unpin(key)
 
-    def flush_cache(self) -> int:
-        """Drop every device-cached entry that no request or pin holds; returns blocks
-        freed. Host and disk tiers keep their chunks (they are bounded on their own)."""
-        return self.blocks.cache.flush() if self.blocks.cache is not None else 0
+    def flush(self) -> int:
+        """Drop every device-cached entry no request or pin holds; returns blocks freed."""
+        cache = self.blocks.cache
+        return cache.flush() if cache is not None else 0
+
+    def pin_stats(self) -> PinStats:
+        """Pins held now and the cap."""
+        pins = self.pins
+        if pins is None:
+            return PinStats(0, 0, 0)
+        return PinStats(len(pins), pins.pinned_tokens, pins.max_pinned_tokens)
+
+    def _pins(self) -> PinRegistry:
+        if self.pins is None:
+            raise ValueError("cannot pin: prefix caching is disabled")
+        return self.pins

@@ -1,7 +1,8 @@
-"""An asyncio front for the engine: the step loop runs in its own thread.
+"""The engine loop: an engine's core stepped in its own thread, fed from asyncio.
 
 Only the loop thread touches the engine. Callers hand it work through a command
 queue; it hands results back to each request's asyncio queue on the caller's loop.
+Prompts arrive validated (see ``InputProcessor``); the loop does not check them again.
 """
 
 from __future__ import annotations
@@ -16,19 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from prefixcache.engine.errors import EngineDeadError
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
-from prefixcache.sdk import Engine, Prompt
+from prefixcache.sdk import Engine
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The step loop stopped because of an error; no further requests are served."""
-
-
-class AsyncEngine:
-    """Runs ``engine.step()`` in a background thread and streams deltas to coroutines."""
+class EngineLoop:
+    """Steps ``engine.core`` in a background thread and streams deltas to coroutines."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -47,18 +45,15 @@ class AsyncEngine:
 
     async def generate(
         self,
-        prompt: Prompt,
+        tokens: np.ndarray,
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
     ) -> AsyncIterator[RequestDelta]:
-        """Stream a request's deltas; leaving the iteration early aborts the request.
+        """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
-        Bad input raises ValueError before anything is queued; a dead or stopped
-        loop raises EngineDeadError.
+        A dead or stopped loop raises EngineDeadError.
         """
-        tokens = self.engine.prompt_tokens(prompt)
-        self.engine.check_fits(len(tokens), params)
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
@@ -78,15 +73,11 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit(lambda: self.engine.abort(request_id))
-
-    def render_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt token ids for a message list (raises ValueError on bad messages)."""
-        return self.engine.chat_prompt_ids(messages)
+                self._submit(lambda: self.engine.core.abort(request_id))
 
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it is; its stream ends with finish_reason ``abort``."""
-        self._submit(lambda: self._deliver([self.engine.abort(request_id)]))
+        self._submit(lambda: self._deliver([self.engine.core.abort(request_id)]))
 
     def call(self, fn: Callable[[Engine], Any]) -> asyncio.Future:
         """Run ``fn(engine)`` on the loop thread; await the returned future for its result.
@@ -139,8 +130,8 @@ class AsyncEngine:
             while self._next_commands():
                 for command in self._take_commands():
                     command()
-                if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                if self.engine.core.has_unfinished_requests():
+                    self._deliver(self.engine.core.step())
         except BaseException as exc:  # the loop must report, not vanish
             logger.exception("engine loop died")
             self._error = exc
@@ -148,7 +139,7 @@ class AsyncEngine:
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
-            self.engine.add_prompt_tokens(tokens, params, request_id, salt)
+            self.engine.core.add(tokens, params, request_id, salt)
         except Exception as exc:  # e.g. a request id already in use: that caller's error
             logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)
@@ -159,7 +150,9 @@ class AsyncEngine:
         """Sleep while idle; False when asked to stop."""
         with self._wakeup:
             while (
-                self._running and not self._commands and not self.engine.has_unfinished_requests()
+                self._running
+                and not self._commands
+                and not self.engine.core.has_unfinished_requests()
             ):
                 self._wakeup.wait()
             return self._running

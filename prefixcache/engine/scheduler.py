@@ -69,7 +69,7 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num))
             budget -= num
         if not preempted:
-            budget = self._admit(budget, scheduled)
+            self._admit(budget, scheduled)
         return scheduled
 
     def _allocate_or_preempt(self, seq: Sequence, num: int, scheduled: list) -> bool:
@@ -90,7 +90,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
             started = time.perf_counter()
@@ -109,7 +109,6 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num))
             budget -= num
-        return budget
 
     def _next_waiting(self) -> Sequence:
         """Cache-aware choice: the longest cached prefix in the window, unless the head

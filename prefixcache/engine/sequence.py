@@ -116,8 +116,3 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V is not yet in the cache (the last sampled token during decode)."""
         return self._length - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        """True once a stop condition was met or the request was aborted."""
-        return self.status is SequenceStatus.FINISHED

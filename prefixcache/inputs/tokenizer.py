@@ -62,18 +62,3 @@ def validate_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i} has unknown role {message.get('role')!r}")
         if not isinstance(message.get("content"), str):
             raise ValueError(f"message {i} content must be a string")
-
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict],
-    add_generation_prompt: bool = True,
-) -> list[int]:
-    """Token ids of ``messages`` through the model's chat template (ready for a reply)."""
-    validate_messages(messages)
-    if not tokenizer.chat_template:
-        raise ValueError("this model's tokenizer has no chat template; use generate()")
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-    return tokenizer.encode(text, add_special_tokens=False)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from prefixcache.config import LOAD_FORMATS
 from prefixcache.models import resolve_model
 from prefixcache.models.config import ModelConfig
 
@@ -58,8 +59,8 @@ def load_model(
     folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str
 ) -> nn.Module:
     """Instantiate the registered class for ``config`` and fill its weights."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"unknown load_format {load_format!r}; choose auto, safetensors or dummy")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
     model_class, config = resolve_model(config)
     with torch.device("meta"):
         model = model_class(config)

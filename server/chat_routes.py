@@ -1,4 +1,4 @@
-"""The HTTP endpoints: OpenAI's chat, completions and models, plus health and metrics.
+"""OpenAI's chat completions, completions and models endpoints.
 
 A generation request goes: API key (401) -> body decode (400) -> admission (429) ->
 model, prompt and sampling checks (404/400) -> the engine, streamed or collected.
@@ -6,20 +6,16 @@ model, prompt and sampling checks (404/400) -> the engine, streamed or collected
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from server.errors import APIError
-from server.generation import CLIENT_GONE, answer, timing_header, tracked
-from server.openapi import operation
-from server.prepare import Prepared, decode, prepare_chat, prepare_completion, read_body
-from server.protocol import (
+from server.auth import authenticate
+from server.chat_format import ChatFormat, CompletionFormat
+from server.chat_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -29,24 +25,16 @@ from server.protocol import (
     ModelList,
     json_response,
 )
-from server.responses import ChatFormat, CompletionFormat
-from server.state import ServerState, Ticket
+from server.errors import engine_dead
+from server.generation import CLIENT_GONE, answer, timing_header, tracked
+from server.openapi import operation
+from server.prepare import Prepared, decode, prepare_chat, prepare_completion, read_body
+from server.state import ServerState, Ticket, server_state
 from server.streaming import SSEResponse, events
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
-_STATS_TIMEOUT_S = 5.0
-# nginx's "client closed request": nobody reads it, but the access log shows why.
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-async def authenticate(request: Request) -> bytes | None:
-    """The caller's tenant id (a hash of its API key), or None when auth is off."""
-    return _state(request).keys.authenticate(request.headers.get("authorization"))
 
 
 @router.post(
@@ -58,7 +46,7 @@ async def chat_completions(
     request: Request, tenant: bytes | None = Depends(authenticate)
 ) -> Response:
     """Reply to a conversation; ``stream: true`` sends server-sent events."""
-    state, arrival = _state(request), time.perf_counter()
+    state, arrival = server_state(request), time.perf_counter()
     req = decode(await read_body(request, state.max_body_bytes), ChatCompletionRequest)
     return await _generate(
         request, state, lambda: prepare_chat(state, req, tenant, arrival), ChatFormat
@@ -72,7 +60,7 @@ async def chat_completions(
 )
 async def completions(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Continue a prompt given as text or token ids; ``stream: true`` sends events."""
-    state, arrival = _state(request), time.perf_counter()
+    state, arrival = server_state(request), time.perf_counter()
     req = decode(await read_body(request, state.max_body_bytes), CompletionRequest)
     return await _generate(
         request, state, lambda: prepare_completion(state, req, tenant, arrival), CompletionFormat
@@ -88,8 +76,8 @@ async def _generate(
     ticket: Ticket | None = state.admission.acquire()
     try:
         prepared = await prepare()
-        if not state.engine.is_alive:
-            raise APIError(503, "the engine has stopped; restart the server", code="engine_dead")
+        if not state.client.is_alive:
+            raise engine_dead()
         fmt = format_class(state, prepared)
         if prepared.stream:
             body = events(tracked(state, prepared), fmt, prepared)
@@ -112,30 +100,6 @@ async def _collect(request: Request, state: ServerState, prepared: Prepared, fmt
 @router.get("/v1/models", summary="List the served model", openapi_extra=operation(ModelList))
 async def models(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """The one model this server serves."""
-    state = _state(request)
+    state = server_state(request)
     card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
     return json_response(ModelList(data=[card]))
-
-
-@router.get("/health", summary="Liveness")
-async def health(request: Request) -> Response:
-    """200 while the engine loop runs, 503 once it has died."""
-    if not _state(request).engine.is_alive:
-        raise APIError(503, "the engine has stopped", code="engine_dead")
-    return Response(b'{"status":"ok"}', media_type="application/json")
-
-
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request) -> Response:
-    """Prometheus text format: request counters, latencies, cache and block state."""
-    state = _state(request)
-    try:
-        stats = await asyncio.wait_for(state.engine.call(_engine_stats), _STATS_TIMEOUT_S)
-    except Exception as exc:  # the server's own metrics are still worth serving
-        logger.warning("cannot read engine stats: %r", exc)
-        stats = None
-    return Response(state.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
-
-
-def _engine_stats(engine) -> dict:
-    return engine.stats()

@@ -10,9 +10,7 @@ import time
 
 import msgspec
 
-from server.generation import Tally
-from server.prepare import Prepared
-from server.protocol import (
+from server.chat_protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -23,6 +21,8 @@ from server.protocol import (
     CompletionChoice,
     Usage,
 )
+from server.generation import Tally
+from server.prepare import Prepared
 from server.state import ServerState
 
 

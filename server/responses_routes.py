@@ -9,30 +9,27 @@ unknown one.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from prefixcache.apps.conversations import (
+from prefixcache.client import (
     ConversationRenderer,
+    ResponseStore,
+    SamplingParams,
+    StoredResponse,
     Turn,
     new_response_id,
     stored_response,
 )
-from prefixcache.apps.response_store import ResponseStore, StoredResponse
-from prefixcache.sampling_params import SamplingParams
-from server.auth import tenant_salt
-from server.errors import APIError
+from server.auth import authenticate, tenant_salt
+from server.chat_protocol import json_response
+from server.errors import APIError, engine_dead
 from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
 from server.openapi import operation
-from server.prepare import Prepared, check_model, decode, read_body
-from server.protocol import json_response
+from server.prepare import Prepared, check_fits, check_model, decode, read_body, run_tokenizer
 from server.responses_format import job_response, response_events, stored_response_object
 from server.responses_protocol import (
     RESPONSES_TYPES,
@@ -42,13 +39,11 @@ from server.responses_protocol import (
     ResponseObject,
     ResponseRequest,
 )
-from server.routes import authenticate
 from server.state import ServerState
 from server.streaming import SSEResponse
 
 __all__ = ["RESPONSES_TYPES", "install_response_store", "router"]
 
-T = TypeVar("T")
 router = APIRouter()
 
 
@@ -80,29 +75,13 @@ class Job:
             entry.created_at = self.created_at
             return entry
 
-        await _off_loop(state, lambda: self.store.put(build()))  # a file write with a folder
+        # A file write when the store has a folder: off the event loop.
+        await run_tokenizer(state, lambda: self.store.put(build()), "input")
 
 
 def install_response_store(app: FastAPI, store: ResponseStore) -> None:
     """Serve ``app``'s Responses API from ``store`` (else a default one is made)."""
-    app.state.responses = store
-
-
-def _store(request: Request, state: ServerState) -> ResponseStore:
-    store = getattr(request.app.state, "responses", None)
-    if store is None:  # next to the disk KV tier when there is one, else in memory
-        disk = state.engine.engine.config.disk_cache_dir
-        store = ResponseStore(folder=Path(disk) / "responses" if disk else None)
-        install_response_store(request.app, store)
-    return store
-
-
-def _renderer(request: Request, state: ServerState) -> ConversationRenderer:
-    renderer = getattr(request.app.state, "conversation_renderer", None)
-    if renderer is None:
-        renderer = ConversationRenderer(state.engine.engine)
-        request.app.state.conversation_renderer = renderer
-    return renderer
+    app.state.server.responses = store
 
 
 def _scope(tenant: bytes | None) -> str:
@@ -132,8 +111,8 @@ async def create_response(
     ticket = state.admission.acquire()
     try:
         job = await _prepare(request, state, req, tenant, arrival)
-        if not state.engine.is_alive:
-            raise APIError(503, "the engine has stopped; restart the server", code="engine_dead")
+        if not state.client.is_alive:
+            raise engine_dead()
         if req.stream:
             body = response_events(job, tracked(state, job.prepared), lambda t: job.save(state, t))
             response = SSEResponse(body, on_close=ticket.release)
@@ -155,7 +134,7 @@ async def get_response(
 ) -> Response:
     """A stored response; 404 when unknown, deleted, expired or another key's."""
     state = request.app.state.server
-    entry = _store(request, state).get(response_id, _scope(tenant))
+    entry = state.response_store.get(response_id, _scope(tenant))
     if entry is None:
         raise _not_found(response_id)
     return json_response(stored_response_object(entry, state.model_name))
@@ -170,7 +149,7 @@ async def delete_response(
     response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
 ) -> Response:
     """Forget a stored response; 404 when ``GET`` would not find it."""
-    if not _store(request, request.app.state.server).delete(response_id, _scope(tenant)):
+    if not request.app.state.server.response_store.delete(response_id, _scope(tenant)):
         raise _not_found(response_id)
     return json_response(ResponseDeleted(id=response_id))
 
@@ -187,11 +166,13 @@ async def _prepare(
 ) -> Job:
     decoded = time.perf_counter()
     check_model(state, req.model)
-    store, renderer, scope = _store(request, state), _renderer(request, state), _scope(tenant)
+    store, renderer, scope = state.response_store, state.renderer, _scope(tenant)
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
     new = _input_messages(req.input)
-    turn = await _off_loop(state, lambda: renderer.turn(new, previous, req.instructions))
+    turn = await run_tokenizer(
+        state, lambda: renderer.turn(new, previous, req.instructions), "input"
+    )
     params = _sampling_params(state, req, len(turn.prompt_ids))
     prepared = Prepared(
         request_id=new_response_id(),
@@ -237,9 +218,9 @@ def _sampling_params(state: ServerState, req: ResponseRequest, num_prompt: int) 
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
         )
-        state.engine.engine.check_fits(num_prompt, params)
     except ValueError as exc:
-        raise APIError.bad_request(str(exc), code="context_length_exceeded") from None
+        raise APIError.bad_request(str(exc)) from None
+    check_fits(state, num_prompt, params.max_tokens)
     return params
 
 
@@ -264,17 +245,6 @@ def _content(index: int, content) -> str:
             )
         texts.append(part.text)
     return "".join(texts)
-
-
-async def _off_loop(state: ServerState, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the tokenizer thread; a ValueError or template error there is a 400."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(state.tokenizer_pool, fn)
-    except ValueError as exc:
-        raise APIError.bad_request(str(exc), param="input") from None
-    except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's
-        raise APIError.bad_request(f"cannot render input: {exc}", param="input") from None
 
 
 # ---------------------------------------------------------------- collecting

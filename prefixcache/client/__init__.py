@@ -1,0 +1,48 @@
+"""The seam between fronts and engines: ``EngineClient`` and the types it speaks.
+
+The HTTP server imports only this package and ``prefixcache`` itself; everything it
+needs of an engine (limits, input processing, generation, cache control, and the
+Responses API's renderer and store) is named here.
+"""
+
+from prefixcache.apps.conversations import (
+    ConversationRenderer,
+    Turn,
+    new_response_id,
+    stored_response,
+)
+from prefixcache.apps.response_store import ResponseStore, StoredResponse
+from prefixcache.cache.pins import PinHandle
+from prefixcache.client.in_process import InProcessEngineClient
+from prefixcache.client.protocol import EngineClient, PrewarmResult
+from prefixcache.engine.errors import EngineDeadError
+from prefixcache.engine.stats import DeviceBlocks, EngineStats, PinStats
+from prefixcache.inputs.limits import EngineLimits
+from prefixcache.inputs.processor import InputProcessor
+from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
+from prefixcache.sampling_params import SamplingParams
+from prefixcache.tiers.stats import TierStats
+
+__all__ = [
+    "ConversationRenderer",
+    "DeviceBlocks",
+    "EngineClient",
+    "EngineDeadError",
+    "EngineLimits",
+    "EngineStats",
+    "InProcessEngineClient",
+    "InputProcessor",
+    "PinHandle",
+    "PinStats",
+    "PrewarmResult",
+    "RequestDelta",
+    "RequestOutput",
+    "RequestTimings",
+    "ResponseStore",
+    "SamplingParams",
+    "StoredResponse",
+    "TierStats",
+    "Turn",
+    "new_response_id",
+    "stored_response",
+]

@@ -1,0 +1,177 @@
+"""The engine core: add requests, abort them, and step the batch. Nothing else.
+
+It takes prompts already validated by an ``InputProcessor`` (the SDK front and every
+``EngineClient`` validate once, before queueing), so it never tokenizes or checks
+lengths itself. Whoever owns a core calls it from one thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from prefixcache.cache.block_manager import BlockManager
+from prefixcache.cache.control import CacheControl
+from prefixcache.config import EngineConfig
+from prefixcache.engine.model_runner import ModelRunner, SequenceChunk
+from prefixcache.engine.output_processor import RequestState
+from prefixcache.engine.sampler import Sampler, make_generator
+from prefixcache.engine.scheduler import ScheduledSeq, Scheduler
+from prefixcache.engine.sequence import Sequence
+from prefixcache.engine.stats import DeviceBlocks, EngineStats
+from prefixcache.outputs import RequestDelta
+from prefixcache.sampling_params import SamplingParams
+from prefixcache.tiers.stats import TierStats
+
+
+class EngineCore:
+    """Continuous batching over a paged KV cache with radix-tree prefix reuse.
+
+    ``control`` is the cache control (pins, flush) over the same blocks.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        blocks: BlockManager,
+        tokenizer,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.blocks = blocks
+        self.tokenizer = tokenizer  # detokenizes outputs
+        self.eos_token_ids = eos_token_ids
+        self.device = runner.device
+        self.scheduler = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sampler = Sampler()
+        self.control = CacheControl(blocks, config.pinned_token_cap)
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+
+    def add(
+        self,
+        tokens: np.ndarray,
+        params: SamplingParams,
+        request_id: str | None = None,
+        salt: str | None = None,
+    ) -> str:
+        """Queue validated prompt ids (an int32 array, not copied); returns the request id."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            request_id=request_id,
+            prompt=tokens,
+            params=params,
+            arrival=next(self._ids),
+            salt=salt,
+            generator=make_generator(params.seed, self.device),
+            added_at=time.perf_counter(),
+        )
+        self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Stop a request wherever it is and free its blocks; None if it is unknown."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.finish(state.seq)
+        return state.abort()
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestDelta]:
+        """Run one batched forward pass; returns what each touched request gained."""
+        self.control.expire()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        chunks = [_chunk(s) for s in scheduled]
+        logits = self.runner.run(chunks)
+        return self._advance(scheduled, logits)
+
+    def _advance(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestDelta]:
+        completing = [i for i, s in enumerate(scheduled) if s.completes]  # before advancing
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.cache_computed_blocks(s.seq)
+        if not completing:
+            return []
+        seqs = [scheduled[i].seq for i in completing]
+        sampled = self.sampler.sample(
+            logits[completing], [s.params for s in seqs], [s.generator for s in seqs]
+        )
+        deltas = []
+        for row, seq in enumerate(seqs):
+            if sampled.logprobs is not None:
+                seq.logprobs.append(sampled.logprobs[row])
+            state = self.requests[seq.request_id]
+            delta = state.append_token(sampled.token_ids[row], self.config.max_model_len)
+            if delta.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self.requests[seq.request_id]
+            deltas.append(delta)
+        return deltas
+
+    # ------------------------------------------------------------------- state
+
+    def snapshot(self) -> EngineStats:
+        """Counters and sizes now, one typed value (see ``EngineStats``)."""
+        cache, pool, tiers = self.blocks.cache, self.blocks.pool, self.blocks.tiers
+        counters = cache.stats if cache is not None else None
+        device = DeviceBlocks(
+            total=pool.num_blocks,
+            free=pool.num_free,
+            cached=cache.num_cached_blocks if cache else 0,
+            evictable=cache.num_evictable_blocks if cache else 0,
+            locked=cache.num_locked_blocks if cache else 0,
+        )
+        device_tier = TierStats(
+            name="device",
+            capacity_blocks=pool.num_blocks,
+            used_blocks=device.cached,
+            hit_tokens=counters.hit_tokens if counters else 0,
+            evicted_blocks=counters.evicted_blocks if counters else 0,
+        )
+        return EngineStats(
+            prefix_caching=cache is not None,
+            block_size=self.config.block_size,
+            device=device,
+            tiers=(device_tier, *(tiers.tier_stats() if tiers is not None else ())),
+            query_tokens=counters.query_tokens if counters else 0,
+            pins=self.control.pin_stats(),
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            offloaded_bytes=tiers.counters.offloaded_bytes if tiers is not None else 0,
+            onloaded_bytes=tiers.counters.onloaded_bytes if tiers is not None else 0,
+        )
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any block is leaked or double-owned."""
+        cache, tiers, pool = self.blocks.cache, self.blocks.tiers, self.blocks.pool
+        if cache is not None:
+            cache.check_integrity()
+        if tiers is not None:
+            tiers.check_integrity()
+        owned = sum(len(s.seq.block_ids) - s.seq.num_locked_blocks for s in self.requests.values())
+        cached = cache.num_cached_blocks if cache else 0
+        total = pool.num_free + cached + owned
+        assert total == pool.num_blocks, (
+            f"block accounting broken: free {pool.num_free} + cached {cached} "
+            f"+ owned by requests {owned} != {pool.num_blocks}"
+        )
+
+
+def _chunk(s: ScheduledSeq) -> SequenceChunk:
+    """The tokens ``s`` computes this step, where they start, and its blocks."""
+    start = s.seq.num_computed_tokens
+    return SequenceChunk(s.seq.token_slice(start, start + s.num_tokens), start, s.seq.block_ids)

@@ -1,0 +1,75 @@
+"""From a user's prompt to validated token ids: the one place input is checked.
+
+Text goes through the tokenizer, message lists through the chat template via the
+segment cache (unchanged messages are never tokenized again), token ids are checked
+against the vocabulary, and lengths against ``EngineLimits``. Every method is safe
+to call from any thread: none touches the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from chunking.segments import SegmentTokenizer
+from prefixcache.inputs.limits import EngineLimits
+from prefixcache.inputs.tokenizer import checked_tokens, validate_messages
+
+Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of them
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts for one engine, on its tokenizer and limits."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: EngineLimits) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.segments = SegmentTokenizer(tokenizer)
+
+    def prompt_tokens(self, prompt: Prompt) -> np.ndarray:
+        """Validated token ids of a text or token-id prompt, as an int32 array.
+
+        An int32 array is not copied. ValueError on an empty or out-of-vocabulary prompt.
+        """
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            prompt = self.tokenizer.encode(prompt)
+        elif not isinstance(prompt, np.ndarray):
+            prompt = list(prompt)
+        return checked_tokens(prompt, self.limits.vocab_size)
+
+    def chat_tokens(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True
+    ) -> np.ndarray:
+        """Token ids of an OpenAI-style message list through the chat template.
+
+        With ``add_generation_prompt=False`` the assistant header is left out, so the
+        ids are a prefix of any later conversation that extends ``messages``.
+        """
+        validate_messages(messages)
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use generate()")
+        return self.segments.encode_chat(messages, add_generation_prompt)
+
+    def prewarm_tokens(self, prompt: Prompt | Sequence[dict]) -> np.ndarray:
+        """What pre-warming caches: a message list without the generation prompt, or a
+        text or token-id prompt as it is."""
+        if _is_messages(prompt):
+            return self.chat_tokens(prompt, add_generation_prompt=False)
+        return self.prompt_tokens(prompt)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError unless the prompt plus ``max_tokens`` fits (see ``EngineLimits``)."""
+        self.limits.check_fits(num_prompt_tokens, max_tokens)
+
+
+def _is_messages(prompt) -> bool:
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and bool(prompt)
+        and isinstance(prompt[0], dict)
+    )
