@@ -342,8 +342,11 @@ class Engine(CacheControl):
             result["cached_blocks"] = cache.num_cached_blocks
             result["evictable_blocks"] = cache.num_evictable_blocks
             result["locked_blocks"] = cache.num_locked_blocks
-        if self.blocks.tiers is not None:
-            result.update(self.blocks.tiers.stats())
+        tiers = self.blocks.tiers
+        if tiers is not None:
+            for tier in tiers.tier_stats():
+                result.update({f"{tier.name}_{k}": v for k, v in tier.counters().items()})
+            result.update(asdict(tiers.counters))
         return result
 
     def check_integrity(self) -> None:
