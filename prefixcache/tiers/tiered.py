@@ -150,13 +150,13 @@ class TieredCache:
         return KVChunk(query.key, query.parent, query.start, query.tokens, data)
 
     def _store(self, index: int, chunk: KVChunk, owned: bool = False) -> None:
-        """Put ``chunk`` into tier ``index``, or hold it back while onloading (a copy of
-        its data unless ``owned``: a tier's own memory may be reused meanwhile)."""
+        """Put ``chunk`` into tier ``index``, or hold it back while onloading: in CPU
+        memory, so device memory stays free for the onload, and copied unless ``owned``,
+        since a tier may reuse its own memory meanwhile."""
         if self._deferred is None:
             self._guard(index, self.tiers[index].put, chunk, default=False)
             return
-        if not owned:
-            chunk = chunk._replace(data=chunk.data.clone())
+        chunk = chunk._replace(data=chunk.data.to("cpu", copy=not owned))
         self._deferred.append((index, chunk))
 
     def _spill(self, index: int, chunk: KVChunk) -> None:
@@ -228,7 +228,7 @@ class TieredCache:
         wanted = len(query.tokens) // self.block_size
         for i, tier in enumerate(self.tiers):
             chunk = self._guard(i, tier.get, query)
-            hi = self._verified(i, chunk, query)
+            hi = self._guard(i, self._verified, i, chunk, query, default=0)
             if hi > lo and (best is None or hi > best.hi):
                 best = _Piece(i, query, chunk, lo, hi)
             if best is not None and best.hi == wanted:
