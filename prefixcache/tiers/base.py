@@ -6,8 +6,9 @@ matched down to its last full block, as the device cache does. A stored chunk is
 by its key, the chained xxh3 hash of its tokens seeded by the hash of the chunk before
 (``chunk_key``; for a whole chunk this is the radix tree's chunk hash), and carries the
 128-bit digest of the whole prefix before it (``chunk_chains``), its start position and
-its token ids. Whoever serves it checks all three, so a colliding key never serves KV of
-other tokens, nor of the same tokens after another prefix.
+its token ids. The tiered cache checks all three on every chunk a tier returns, so a
+colliding key never serves KV of other tokens, nor of the same tokens after another
+prefix.
 
 The tiered cache (``tiered.py``) holds an ordered list of tiers and is the only caller;
 it knows no tier by name. It guards every call: a tier that raises is logged and its

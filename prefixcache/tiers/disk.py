@@ -280,6 +280,7 @@ class DiskTier:
         """The verified chunk in ``entry``'s file; None (and the file gone) if it is bad."""
         chunk = self._guarded(entry, self._read_chunk)
         if chunk is not None:
+            entry.start, entry.tokens = chunk.start, chunk.tokens
             self._lru.move_to_end((entry.parent, entry.key))
             _touch(self.path(entry.parent, entry.key))
         return chunk

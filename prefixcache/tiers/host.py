@@ -99,11 +99,11 @@ class HostTier:
     def get(self, query: ChunkQuery) -> KVChunk | None:
         """The chunk sharing the most leading blocks with ``query``; its data is a view of
         the pool, valid until the next ``put`` or ``discard``."""
-        best, best_tokens = None, 0
+        best, best_blocks = None, 0
         for entry in self._siblings(query.parent, query.start):
             shared = common_prefix_length(entry.tokens, query.tokens) // self.block_size
-            if shared * self.block_size > best_tokens:
-                best, best_tokens = entry, shared * self.block_size
+            if shared > best_blocks:
+                best, best_blocks = entry, shared
         return None if best is None else self._as_chunk(best)
 
     def put(self, chunk: KVChunk) -> bool:
