@@ -27,6 +27,7 @@ class EngineConfig:
     host_cache_tokens: int = 0
     disk_cache_dir: str | os.PathLike[str] | None = None
     disk_cache_bytes: int = 16 << 30
+    kv_tiers: tuple[str, ...] = ()  # registered tiers behind host and disk, in order
     attention_backend: str = "auto"
     load_format: str = "auto"
     seed: int = 0
@@ -77,7 +78,8 @@ class EngineConfig:
 
 
 def _check_tiers(config: EngineConfig) -> None:
-    """The host tier holds whole hash chunks; the disk tier needs a positive bound."""
+    """The host tier holds whole hash chunks; the disk tier needs a positive bound; extra
+    tiers are named (whether each name is registered is checked when tiers are built)."""
     host = config.host_cache_tokens
     if not isinstance(host, int) or host < 0:
         raise ValueError(f"host_cache_tokens must be >= 0, got {host!r}")
@@ -90,6 +92,9 @@ def _check_tiers(config: EngineConfig) -> None:
     if folder is not None and (not isinstance(folder, str | os.PathLike) or not str(folder)):
         raise ValueError(f"disk_cache_dir must be a folder path, got {folder!r}")
     _positive("disk_cache_bytes", config.disk_cache_bytes)
+    names = config.kv_tiers
+    if not isinstance(names, tuple | list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"kv_tiers must be a tuple of registered tier names, got {names!r}")
 
 
 def _check_backend(name: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 import chunking.hashing
 from prefixcache import Engine, SamplingParams
+from prefixcache.tiers.base import ChunkQuery
 from prefixcache.tiers.chunk_chains import ChunkChains
 from prefixcache.tiers.kv_file import decode
 from prefixcache.tiers.transfer import _runs
@@ -45,14 +46,30 @@ def reference(tiny_llama):
     return outputs
 
 
+def _tier(engine: Engine, name: str):
+    return engine.core.blocks.tiers.tier(name)
+
+
 def _files(engine: Engine) -> list:
-    return sorted(engine.core.blocks.tiers.disk.folder.glob("*.kv"))
+    return sorted(_tier(engine, "disk").folder.glob("*.kv"))
+
+
+def _chains(engine: Engine, prompt: list[int]) -> ChunkChains:
+    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
+    chains.extend_to(np.asarray(prompt, dtype=np.int32))
+    return chains
+
+
+def _query(engine: Engine, prompt: list[int], chunk: int) -> ChunkQuery:
+    """The lookup of whole chunk ``chunk`` of ``prompt``."""
+    chains, tokens = _chains(engine, prompt), np.asarray(prompt, dtype=np.int32)
+    start = chunk * CHUNK
+    return ChunkQuery(chains.seed(chunk), chains.parent(chunk), start, tokens[start:][:CHUNK])
 
 
 def _chunk_file(engine: Engine, prompt: list[int], chunk: int):
-    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
-    chains.extend_to(np.asarray(prompt, dtype=np.int32))
-    return engine.core.blocks.tiers.disk.path(chains.chunk_hash(chunk))
+    chains = _chains(engine, prompt)
+    return _tier(engine, "disk").path(chains.parent(chunk), chains.chunk_hash(chunk))
 
 
 # -- host tier --------------------------------------------------------------------------
@@ -75,7 +92,7 @@ def test_outputs_through_offload_and_onload_equal_cache_off(tiny_llama, referenc
     stats = engine.stats()
     assert stats["host_hit_tokens"] > 0 and stats["evicted_blocks"] > 0
     assert stats["offloaded_bytes"] > 0 and stats["onloaded_bytes"] > 0
-    assert 0 < stats["host_used_blocks"] <= stats["host_blocks"]
+    assert 0 < stats["host_used_blocks"] <= stats["host_capacity_blocks"]
     engine.check_integrity()
 
 
@@ -127,14 +144,14 @@ def test_chunk_evicted_block_by_block_reaches_host_whole(tiny_llama):
     cache.unlock(match.node)
     while cache.evict(1):  # the smallest steps eviction takes: one block at a time
         pass
-    host = engine.core.blocks.tiers.host
-    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
-    chains.extend_to(np.asarray(prompt, dtype=np.int32))
+    host = _tier(engine, "host")
+    chains = _chains(engine, prompt)
     nb = CHUNK // 16
     for c in range(4):
-        chunk = host.get(chains.chunk_hash(c))
-        assert chunk is not None and chunk.complete and chunk.parent == chains.parent(c)
-        held = host.layers[1][0][host.block_ids(chunk, 0, nb)]
+        chunk = host.get(_query(engine, prompt, c))
+        complete = chunk is not None and len(chunk.tokens) == CHUNK
+        assert complete and chunk.parent == chains.parent(c)
+        held = chunk.data[1, 0]  # layer 1, K
         assert torch.equal(held, on_device[c * nb : (c + 1) * nb])
     engine.check_integrity()
 
@@ -145,7 +162,8 @@ def test_small_host_tier_evicts_and_stays_correct(tiny_llama, reference):
     for _ in range(2):
         assert [o.token_ids for o in engine.generate(prompts, PARAMS)] == reference(prompts)
     stats = engine.stats()
-    assert stats["host_evicted_blocks"] > 0 and stats["host_used_blocks"] <= stats["host_blocks"]
+    assert stats["host_evicted_blocks"] > 0
+    assert stats["host_used_blocks"] <= stats["host_capacity_blocks"]
     engine.check_integrity()
 
 
@@ -157,8 +175,8 @@ def test_colliding_hashes_never_serve_kv_of_another_prefix(tiny_llama, reference
     while engine.core.blocks.cache.evict(1):  # suffix first: y's chunk takes the one hash slot
         pass
     engine.generate(z, SamplingParams(max_tokens=1))  # z on device, y (after x) on host
-    held = engine.core.blocks.tiers.host.get(7)
-    assert held is not None and held.tokens.tolist() == y[:CHUNK]
+    held = _tier(engine, "host").get(_query(engine, x + y, 1))
+    assert held is not None and held.key == 7 and held.tokens.tolist() == y[:CHUNK]
     out = engine.generate(z + y, PARAMS)[0]
     # Chunk 1 of both prompts has the same tokens and the same (forced) hash chain, but
     # its KV depends on the chunk before: only z, from the device, may be reused.
@@ -175,18 +193,20 @@ def test_second_engine_reuses_prefix_from_disk(tiny_llama, reference, tmp_path):
     prompt = _prompt(40, 4 * CHUNK + 30)
     first = _engine(tiny_llama, disk_cache_dir=str(tmp_path))
     first_out = first.generate(prompt, PARAMS)[0]
-    assert len(_files(first)) == 4 and first.stats()["disk_written_bytes"] > 0
+    # Four whole chunks written as computed, and the partial fifth when the request ended.
+    assert len(_files(first)) == 5 and first.stats()["disk_written_bytes"] > 0
     del first
     second = _engine(tiny_llama, disk_cache_dir=str(tmp_path), host_cache_tokens=1024)
     out = second.generate(prompt, PARAMS)[0]
-    assert out.num_cached_tokens == 4 * CHUNK
+    reusable = (len(prompt) - 1) // 16 * 16  # every full block before the last token
+    assert out.num_cached_tokens == reusable
     assert out.token_ids == first_out.token_ids == reference([prompt])[0]
     stats = second.stats()
-    assert stats["disk_hit_tokens"] == 4 * CHUNK and stats["disk_read_bytes"] > 0
+    assert stats["disk_hit_tokens"] == reusable and stats["disk_read_bytes"] > 0
     # Blocks read from disk are named like computed ones: evicted, they reach the host.
     second.core.blocks.cache.evict(second.core.blocks.cache.num_evictable_blocks)
     again = second.generate(prompt, PARAMS)[0]
-    assert again.token_ids == out.token_ids and second.stats()["host_hit_tokens"] == 4 * CHUNK
+    assert again.token_ids == out.token_ids and second.stats()["host_hit_tokens"] == reusable
     second.check_integrity()
 
 
@@ -215,7 +235,7 @@ def test_file_of_another_model_is_a_miss_and_removed(
     assert out.num_cached_tokens == 0 and out.token_ids == expected
     assert "fingerprint" in caplog.text
     # The bad file went; the one there now is the second model's own, written through.
-    assert decode(other.core.blocks.tiers.disk.layout, bytearray(target.read_bytes()))
+    assert decode(_tier(other, "disk").layout, bytearray(target.read_bytes()))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
@@ -241,7 +261,7 @@ def test_damaged_file_is_a_miss_and_removed(tiny_llama, reference, tmp_path, cap
     assert out.token_ids == reference([prompt])[0]
     assert "discarding" in caplog.text
     assert bytearray(path.read_bytes()) != raw  # removed, then rewritten whole
-    decode(second.core.blocks.tiers.disk.layout, bytearray(path.read_bytes()))
+    decode(_tier(second, "disk").layout, bytearray(path.read_bytes()))
     second.check_integrity()
 
 
@@ -256,7 +276,7 @@ def test_disk_bound_holds_and_evicts_least_recent(tiny_llama, reference, tmp_pat
     assert [o.token_ids for o in outs] == reference(prompts)
     stats = engine.stats()
     on_disk = sum(p.stat().st_size for p in _files(engine))
-    assert on_disk == stats["disk_bytes"] <= bound and stats["disk_evicted_blocks"] > 0
+    assert on_disk == stats["disk_used_bytes"] <= bound and stats["disk_evicted_blocks"] > 0
     assert _chunk_file(engine, prompts[-1], 1).exists()  # the newest stays
     assert not _chunk_file(engine, prompts[0], 0).exists()  # the oldest went first
     engine.check_integrity()

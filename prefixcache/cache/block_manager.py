@@ -1,5 +1,5 @@
 """KV blocks for sequences: fresh ones from the pool, shared ones from the prefix cache,
-and ones brought back from the host or disk tier."""
+and ones brought back from the tiers behind it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from prefixcache.tiers.tiered import TieredCache
 
 @dataclass(slots=True)
 class _SeqChunks:
-    """A sequence's chunk names, built once per chunk, and how many chunks went to disk."""
+    """A sequence's chunk names, built once per chunk, and how many whole chunks were
+    handed to the tiers as computed."""
 
     chains: ChunkChains
     persisted: int = 0
@@ -78,8 +79,8 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> None:
         """Borrow the longest cached prefix of ``seq`` (all but its last token) and lock it.
 
-        The device match is extended with chunks found in the host or disk tier: they
-        are copied into fresh device blocks and inserted into the cache first.
+        The device match is extended with blocks found in the tiers: they are copied
+        into fresh device blocks and inserted into the cache first.
         """
         if self.cache is None or seq.block_ids:
             return
@@ -118,10 +119,21 @@ class BlockManager:
             return None
         return self.pool.allocate(wanted)
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Insert the full blocks ``seq`` has computed, so other requests can share them."""
+    def cache_computed_blocks(self, seq: Sequence, finished: bool = False) -> None:
+        """Insert the full blocks ``seq`` has computed, so other requests can share them.
+
+        ``finished``: ``seq`` computes nothing more (it ends or is preempted), so the
+        tiers may take its partial last chunk too.
+        """
+        if self.cache is None:
+            return
+        self._insert_computed(seq)
+        if self.tiers is not None:
+            self._write_through(seq, finished)
+
+    def _insert_computed(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.block_size
-        if self.cache is None or num_full <= seq.num_locked_blocks:
+        if num_full <= seq.num_locked_blocks:
             return
         tokens = seq.token_array(num_full * self.block_size)
         # Unlock first: with no other holder the tree then extends this sequence's node
@@ -137,12 +149,11 @@ class BlockManager:
         seq.cache_node = result.node
         if self.tiers is not None:
             self._name_blocks(seq, first_new, num_full)
-            self._write_through(seq, num_full * self.block_size // self.chunk_size)
 
     def free(self, seq: Sequence, cache_blocks: bool = True) -> None:
         """Release every block of ``seq``; computed full blocks go to the cache first."""
         if cache_blocks:
-            self.cache_computed_blocks(seq)
+            self.cache_computed_blocks(seq, finished=True)
         self.pool.free(seq.block_ids[seq.num_locked_blocks :])
         self._unlock(seq)
         seq.block_ids = []
@@ -152,42 +163,33 @@ class BlockManager:
     # -- tiers ------------------------------------------------------------------------
 
     def _onload(self, seq: Sequence) -> None:
-        """Extend the device match of ``seq`` with blocks from the host or disk tier."""
+        """Extend the device match of ``seq`` with blocks from the tiers."""
         tokens = seq.token_array(seq.num_tokens - 1)
         start = seq.num_computed_tokens
         budget = self.num_available_blocks - 1  # leave a block for the tokens to compute
         if budget <= 0 or len(tokens) - start < self.block_size:
             return
-        plan = self.tiers.find(tokens, self._chains(seq, len(tokens)), start, budget)
-        if not plan.pieces:
+        chains = self._chains(seq, len(tokens))
+        # Taking blocks may evict, so offload, device blocks, but not this match: locked.
+        new_ids = self.tiers.extend(tokens, chains, start, budget, self._take_blocks)
+        if not new_ids:
             return
-        try:
-            # Evicting here offloads device blocks and may evict host chunks, but not
-            # the ones in the plan: they stay pinned until released.
-            new_ids = self._take_blocks(plan.num_blocks)
-            if new_ids is None:
-                return
-            self.tiers.load(plan, new_ids)
-        finally:
-            self.tiers.release(plan)
-        result = self.cache.insert(tokens[: plan.end], seq.block_ids + new_ids, seq.salt)
+        end = start + len(new_ids) * self.block_size
+        result = self.cache.insert(tokens[:end], seq.block_ids + new_ids, seq.salt)
         self.cache.lock(result.node)  # the cache owns the new blocks; hold them by lock
         self._unlock(seq)
         first_new = len(seq.block_ids)
         seq.block_ids = list(result.block_ids)
         seq.num_locked_blocks = len(seq.block_ids)
         seq.cache_node = result.node
-        seq.num_computed_tokens = plan.end
+        seq.num_computed_tokens = end
         self._name_blocks(seq, first_new, len(seq.block_ids))
 
     def _offload(self, run: EvictedRun) -> None:
         """``on_evict``: name each chunk of ``run`` by its blocks' parent digest, offload."""
-        cs, bs = self.chunk_size, self.block_size
-        cut = len(run.token_ids) - len(run.block_ids) * bs
-        parents = [
-            self._parents[run.block_ids[(max(k * cs, cut) - cut) // bs]]
-            for k in range(-(-len(run.token_ids) // cs))
-        ]
+        nb = self.chunk_size // self.block_size
+        block_ids = run.head_block_ids + run.block_ids
+        parents = [self._parents[block_ids[k]] for k in range(0, len(block_ids), nb)]
         self.tiers.offload(run, parents)
 
     def _name_blocks(self, seq: Sequence, first: int, end: int) -> None:
@@ -199,14 +201,17 @@ class BlockManager:
         for j in range(first, end):
             self._parents[seq.block_ids[j]] = chains.parent(j // nb)
 
-    def _write_through(self, seq: Sequence, num_chunks: int) -> None:
-        """Write the computed chunks of ``seq`` not handled yet to the disk tier."""
+    def _write_through(self, seq: Sequence, finished: bool) -> None:
+        """Hand the cached chunks of ``seq`` not handed over yet to the tiers (and its
+        partial last chunk when ``finished``), to be written through."""
         state = self._seq_chunks(seq)
-        if self.tiers.disk is None or num_chunks <= state.persisted:
+        num_tokens = seq.num_locked_blocks * self.block_size  # held by the cache
+        num_chunks = num_tokens // self.chunk_size
+        if num_chunks <= state.persisted and not (finished and num_tokens % self.chunk_size):
             return
-        tokens = seq.token_array(num_chunks * self.chunk_size)
-        chains = self._chains(seq, len(tokens))
-        self.tiers.persist(chains, tokens, state.persisted, seq.block_ids)
+        tokens = seq.token_array(num_tokens)
+        chains = self._chains(seq, num_tokens)
+        self.tiers.on_computed(chains, tokens, seq.block_ids, state.persisted, finished)
         state.persisted = num_chunks
 
     def _chains(self, seq: Sequence, num_tokens: int) -> ChunkChains:

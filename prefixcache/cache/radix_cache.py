@@ -363,11 +363,13 @@ class RadixCache:
         cs = self.chunk_size
         cut = leaf.start + keep * self.block_size
         start = cut // cs * cs
-        pieces, node = [], leaf
+        pieces, blocks, node = [], [], leaf
         while node.start > start:  # at most chunk_size / block_size ancestors
             pieces.append(node.tokens)
+            blocks.append(node.block_ids)
             node = node.parent
         pieces.append(node.tokens[start - node.start :])
+        blocks.append(node.block_ids[(start - node.start) // self.block_size :])
         if start == 0:
             while node.parent is not None:
                 node = node.parent
@@ -378,7 +380,8 @@ class RadixCache:
         num_hashes = leaf.end // cs - cut // cs
         hashes = leaf.hashes[len(leaf.hashes) - num_hashes :]
         tokens = np.concatenate(pieces[::-1])
-        return EvictedRun(seed, start, tokens, leaf.block_ids[keep:], hashes)
+        head = [b for ids in blocks[::-1] for b in ids][: (cut - start) // self.block_size]
+        return EvictedRun(seed, start, tokens, leaf.block_ids[keep:], hashes, head)
 
     # -- checks -----------------------------------------------------------------------
 

@@ -66,7 +66,9 @@ class EvictedRun(NamedTuple):
     token, so a receiver can name the data by ``seed`` (the chained hash of the chunk
     before ``start``; the root seed when ``start == 0``) and the tokens.
     ``chunk_hashes`` are the chained hashes of the full chunks that end among the
-    evicted blocks. Runs are evicted suffix first.
+    evicted blocks. ``head_block_ids`` hold the tokens before the evicted ones (from
+    ``start``): they stay cached, so a receiver can copy a chunk out whole, from its
+    start, although eviction trims it from its end. Runs are evicted suffix first.
     """
 
     seed: int
@@ -74,6 +76,7 @@ class EvictedRun(NamedTuple):
     token_ids: np.ndarray
     block_ids: list[int]
     chunk_hashes: list[int]
+    head_block_ids: list[int]
 
 
 @dataclass(slots=True)

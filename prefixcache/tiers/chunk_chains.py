@@ -74,10 +74,6 @@ class ChunkChains:
         """The 64-bit chained hash of ``chunk``, or None if it is not full (or not fed)."""
         return self._hashes[chunk] if chunk < len(self._hashes) else None
 
-    def hashes(self, num_chunks: int) -> list[int]:
-        """The 64-bit chained hashes of the first ``num_chunks`` chunks (fed already)."""
-        return self._hashes[:num_chunks]
-
     def seed(self, chunk: int) -> int:
         """The 64-bit seed of ``chunk``: the hash of the chunk before it."""
         return self._hashes[chunk - 1] if chunk else self.root_seed

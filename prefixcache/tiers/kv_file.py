@@ -1,16 +1,19 @@
-"""The file format of one hash chunk of KV on disk, and its verification.
+"""The file format of one stored chunk of KV on disk, and its verification.
 
 Layout: a 16-byte prefix (magic, format version, header length); a JSON header (model
-fingerprint, chunk hash, digest of the prefix before the chunk, start position, dtype,
+fingerprint, chunk key, digest of the prefix before the chunk, start position, dtype,
 shape, payload size, and an xxh3 checksum of tokens and payload); the chunk's token ids
-as little-endian int32; then the KV payload ``[layers, 2, blocks_per_chunk, block_size,
-kv_heads, head_dim]`` in the header's dtype. ``decode`` checks every part against what
-the reader expects, so a file that is truncated, corrupt or written by another model
-or layout raises ``ChunkFileError``."""
+as little-endian int32; then the KV payload ``[layers, 2, num_blocks, block_size,
+kv_heads, head_dim]`` in the header's dtype, where ``num_blocks`` is the whole chunk or
+its first blocks. ``decode`` checks every part against what the reader expects, so a
+file that is truncated, corrupt or written by another model or layout raises
+``ChunkFileError``. ``decode_head`` reads the names and tokens alone, to choose among
+files before reading one whole."""
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import NamedTuple
 
@@ -19,10 +22,11 @@ import torch
 import xxhash
 
 from chunking.hashing import TOKEN_DTYPE
+from prefixcache.tiers.base import KVChunk
 
 MAGIC = b"PCKVCHNK"
 VERSION = 1
-_PREFIX = struct.Struct("<8sII")  # magic, version, header length
+PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _MAX_HEADER = 1 << 16
 
 
@@ -38,83 +42,118 @@ class ChunkLayout(NamedTuple):
     shape: tuple[int, ...]  # (layers, 2, blocks_per_chunk, block_size, kv_heads, head_dim)
 
     @property
+    def block_size(self) -> int:
+        """Tokens per KV block."""
+        return self.shape[3]
+
+    @property
     def chunk_size(self) -> int:
-        """Tokens per chunk."""
+        """Tokens per whole chunk."""
         return self.shape[2] * self.shape[3]
 
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of one chunk's KV."""
-        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+    def data_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The payload shape of a chunk of ``num_blocks`` blocks."""
+        return (*self.shape[:2], num_blocks, *self.shape[3:])
 
-    @property
-    def file_bytes(self) -> int:
-        """Bytes of a file without its JSON header."""
-        return _PREFIX.size + self.chunk_size * TOKEN_DTYPE.itemsize + self.payload_bytes
+    def payload_bytes(self, num_blocks: int) -> int:
+        """Bytes of the KV of ``num_blocks`` blocks."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.data_shape(num_blocks)) * itemsize
+
+    def file_bytes(self, num_blocks: int) -> int:
+        """Bytes of a file of ``num_blocks`` blocks, without its JSON header."""
+        tokens = num_blocks * self.block_size * TOKEN_DTYPE.itemsize
+        return PREFIX.size + tokens + self.payload_bytes(num_blocks)
 
 
-class ChunkRecord(NamedTuple):
-    """One chunk as stored: its names, tokens and KV (``ChunkLayout.shape``, on CPU)."""
+class ChunkHead(NamedTuple):
+    """A file's names and tokens, read and checked without its payload."""
 
-    chunk_hash: int
-    parent: bytes  # digest of the prefix before the chunk (see ``chunk_chains``)
+    key: int
+    parent: bytes
     start: int
     tokens: np.ndarray
-    data: torch.Tensor
+    header_bytes: int
 
 
-def encode(layout: ChunkLayout, record: ChunkRecord) -> list[bytes | memoryview]:
+def encode(layout: ChunkLayout, chunk: KVChunk) -> list[bytes | memoryview]:
     """The pieces of a chunk file, in order (write them one after another)."""
-    data = record.data.contiguous()
-    if tuple(data.shape) != layout.shape or data.dtype != layout.dtype:
+    tokens = np.ascontiguousarray(chunk.tokens, dtype=TOKEN_DTYPE)
+    num_blocks, rest = divmod(len(tokens), layout.block_size)
+    if not 0 < num_blocks <= layout.shape[2] or rest:
+        raise ValueError(f"a stored chunk has 1 to {layout.shape[2]} whole blocks of tokens")
+    data = chunk.data.cpu().contiguous()
+    if tuple(data.shape) != layout.data_shape(num_blocks) or data.dtype != layout.dtype:
         raise ValueError(f"chunk data is {tuple(data.shape)} {data.dtype}, layout wants {layout}")
     payload = memoryview(data.reshape(-1).view(torch.uint8).numpy())
-    tokens = np.ascontiguousarray(record.tokens, dtype=TOKEN_DTYPE)
-    if len(tokens) != layout.chunk_size:
-        raise ValueError(f"a chunk has {layout.chunk_size} tokens, got {len(tokens)}")
     header = json.dumps(
         {
             "fingerprint": layout.fingerprint,
-            "hash": f"{record.chunk_hash:016x}",
-            "parent": record.parent.hex(),
-            "start": record.start,
+            "hash": f"{chunk.key:016x}",
+            "parent": chunk.parent.hex(),
+            "start": chunk.start,
             "dtype": _dtype_name(layout.dtype),
-            "shape": list(layout.shape),
+            "shape": list(data.shape),
             "payload_bytes": len(payload),
             "xxh3": _checksum(memoryview(tokens), payload),
         },
         sort_keys=True,
     ).encode()
-    return [_PREFIX.pack(MAGIC, VERSION, len(header)), header, tokens.tobytes(), payload]
+    return [PREFIX.pack(MAGIC, VERSION, len(header)), header, tokens.tobytes(), payload]
 
 
-def decode(layout: ChunkLayout, raw: bytearray) -> ChunkRecord:
-    """Parse and verify a whole chunk file; raises ``ChunkFileError`` on any mismatch."""
-    if len(raw) < _PREFIX.size:
-        raise ChunkFileError(f"truncated: {len(raw)} bytes")
-    magic, version, header_len = _PREFIX.unpack_from(raw)
+def header_length(prefix: bytes | bytearray) -> int:
+    """The JSON header's length, from a file's first ``PREFIX.size`` bytes."""
+    if len(prefix) < PREFIX.size:
+        raise ChunkFileError(f"truncated: {len(prefix)} bytes")
+    magic, version, length = PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise ChunkFileError("not a chunk file (bad magic)")
     if version != VERSION:
         raise ChunkFileError(f"format version {version}, expected {VERSION}")
-    if header_len > _MAX_HEADER or len(raw) != layout.file_bytes + header_len:
+    if length > _MAX_HEADER:
+        raise ChunkFileError(f"header of {length} bytes")
+    return length
+
+
+def decode_head(layout: ChunkLayout, raw: bytes | bytearray) -> ChunkHead:
+    """Names and tokens from the start of a file (prefix, header, tokens; the payload may
+    be missing); raises ``ChunkFileError`` on a header this layout cannot read."""
+    return _decode_head(layout, raw)[0]
+
+
+def decode(layout: ChunkLayout, raw: bytearray) -> KVChunk:
+    """Parse and verify a whole chunk file; raises ``ChunkFileError`` on any mismatch."""
+    head, header = _decode_head(layout, raw)
+    num_blocks = len(head.tokens) // layout.block_size
+    if len(raw) != layout.file_bytes(num_blocks) + head.header_bytes:
         raise ChunkFileError(f"truncated or oversized: {len(raw)} bytes")
-    header = _header(raw[_PREFIX.size : _PREFIX.size + header_len])
-    _check_header(layout, header)
-    offset = _PREFIX.size + header_len
     view = memoryview(raw)
-    tokens_end = offset + layout.chunk_size * TOKEN_DTYPE.itemsize
+    offset = PREFIX.size + head.header_bytes
+    tokens_end = offset + len(head.tokens) * TOKEN_DTYPE.itemsize
     if _checksum(view[offset:tokens_end], view[tokens_end:]) != header["xxh3"]:
         raise ChunkFileError("checksum mismatch")
-    tokens = np.frombuffer(raw, TOKEN_DTYPE, layout.chunk_size, offset).copy()
-    offset, payload = tokens_end, view[tokens_end:]
-    flat = torch.frombuffer(raw, dtype=torch.uint8, offset=offset, count=len(payload))
-    data = flat.view(layout.dtype).view(layout.shape)
+    payload = len(raw) - tokens_end
+    flat = torch.frombuffer(raw, dtype=torch.uint8, offset=tokens_end, count=payload)
+    data = flat.view(layout.dtype).view(layout.data_shape(num_blocks))
+    return KVChunk(head.key, head.parent, head.start, head.tokens, data)
+
+
+def _decode_head(layout: ChunkLayout, raw: bytes | bytearray) -> tuple[ChunkHead, dict]:
+    length = header_length(raw)
+    header = _header(raw[PREFIX.size : PREFIX.size + length])
+    num_blocks = _check_header(layout, header)
+    offset = PREFIX.size + length
+    count = num_blocks * layout.block_size
+    if len(raw) < offset + count * TOKEN_DTYPE.itemsize:
+        raise ChunkFileError(f"truncated: {len(raw)} bytes")
+    tokens = np.frombuffer(raw, TOKEN_DTYPE, count, offset).copy()
     parent = bytes.fromhex(header["parent"])
-    return ChunkRecord(int(header["hash"], 16), parent, header["start"], tokens, data)
+    head = ChunkHead(int(header["hash"], 16), parent, header["start"], tokens, length)
+    return head, header
 
 
-def _header(raw: bytes) -> dict:
+def _header(raw: bytes | bytearray) -> dict:
     try:
         header = json.loads(bytes(raw))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -124,13 +163,17 @@ def _header(raw: bytes) -> dict:
     return header
 
 
-def _check_header(layout: ChunkLayout, header: dict) -> None:
-    expected = {
-        "fingerprint": layout.fingerprint,
-        "dtype": _dtype_name(layout.dtype),
-        "shape": list(layout.shape),
-        "payload_bytes": layout.payload_bytes,
-    }
+def _check_header(layout: ChunkLayout, header: dict) -> int:
+    """Check ``header`` against ``layout``; returns the chunk's number of blocks."""
+    for key, value in (("fingerprint", layout.fingerprint), ("dtype", _dtype_name(layout.dtype))):
+        if header.get(key) != value:
+            raise ChunkFileError(f"{key} is {header.get(key)!r}, expected {value!r}")
+    shape = header.get("shape")
+    num_blocks = shape[2] if isinstance(shape, list) and len(shape) == len(layout.shape) else 0
+    if not isinstance(num_blocks, int) or not 0 < num_blocks <= layout.shape[2]:
+        raise ChunkFileError(f"shape is {shape!r}, expected {list(layout.shape)} or fewer blocks")
+    expected = {"shape": list(layout.data_shape(num_blocks))}
+    expected["payload_bytes"] = layout.payload_bytes(num_blocks)
     for key, value in expected.items():
         if header.get(key) != value:
             raise ChunkFileError(f"{key} is {header.get(key)!r}, expected {value!r}")
@@ -140,6 +183,7 @@ def _check_header(layout: ChunkLayout, header: dict) -> None:
             raise ValueError("bad start")
     except (KeyError, TypeError, ValueError) as exc:
         raise ChunkFileError(f"bad header field: {exc}") from None
+    return num_blocks
 
 
 def _checksum(tokens: memoryview, payload: memoryview) -> str:

@@ -1,323 +1,327 @@
-"""Host and disk tiers behind the device prefix cache.
+"""The tiers behind the device prefix cache, in order, and the moves between them.
 
-Data moves down on eviction and back up on a match:
+Data moves down on eviction and back up on a match, whatever the tiers are:
 
-- device -> host: ``offload`` runs as the radix cache's ``on_evict``, before the
-  evicted device blocks are freed, and copies whole hash chunks (verified pieces of a
-  chunk are assembled as eviction trims it block by block);
-- host -> disk: a complete chunk the host tier evicts is written unless it is there;
-- device -> disk: ``persist`` writes each chunk through as soon as it is computed, so
-  a restarted engine finds every prefix an earlier one computed, not only the ones
-  that happened to be evicted before it stopped;
-- host or disk -> device: ``find`` plans the chunks that continue a device match,
-  ``load`` copies them into freshly allocated device blocks.
+- device -> first tier: ``offload`` runs as the radix cache's ``on_evict``, before the
+  evicted device blocks are freed. Each chunk the evicted run touches is stored whole
+  from its start: its blocks that stay on the device are read too, so a chunk trimmed
+  block by block arrives complete at once, and later trims of it are already covered;
+- tier -> next tier: a chunk a tier drops to make room is handed to the tier below;
+- device -> persistent tiers: ``on_computed`` writes each chunk through as soon as it is
+  computed, and a sequence's partial last chunk when it ends, so a restarted engine
+  finds every prefix an earlier one computed, not only the evicted ones;
+- tiers -> device: ``extend`` asks the tiers in order for the chunks that continue a
+  device match, down to a block, and copies them into fresh device blocks.
 
-Chunks are found by their 64-bit chained hash (or, for a chunk a sequence has only
-part of, by the digest of the prefix before it) and verified by that digest, their
-position and their token ids (see ``chunk_chains``), so a colliding hash never serves
-KV of other tokens, nor of the same tokens after another prefix.
+Every chunk served is checked against the asker's prefix digest, position and tokens,
+whichever tier it comes from; one that fails is a miss and is discarded. A tier that
+raises is logged and counted, and its answer taken as a miss or a skipped store.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from chunking.hashing import common_prefix_length
 from prefixcache.cache.radix_node import EvictedRun
+from prefixcache.tiers.base import ChunkQuery, KVChunk, KVTier
 from prefixcache.tiers.chunk_chains import ChunkChains
-from prefixcache.tiers.disk import DiskTier
-from prefixcache.tiers.host import HostChunk, HostTier
-from prefixcache.tiers.kv_file import ChunkLayout, ChunkRecord
+from prefixcache.tiers.registry import TierContext, make_kv_tier, tier_names
+from prefixcache.tiers.stats import TierStats
 from prefixcache.tiers.transfer import KVTransfer
 
 if TYPE_CHECKING:
     from prefixcache.cache.kv_cache import KVCache
     from prefixcache.config import EngineConfig
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class TierCounters:
-    """Tokens served and bytes moved by the tiers since construction."""
+    """Bytes moved between the device and the tiers since construction."""
 
-    host_hit_tokens: int = 0
-    disk_hit_tokens: int = 0
-    offloaded_bytes: int = 0  # device -> host
-    onloaded_bytes: int = 0  # host or disk -> device
+    offloaded_bytes: int = 0  # device -> tiers (evicted or written through)
+    onloaded_bytes: int = 0  # tiers -> device
 
 
-class OnloadPiece(NamedTuple):
-    """Blocks ``lo .. hi-1`` of one chunk, from a host chunk or a disk record."""
+class _Piece(NamedTuple):
+    """Blocks ``lo .. hi-1`` of ``chunk``, found in tier ``tier`` for ``query``."""
 
-    chunk: HostChunk | None
-    record: ChunkRecord | None
+    tier: int
+    query: ChunkQuery
+    chunk: KVChunk
     lo: int
     hi: int
 
-    @property
-    def num_blocks(self) -> int:
-        """Blocks this piece fills."""
-        return self.hi - self.lo
-
-
-class OnloadPlan(NamedTuple):
-    """Consecutive pieces that extend a device match of ``start`` tokens."""
-
-    start: int
-    pieces: list[OnloadPiece]
-    block_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        """Device blocks the plan needs."""
-        return sum(p.num_blocks for p in self.pieces)
-
-    @property
-    def end(self) -> int:
-        """Tokens cached once the plan is loaded."""
-        return self.start + self.num_blocks * self.block_size
-
 
 class TieredCache:
-    """The host tier (optional) and the disk tier (optional) of one engine's KV cache."""
+    """An ordered list of ``KVTier``s behind one engine's device KV pools."""
 
     def __init__(
-        self,
-        transfer: KVTransfer,
-        block_size: int,
-        chunk_size: int,
-        host: HostTier | None = None,
-        disk: DiskTier | None = None,
+        self, transfer: KVTransfer, block_size: int, chunk_size: int, tiers: Sequence[KVTier]
     ) -> None:
-        self.transfer, self.host, self.disk = transfer, host, disk
+        self.transfer, self.tiers = transfer, list(tiers)
         self.block_size, self.chunk_size = block_size, chunk_size
         self.blocks_per_chunk = chunk_size // block_size
-        k = transfer.device_layers[0][0]
-        self.block_bytes = k[0].numel() * k.element_size() * 2 * len(transfer.device_layers)
         self.counters = TierCounters()
-        if host is not None:
-            host.on_evict = self._spill
+        self._hit_tokens = [0] * len(self.tiers)
+        self._failures = [0] * len(self.tiers)
+        self._deferred: list[tuple[int, KVChunk]] | None = None  # stores held back
+        for i, tier in enumerate(self.tiers):
+            below = i + 1 < len(self.tiers)
+            tier.on_evict = functools.partial(self._spill, i + 1) if below else None
 
-    # -- down: device -> host -> disk -------------------------------------------------
+    def tier(self, name: str) -> KVTier:
+        """The tier named ``name``; ``KeyError`` if there is none."""
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise KeyError(name)
+
+    # -- down: device -> tiers --------------------------------------------------------
 
     def offload(self, run: EvictedRun, parents: list[bytes | None]) -> None:
-        """Copy the chunks of an evicted device run into the host tier (``on_evict``).
+        """Store the chunks of an evicted device run in the first tier (``on_evict``).
 
         ``parents[k]`` is the digest of the prefix before chunk ``k`` of the run (None:
-        unknown, the chunk is dropped).
+        unknown, the chunk is not stored).
         """
-        if self.host is None:
-            return
-        cs, bs = self.chunk_size, self.block_size
-        cut = len(run.token_ids) - len(run.block_ids) * bs  # first evicted token, relative
-        copies: list[tuple[HostChunk, int, int, int]] = []  # chunk, lo, hi, chunk index
-        for k, parent in enumerate(parents):
-            if parent is None:
-                continue
-            chunk_hash = run.chunk_hashes[k] if k < len(run.chunk_hashes) else None
-            tokens = run.token_ids[k * cs : (k + 1) * cs]
-            lo = max(cut - k * cs, 0) // bs
-            targets = self._offload_targets(chunk_hash, parent, run.start + k * cs, tokens, lo)
-            for chunk, hi in targets:
-                chunk.pins += 1  # a later add in this run must not evict it
-                copies.append((chunk, lo, hi, k))
-        device_ids, host_ids = [], []
-        for chunk, lo, hi, k in copies:
-            first = (k * cs + lo * bs - cut) // bs
-            device_ids += run.block_ids[first : first + hi - lo]
-            host_ids += self.host.block_ids(chunk, lo, hi)
-            chunk.first_block = lo
-            chunk.pins -= 1
-        self.transfer.device_to_host(device_ids, self.host.layers, host_ids)
-        self.counters.offloaded_bytes += len(device_ids) * self.block_bytes
-        # Touch suffix first, so prefixes are more recent and leave the host last.
-        self.host.touch(reversed([chunk for chunk, *_ in copies]))
+        pieces = self._run_pieces(run, parents)
+        first = self.tiers[0]
+        with self.transfer.copying():
+            # Suffix first, so the prefix ends up most recent and leaves the tier last.
+            for query, block_ids in reversed(pieces):
+                if self._guard(0, first.contains, query, default=False):
+                    continue  # a trim of a chunk stored whole already
+                self._store(0, self._read(query, block_ids), owned=True)
 
-    def _offload_targets(
-        self, chunk_hash: int | None, parent: bytes, start: int, tokens: np.ndarray, lo: int
-    ) -> list[tuple[HostChunk, int]]:
-        """Host chunks that need blocks ``lo ..`` of this run's chunk, with where to stop."""
-        host = self.host
-        if chunk_hash is None:  # the run ends inside this chunk: complete earlier pieces
-            end = len(tokens) // self.block_size
-            return [
-                (c, c.first_block)
-                for c in host.with_parent(parent)
-                if c.start == start
-                and lo < c.first_block <= end
-                and np.array_equal(c.tokens[: len(tokens)], tokens)
-            ]
-        chunk = host.get(chunk_hash)
-        if chunk is None:
-            chunk = host.add(chunk_hash, parent, start, tokens, self.blocks_per_chunk)
-            return [] if chunk is None else [(chunk, self.blocks_per_chunk)]
-        if chunk.first_block <= lo or not chunk.matches(parent, start, tokens):
-            return []  # already held, or a colliding hash: keep what is there
-        return [(chunk, chunk.first_block)]
-
-    def _spill(self, chunk: HostChunk) -> None:
-        """Host eviction: write a complete chunk to disk unless it is there already."""
-        if self.disk is None or not chunk.complete or self.disk.contains(chunk.chunk_hash):
-            return
-        ids = self.host.block_ids(chunk, 0, self.blocks_per_chunk)
-        data = self.transfer.gather(self.host.layers, ids)
-        self.disk.put(ChunkRecord(chunk.chunk_hash, chunk.parent, chunk.start, chunk.tokens, data))
-
-    def persist(
-        self, chains: ChunkChains, tokens: np.ndarray, first: int, device_ids: list[int]
+    def on_computed(
+        self,
+        chains: ChunkChains,
+        tokens: np.ndarray,
+        block_ids: list[int],
+        first_chunk: int,
+        finished: bool,
     ) -> None:
-        """Write computed chunks through to disk: chunks ``first ..`` of ``tokens`` (whole
-        chunks; ``chains`` fed that far), whose blocks are ``device_ids`` (from chunk 0)."""
-        if self.disk is None:
-            return
+        """Write computed chunks through to the persistent tiers: whole chunks
+        ``first_chunk ..`` of ``tokens`` (whole blocks, in device blocks ``block_ids``;
+        ``chains`` fed that far), and the partial last chunk too when ``finished``."""
+        targets = [i for i, tier in enumerate(self.tiers) if tier.persistent]
         cs, nb = self.chunk_size, self.blocks_per_chunk
-        num_chunks = len(tokens) // cs
-        # Chunks already on disk are only touched, so a hot prefix stays there.
-        todo = [c for c in range(first, num_chunks) if not self.disk.touch(chains.chunk_hash(c))]
-        if not todo:
+        end = len(tokens) if finished else len(tokens) // cs * cs
+        if not targets or end <= first_chunk * cs:
             return
-        ids = [i for c in todo for i in device_ids[c * nb : (c + 1) * nb]]
-        data = self.transfer.gather(self.transfer.device_layers, ids)
-        for j, c in enumerate(todo):
-            record = ChunkRecord(
-                chains.chunk_hash(c),
-                chains.parent(c),
-                c * cs,
-                tokens[c * cs : (c + 1) * cs],
-                data[:, :, j * nb : (j + 1) * nb],
-            )
-            self.disk.put(record)
+        queries = [
+            (ChunkQuery(chains.seed(c), chains.parent(c), c * cs, tokens[c * cs : end][:cs]), c)
+            for c in range(first_chunk, -(-end // cs))
+        ]
+        with self.transfer.copying():
+            for i in targets:
+                for query, c in reversed(queries):
+                    # Chunks stored already are only touched, so a hot prefix stays.
+                    if not self._guard(i, self.tiers[i].touch, query, default=False):
+                        ids = block_ids[c * nb : c * nb + len(query.tokens) // self.block_size]
+                        self._store(i, self._read(query, ids), owned=True)
 
-    # -- up: host or disk -> device ---------------------------------------------------
+    def _run_pieces(
+        self, run: EvictedRun, parents: list[bytes | None]
+    ) -> list[tuple[ChunkQuery, list[int]]]:
+        """Each chunk of ``run`` from its start, with the device blocks that hold it."""
+        cs, nb = self.chunk_size, self.blocks_per_chunk
+        block_ids = run.head_block_ids + run.block_ids
+        pieces = []
+        for k, parent in enumerate(parents):
+            if parent is not None:
+                seed = run.chunk_hashes[k - 1] if k else run.seed
+                tokens = run.token_ids[k * cs : (k + 1) * cs]
+                query = ChunkQuery(seed, parent, run.start + k * cs, tokens)
+                pieces.append((query, block_ids[k * nb : (k + 1) * nb]))
+        return pieces
 
-    def find(
+    def _read(self, query: ChunkQuery, block_ids: list[int]) -> KVChunk:
+        data = self.transfer.read(block_ids)
+        self.counters.offloaded_bytes += len(block_ids) * self.transfer.block_bytes
+        return KVChunk(query.key, query.parent, query.start, query.tokens, data)
+
+    def _store(self, index: int, chunk: KVChunk, owned: bool = False) -> None:
+        """Put ``chunk`` into tier ``index``, or hold it back while onloading: in CPU
+        memory, so device memory stays free for the onload, and copied unless ``owned``,
+        since a tier may reuse its own memory meanwhile."""
+        if self._deferred is None:
+            self._guard(index, self.tiers[index].put, chunk, default=False)
+            return
+        chunk = chunk._replace(data=chunk.data.to("cpu", copy=not owned))
+        self._deferred.append((index, chunk))
+
+    def _spill(self, index: int, chunk: KVChunk) -> None:
+        """``on_evict`` of tier ``index - 1``: hand the chunk to tier ``index``."""
+        self._store(index, chunk)
+
+    # -- up: tiers -> device ----------------------------------------------------------
+
+    def extend(
+        self,
+        tokens: np.ndarray,
+        chains: ChunkChains,
+        start: int,
+        max_blocks: int,
+        take_blocks: Callable[[int], list[int] | None],
+    ) -> list[int]:
+        """Continue a device match of ``start`` tokens (block aligned) of ``tokens`` from
+        the tiers, by at most ``max_blocks`` blocks; ``chains`` is fed all of ``tokens``.
+
+        ``take_blocks(n)`` gives ``n`` free device blocks (evicting, so offloading, if it
+        must) or None. Returns the device blocks filled, in order: they hold KV for
+        ``tokens[start : start + len(result) * block_size]``.
+        """
+        # Until the copies below are done, every store is held back: a store could make
+        # a tier evict what the pieces found point into. Chunks ``take_blocks`` evicts
+        # from the device are read at once, and stored after.
+        self._deferred, block_ids = [], []
+        try:
+            pieces = self._find(tokens, chains, start, max_blocks)
+            if pieces:
+                block_ids = take_blocks(sum(p.hi - p.lo for p in pieces)) or []
+            if block_ids:
+                self._load(pieces, block_ids)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            with self.transfer.copying():
+                for index, chunk in deferred:
+                    self._store(index, chunk)
+        return block_ids
+
+    def _find(
         self, tokens: np.ndarray, chains: ChunkChains, start: int, max_blocks: int
-    ) -> OnloadPlan:
-        """Plan the longest run of stored blocks that continues ``tokens`` from ``start``
-        (block aligned; ``chains`` fed all of ``tokens``), at most ``max_blocks``. Host
-        chunks in the plan stay pinned until ``release``; disk chunks are read here."""
+    ) -> list[_Piece]:
+        """The longest run of stored blocks that continues ``tokens`` from ``start``."""
         cs, bs, nb = self.chunk_size, self.block_size, self.blocks_per_chunk
-        pieces: list[OnloadPiece] = []
+        pieces: list[_Piece] = []
         pos, limit, budget = start, len(tokens) // bs * bs, max_blocks
         while pos < limit and budget > 0:
             c = pos // cs
-            chunk_tokens = tokens[c * cs : min((c + 1) * cs, limit)]
+            query = ChunkQuery(
+                chains.seed(c), chains.parent(c), c * cs, tokens[c * cs : limit][:cs]
+            )
             lo = (pos - c * cs) // bs
-            chunk_hash, parent = chains.chunk_hash(c), chains.parent(c)
-            piece = self._find_piece(chunk_hash, parent, c * cs, chunk_tokens, lo)
-            if piece is None:
+            found = self._lookup(query, lo)
+            if found is None:
                 break
-            piece = piece._replace(hi=min(piece.hi, piece.lo + budget))
-            if piece.chunk is not None:
-                piece.chunk.pins += 1
+            piece = found._replace(hi=min(found.hi, lo + budget))
             pieces.append(piece)
-            budget -= piece.num_blocks
+            budget -= piece.hi - lo
             pos = c * cs + piece.hi * bs
             if piece.hi < nb:
                 break
-        return OnloadPlan(start, pieces, bs)
+        return pieces
 
-    def _find_piece(
-        self, chunk_hash: int | None, parent: bytes, start: int, tokens: np.ndarray, lo: int
-    ) -> OnloadPiece | None:
-        """Blocks ``lo ..`` of the chunk at ``start``: from the host if it has them, else
-        (whole chunks only) from disk. ``tokens`` are the query's tokens of the chunk."""
+    def _lookup(self, query: ChunkQuery, lo: int) -> _Piece | None:
+        """The tier chunk holding the most blocks of ``query`` past block ``lo``: the
+        first tier that holds all of them wins, lower tiers are asked only for more."""
         best = None
-        if self.host is not None:
-            found = self.host.get(chunk_hash) if chunk_hash is not None else None
-            candidates = [found] if found is not None else self.host.with_parent(parent)
-            for chunk in candidates:
-                if chunk.parent != parent or chunk.start != start or chunk.first_block > lo:
-                    continue
-                hi = common_prefix_length(chunk.tokens, tokens) // self.block_size
-                if hi > lo and (best is None or hi > best.hi):
-                    best = OnloadPiece(chunk, None, lo, hi)
-        if best is None and self.disk is not None and chunk_hash is not None:
-            best = self._disk_piece(chunk_hash, parent, start, tokens, lo)
+        wanted = len(query.tokens) // self.block_size
+        for i, tier in enumerate(self.tiers):
+            chunk = self._guard(i, tier.get, query)
+            hi = self._guard(i, self._verified, i, chunk, query, default=0)
+            if hi > lo and (best is None or hi > best.hi):
+                best = _Piece(i, query, chunk, lo, hi)
+            if best is not None and best.hi == wanted:
+                break
         return best
 
-    def _disk_piece(
-        self, chunk_hash: int, parent: bytes, start: int, tokens: np.ndarray, lo: int
-    ) -> OnloadPiece | None:
-        record = self.disk.read(chunk_hash)
-        if record is None:
-            return None
-        hi = common_prefix_length(record.tokens, tokens) // self.block_size
-        if record.parent != parent or record.start != start or hi < len(tokens) // self.block_size:
-            self.disk.discard(chunk_hash)  # a mismatched file is a miss, and goes
-            return None
-        return OnloadPiece(None, record, lo, hi)
+    def _verified(self, index: int, chunk: KVChunk | None, query: ChunkQuery) -> int:
+        """Whole blocks of ``query`` that ``chunk`` (from tier ``index``) holds; a chunk
+        that holds none, or whose data does not fit its tokens, is discarded."""
+        if chunk is None:
+            return 0
+        bs = self.block_size
+        num_blocks = len(chunk.tokens) // bs
+        k = self.transfer.device_layers[0][0]
+        shape = (len(self.transfer.device_layers), 2, num_blocks, *k.shape[1:])
+        fits = tuple(chunk.data.shape) == shape and chunk.data.dtype == k.dtype
+        blocks = chunk.matched_tokens(query) // bs if fits else 0
+        if not blocks:
+            logger.warning("tier %r returned a chunk that does not match", self.tiers[index].name)
+            self._guard(index, self.tiers[index].discard, chunk)
+        return blocks
 
-    def load(self, plan: OnloadPlan, device_ids: list[int]) -> None:
-        """Copy every piece of ``plan`` into ``device_ids`` (in order) and count the hits."""
-        host_ids, host_targets, chunks = [], [], []
-        offset, counters = 0, self.counters
-        for piece in plan.pieces:
-            ids = device_ids[offset : offset + piece.num_blocks]
-            offset += piece.num_blocks
-            tokens = piece.num_blocks * self.block_size
-            if piece.chunk is not None:
-                host_ids += self.host.block_ids(piece.chunk, piece.lo, piece.hi)
-                host_targets += ids
-                chunks.append(piece.chunk)
-                counters.host_hit_tokens += tokens
-            else:
-                self.transfer.tensor_to_device(piece.record.data[:, :, piece.lo : piece.hi], ids)
-                counters.disk_hit_tokens += tokens
-        if host_ids:
-            self.transfer.host_to_device(self.host.layers, host_ids, host_targets)
-            self.host.touch(reversed(chunks))
-        counters.onloaded_bytes += len(device_ids) * self.block_bytes
-
-    def release(self, plan: OnloadPlan) -> None:
-        """Unpin the host chunks of ``plan``."""
-        for piece in plan.pieces:
-            if piece.chunk is not None:
-                piece.chunk.pins -= 1
+    def _load(self, pieces: list[_Piece], block_ids: list[int]) -> None:
+        """Copy ``pieces`` into ``block_ids`` in order; count the hits, touch the chunks."""
+        offset = 0
+        with self.transfer.copying():
+            for p in pieces:
+                count = p.hi - p.lo
+                self.transfer.write(
+                    p.chunk.data[:, :, p.lo : p.hi], block_ids[offset : offset + count]
+                )
+                offset += count
+                self._hit_tokens[p.tier] += count * self.block_size
+        self.counters.onloaded_bytes += len(block_ids) * self.transfer.block_bytes
+        for p in reversed(pieces):  # suffix first: the prefix ends up most recent
+            served = p.query.shorter(p.hi * self.block_size)
+            self._guard(p.tier, self.tiers[p.tier].touch, served, default=False)
 
     # -- state ------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        """Per-tier counters: hit tokens, bytes moved, evictions, capacity in use."""
-        result = asdict(self.counters)
-        if self.host is not None:
-            result["host_evicted_blocks"] = self.host.evicted_blocks
-            result["host_blocks"] = self.host.num_blocks
-            result["host_used_blocks"] = self.host.num_used_blocks
-        if self.disk is not None:
-            result["disk_written_bytes"] = self.disk.written_bytes
-            result["disk_read_bytes"] = self.disk.read_bytes
-            result["disk_evicted_blocks"] = self.disk.evicted_blocks
-            result["disk_bytes"] = self.disk.used_bytes
-            result["disk_files"] = self.disk.num_files
+    def tier_stats(self) -> list[TierStats]:
+        """Each tier's stats, in order, with the tokens served and failures seen here."""
+        result = []
+        for i, tier in enumerate(self.tiers):
+            own = tier.stats()
+            result.append(
+                replace(
+                    own,
+                    hit_tokens=own.hit_tokens + self._hit_tokens[i],
+                    failures=own.failures + self._failures[i],
+                )
+            )
         return result
 
     def check_integrity(self) -> None:
-        """Raise ``AssertionError`` unless the host pool and the disk index add up."""
-        if self.host is not None:
-            self.host.check_integrity()
-        if self.disk is not None:
-            self.disk.check_integrity()
+        """Raise ``AssertionError`` unless every tier's bookkeeping adds up."""
+        assert self._deferred is None, "stores still held back"
+        for tier in self.tiers:
+            tier.check_integrity()
+
+    def _guard(self, index: int, method: Callable, *args, default=None):
+        """``method(*args)`` of tier ``index``; on an error, log it and return ``default``."""
+        try:
+            return method(*args)
+        except Exception:
+            self._failures[index] += 1
+            # A server that is gone fails every call: the first is worth a traceback, the
+            # rest show in the tier's failure count.
+            level = logging.WARNING if self._failures[index] == 1 else logging.DEBUG
+            name, call = self.tiers[index].name, method.__name__
+            logger.log(level, "KV tier %r failed in %s; taken as a miss", name, call, exc_info=True)
+            return default
 
 
 def build_tiers(config: EngineConfig, kv_cache: KVCache, fingerprint: str) -> TieredCache | None:
-    """The tiers ``config`` asks for over ``kv_cache``'s pools, or None if it asks for none."""
-    if not config.enable_prefix_caching:
-        return None
-    if not config.host_cache_tokens and not config.disk_cache_dir:
+    """The tiers ``config`` asks for over ``kv_cache``'s pools, or None if it asks for none.
+
+    ``ValueError`` if ``config.kv_tiers`` names a tier nobody registered.
+    """
+    names = tier_names(config)
+    if not config.enable_prefix_caching or not names:
         return None
     layers = kv_cache.layers
     k = layers[0][0]
-    nb = config.chunk_size // config.block_size
-    host = None
-    if config.host_cache_tokens:
-        slots = config.host_cache_tokens // config.chunk_size
-        pin = k.device.type == "cuda"
-        host = HostTier(slots, nb, tuple(k.shape[1:]), len(layers), k.dtype, pin_memory=pin)
-    disk = None
-    if config.disk_cache_dir:
-        layout = ChunkLayout(fingerprint, k.dtype, (len(layers), 2, nb, *k.shape[1:]))
-        disk = DiskTier(config.disk_cache_dir, layout, config.disk_cache_bytes)
-    return TieredCache(KVTransfer(layers), config.block_size, config.chunk_size, host, disk)
+    context = TierContext(
+        config=config,
+        fingerprint=fingerprint,
+        block_size=config.block_size,
+        chunk_size=config.chunk_size,
+        block_shape=tuple(k.shape[1:]),
+        dtype=k.dtype,
+        num_layers=len(layers),
+        device=k.device,
+    )
+    tiers = [make_kv_tier(name, context) for name in names]
+    return TieredCache(KVTransfer(layers), config.block_size, config.chunk_size, tiers)

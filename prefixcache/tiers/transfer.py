@@ -1,18 +1,20 @@
-"""Copies of KV blocks between the device pools and host memory.
+"""Copies of KV blocks out of and into the device pools.
 
-Every pool here has the paged layout ``[num_blocks, block_size, kv_heads, head_dim]``
-per layer, as a list of ``(k, v)`` pairs. A gathered copy has the shape
-``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
+Every device pool has the paged layout ``[num_blocks, block_size, kv_heads, head_dim]``
+per layer, as a list of ``(k, v)`` pairs. A copy of ``n`` blocks has the shape
+``[num_layers, 2, n, block_size, kv_heads, head_dim]`` (``KVChunk.data``).
 
-On CUDA the copies run on a side stream: it first waits for the compute stream (the
-KV it reads was written there, and the blocks it overwrites may still be read there),
-and the compute stream then waits on an event recorded after the copies, so every
-later kernel sees the copied KV while the CPU never blocks. Host pools are pinned, so
-the copies are real DMA transfers. On CPU every copy is a synchronous tensor copy.
+On CUDA, copies run inside ``copying()`` on a side stream: it first waits for the
+compute stream (the KV it reads was written there, and the blocks it overwrites may
+still be read there), and the compute stream then waits on an event recorded after the
+copies, so every later kernel sees their result while the CPU never blocks. Copies a
+tier makes inside the same block (e.g. into pinned host memory) are ordered with them.
+On CPU every copy is a synchronous tensor copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -21,90 +23,57 @@ KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class KVTransfer:
-    """Moves blocks of the device pools ``device_layers`` to and from host memory."""
+    """Reads and writes blocks of the device pools ``device_layers``."""
 
     def __init__(self, device_layers: KVLayers) -> None:
         self.device_layers = device_layers
         self.device = device_layers[0][0].device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def device_to_host(
-        self, device_ids: Sequence[int], host_layers: KVLayers, host_ids: Sequence[int]
-    ) -> None:
-        """Copy device blocks ``device_ids`` into host blocks ``host_ids`` (same order)."""
-        if not device_ids:
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's K and V over all layers."""
+        k = self.device_layers[0][0]
+        return k[0].numel() * k.element_size() * 2 * len(self.device_layers)
+
+    def read(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy ``[layers, 2, n, ...]`` of device blocks ``block_ids``, on the device."""
+        k0 = self.device_layers[0][0]
+        out = torch.empty(
+            (len(self.device_layers), 2, len(block_ids), *k0.shape[1:]),
+            dtype=k0.dtype,
+            device=self.device,
+        )
+        runs = _runs(block_ids)
+        if not runs:
+            return out
+        # A sequence's blocks are mostly reserved together: one run is a plain slice.
+        index = _index(block_ids, self.device) if len(runs) > 1 else None
+        for layer, pools in enumerate(self.device_layers):
+            for kv, pool in enumerate(pools):
+                if index is None:
+                    _, first, end = runs[0]
+                    out[layer, kv].copy_(pool[first:end])
+                else:
+                    torch.index_select(pool, 0, index, out=out[layer, kv])
+        return out
+
+    def write(self, data: torch.Tensor, block_ids: Sequence[int]) -> None:
+        """Copy ``data`` (``[layers, 2, n, ...]``, on the CPU or the device) into device
+        blocks ``block_ids``."""
+        if not block_ids:
             return
+        # Pageable CPU memory is staged before ``to`` returns, so the caller may drop it.
+        moved = data.to(self.device, non_blocking=True)
+        dst = _index(block_ids, self.device)
+        for layer, (k, v) in enumerate(self.device_layers):
+            k.index_copy_(0, dst, moved[layer, 0])
+            v.index_copy_(0, dst, moved[layer, 1])
+
+    def copying(self) -> contextlib.AbstractContextManager:
+        """The scope copies run in: the side stream on CUDA, nothing special on CPU."""
         if self.stream is None:
-            src, dst = _index(device_ids, self.device), _index(host_ids, "cpu")
-            for (dk, dv), (hk, hv) in zip(self.device_layers, host_layers, strict=True):
-                hk[dst] = dk[src]
-                hv[dst] = dv[src]
-            return
-        with self._side_stream():
-            src = _index(device_ids, self.device)
-            for (dk, dv), (hk, hv) in zip(self.device_layers, host_layers, strict=True):
-                for pool, host in ((dk, hk), (dv, hv)):
-                    gathered = pool.index_select(0, src)
-                    for i, a, b in _runs(host_ids):
-                        host[a:b].copy_(gathered[i : i + b - a], non_blocking=True)
-
-    def host_to_device(
-        self, host_layers: KVLayers, host_ids: Sequence[int], device_ids: Sequence[int]
-    ) -> None:
-        """Copy host blocks ``host_ids`` into device blocks ``device_ids`` (same order)."""
-        if not device_ids:
-            return
-        if self.stream is None:
-            src, dst = _index(host_ids, "cpu"), _index(device_ids, self.device)
-            for (dk, dv), (hk, hv) in zip(self.device_layers, host_layers, strict=True):
-                dk[dst] = hk[src]
-                dv[dst] = hv[src]
-            return
-        with self._side_stream():
-            dst = _index(device_ids, self.device)
-            for (dk, dv), (hk, hv) in zip(self.device_layers, host_layers, strict=True):
-                for pool, host in ((dk, hk), (dv, hv)):
-                    staged = torch.empty(
-                        (len(device_ids), *pool.shape[1:]), dtype=pool.dtype, device=self.device
-                    )
-                    for i, a, b in _runs(host_ids):
-                        staged[i : i + b - a].copy_(host[a:b], non_blocking=True)
-                    pool.index_copy_(0, dst, staged)
-
-    def tensor_to_device(self, data: torch.Tensor, device_ids: Sequence[int]) -> None:
-        """Copy a gathered CPU tensor ``[layers, 2, n, ...]`` into device blocks ``device_ids``."""
-        if not device_ids:
-            return
-        if self.stream is None:
-            dst = _index(device_ids, self.device)
-            for layer, (dk, dv) in enumerate(self.device_layers):
-                dk[dst] = data[layer, 0]
-                dv[dst] = data[layer, 1]
-            return
-        with self._side_stream():
-            dst = _index(device_ids, self.device)
-            # Pageable memory: the copy is staged before it returns, so ``data`` may go.
-            moved = data.to(self.device, non_blocking=True)
-            for layer, (dk, dv) in enumerate(self.device_layers):
-                dk.index_copy_(0, dst, moved[layer, 0])
-                dv.index_copy_(0, dst, moved[layer, 1])
-
-    def gather(self, layers: KVLayers, block_ids: Sequence[int]) -> torch.Tensor:
-        """A CPU copy ``[layers, 2, n, block_size, kv_heads, head_dim]`` of ``block_ids`` of
-        ``layers`` (the device pools or a host pool); waits for pending copies first."""
-        self.synchronize()
-        device = layers[0][0].device
-        index = _index(block_ids, device)
-        parts = [torch.stack((k[index], v[index])) for k, v in layers]
-        return torch.stack(parts).cpu()
-
-    def synchronize(self) -> None:
-        """Block the CPU until every copy issued so far is done (before reading host memory)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).synchronize()
-            self.stream.synchronize()
-
-    def _side_stream(self):
+            return contextlib.nullcontext()
         return _SideStream(self.stream, self.device)
 
 
