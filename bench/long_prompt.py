@@ -15,7 +15,9 @@ the model forward is the baseline for the long context's.
 
 Servers are started here (``prefixcache serve``, with and without prefix caching)
 unless ``--url``/``--url-no-cache`` name running ones; ``--backend sdk`` runs the
-same scenarios in this process through the ``Engine`` instead of HTTP.
+same scenarios through the ``Engine`` instead of HTTP, each engine in a child process
+of its own (so each one's peak memory is its own, as with servers). Both sides of a
+comparison get the same warm-up and measured turns and report the same statistic.
 
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
@@ -262,18 +264,17 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
         if args.backend == "sdk":
-            with sdk_backend.started_engine(args, caching) as engine:
-                for run in (1, 2):
-                    result = sdk_backend.send_all(engine, prompts, args.max_tokens)
-                    rows.append({"server": name, "run": run, **result})
-            peaks[name] = sdk_backend.peak_rss_mib()  # this process, so far
+            results, peaks[name] = sdk_backend.in_own_process(
+                args, caching, _sdk_send_twice, prompts, args.max_tokens
+            )
+            rows += [{"server": name, "run": run, **r} for run, r in enumerate(results, 1)]
             continue
         with server_for(args, caching) as (url, proc):
             for run in (1, 2):
                 result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
                 rows.append({"server": name, "run": run, **result})
             peaks[name] = peak_rss_mib(proc)
-    warm, cold = rows[1]["seconds"], rows[3]["seconds"]
+    warm, cold = rows[1]["seconds"], rows[3]["seconds"]  # each server's second run
     summary = {
         "benchmark": "long_prompt",
         "scenario": "tgi-long",
@@ -288,39 +289,38 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     return summary, rows
 
 
+def _sdk_send_twice(engine, prompts: list[str], max_tokens: int) -> list[dict]:
+    """tgi-long on one engine: the load twice (run 1 warms up, run 2 is reported)."""
+    return [sdk_backend.send_all(engine, prompts, max_tokens) for _ in (1, 2)]
+
+
 def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     """Turn 2 of a conversation over a long context: warm TTFT against cache off.
 
-    The cache-off server is sent turn 2 only (with turn 1's reply from the first
-    server): its turn 1 would change nothing, since it caches nothing.
+    Both servers get the same turns: turn 1 (which warms the server up, and on the
+    cache-on one fills the cache), then the same turn 2, carrying the cache-on
+    server's turn-1 reply, timed.
     """
     context = synthetic_report(tokenizer, 0, args.context_tokens)
     turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
     if args.api == "responses":
         return _responses_conversation(args, turn1, tokenizer)
-    rows, timings, turn2 = [], {}, None
+    rows, timings, reply = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
-        with _chat_target(args, caching) as (turn, peak):
-            ttft1 = None
-            if turn2 is None:
-                reply, ttft1, _ = turn(turn1)
-                turn2 = turn1 + [
-                    {"role": "assistant", "content": reply},
-                    {"role": "user", "content": "What is the main risk it names?"},
-                ]
-            _, ttft2, usage2 = turn(turn2)
-            timings[name] = usage2.get("timings")
-            rows.append(
-                {
-                    "server": name,
-                    "turn1_ttft_s": ttft1,
-                    "turn2_ttft_s": ttft2,
-                    "turn2_prompt_tokens": usage2["prompt_tokens"],
-                    "turn2_cached_tokens": usage2["prompt_tokens_details"]["cached_tokens"],
-                    "peak_rss_mib": peak(),
-                }
-            )
+        side, peak = _chat_side_on(args, caching, turn1, reply)
+        reply, usage2 = side["reply"], side["usage2"]
+        timings[name] = usage2.get("timings")
+        rows.append(
+            {
+                "server": name,
+                "turn1_ttft_s": side["turn1_ttft_s"],
+                "turn2_ttft_s": side["turn2_ttft_s"],
+                "turn2_prompt_tokens": usage2["prompt_tokens"],
+                "turn2_cached_tokens": usage2["prompt_tokens_details"]["cached_tokens"],
+                "peak_rss_mib": peak,
+            }
+        )
     summary = {
         "benchmark": "long_prompt",
         "scenario": "conversation",
@@ -334,26 +334,43 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     return summary, rows
 
 
-@contextmanager
-def _chat_target(args: argparse.Namespace, caching: bool):
-    """A function running one streamed chat turn (over HTTP, or stepped through the SDK),
-    and one reading the peak memory of whatever serves it."""
+QUESTION = "What is the main risk it names?"
+
+
+def _chat_side(turn, turn1: list[dict], reply: str | None) -> dict:
+    """One server's turns: turn 1, then turn 2 after ``reply`` (else turn 1's own).
+
+    ``turn(messages)`` runs one streamed chat turn: (text, seconds to first token, usage).
+    """
+    own_reply, ttft1, _ = turn(turn1)
+    reply = own_reply if reply is None else reply
+    turn2 = turn1 + [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": QUESTION},
+    ]
+    _, ttft2, usage2 = turn(turn2)
+    return {"reply": reply, "turn1_ttft_s": ttft1, "turn2_ttft_s": ttft2, "usage2": usage2}
+
+
+def _chat_side_on(args: argparse.Namespace, caching: bool, turn1: list[dict], reply):
+    """``_chat_side`` on a server (or, with the SDK, an engine in a process of its own);
+    returns it and the peak memory of whatever served it."""
     if args.backend == "sdk":
-        with sdk_backend.started_engine(args, caching) as engine:
-            yield (
-                partial(sdk_backend.chat_turn, engine, max_tokens=args.max_tokens),
-                (sdk_backend.peak_rss_mib),
-            )
-        return
+        return sdk_backend.in_own_process(
+            args, caching, _sdk_chat_side, turn1, reply, args.max_tokens
+        )
     with server_for(args, caching) as (url, proc):
-        yield partial(_chat_now, url, max_tokens=args.max_tokens), partial(peak_rss_mib, proc)
+        side = _chat_side(partial(_chat_now, url, max_tokens=args.max_tokens), turn1, reply)
+        return side, peak_rss_mib(proc)
+
+
+def _sdk_chat_side(engine, turn1: list[dict], reply, max_tokens: int) -> dict:
+    turn = partial(sdk_backend.chat_turn, engine, max_tokens=max_tokens)
+    return _chat_side(turn, turn1, reply)
 
 
 def _chat_now(url: str, messages: list[dict], max_tokens: int):
     return asyncio.run(_one_chat(url, messages, max_tokens))
-
-
-QUESTION = "What is the main risk it names?"
 
 
 def same_length_questions(tokenizer, count: int) -> list[str]:
@@ -418,6 +435,13 @@ async def _warm_rounds(full: _Conversation, base: _Conversation, rounds: int) ->
         await base.by_id()
 
 
+async def _rounds_by_id(conversation: _Conversation, rounds: int) -> None:
+    """The same warm-up and measured turns by id as ``_warm_rounds`` gives ``full``."""
+    await conversation.start()
+    for _ in tqdm(range(rounds), desc="cache-off turns", leave=False):
+        await conversation.by_id()
+
+
 def _usage_row(usage: dict, prompt_key: str, details_key: str) -> dict:
     prompt, cached = usage[prompt_key], usage[details_key]["cached_tokens"]
     return {"prompt": prompt, "cached": cached, "timings": usage.get("timings")}
@@ -442,38 +466,30 @@ def _warm_summary(turns: list[tuple[float, dict]]) -> dict:
 
 def _responses_conversation(args: argparse.Namespace, turn1: list[dict], tokenizer):
     """Warm turn 2s by ``previous_response_id`` against chat completions on the same server,
-    at the full context and at a small one; and turn 2 on a cache-off server.
+    at the full context and at a small one; and the same turns by id on a cache-off server.
 
-    The cache-off server gets turn 2 only, as the whole conversation in ``input``.
+    Both servers get the same warm-up turns and the same number of measured turns, and
+    report the same statistic (medians).
     """
-    questions = same_length_questions(tokenizer, 2 * args.rounds + 3)
+    questions = same_length_questions(tokenizer, 2 * args.rounds + 2)
     small = synthetic_report(tokenizer, 1, args.baseline_context_tokens)
     small_turn1 = [{"role": "user", "content": f"Read this report:\n{small}\nSummarize it."}]
     with server_for(args, True) as (url, proc):
-        full = _Conversation(url, turn1, questions[1:], args.max_tokens)
-        base = _Conversation(url, small_turn1, questions[1:], args.max_tokens)
+        full = _Conversation(url, turn1, questions, args.max_tokens)
+        base = _Conversation(url, small_turn1, questions, args.max_tokens)
         asyncio.run(_warm_rounds(full, base, args.rounds))
         peak = peak_rss_mib(proc)
     with server_for(args, False) as (url, proc):
-        whole = full.history + [{"role": "user", "content": questions[0]}]
-        _, _, off_ttft, off_usage = asyncio.run(_one_response(url, whole, args.max_tokens))
+        off = _Conversation(url, turn1, questions, args.max_tokens)
+        asyncio.run(_rounds_by_id(off, args.rounds))
         off_peak = peak_rss_mib(proc)
     warm, chat_warm = _warm_summary(full.turns["responses"]), _warm_summary(full.turns["chat"])
-    small_warm = _warm_summary(base.turns["responses"])
+    small_warm, cold = _warm_summary(base.turns["responses"]), _warm_summary(off.turns["responses"])
     rows = [
         _response_row("prefix cache on", full.turn1_ttft_s, warm, peak),
         _response_row("prefix cache on, chat completions", None, chat_warm, peak),
         _response_row(f"{args.baseline_context_tokens}-token context", None, small_warm, peak),
-        {
-            "server": "prefix cache off",
-            "turn1_ttft_s": None,
-            "turn2_ttft_s": off_ttft,
-            "turn2_prompt_tokens": off_usage["input_tokens"],
-            "turn2_new_tokens": off_usage["input_tokens"]
-            - off_usage["input_tokens_details"]["cached_tokens"],
-            "turn2_outside_forward_ms": outside_forward_ms(off_usage.get("timings")),
-            "peak_rss_mib": off_peak,
-        },
+        _response_row("prefix cache off", off.turn1_ttft_s, cold, off_peak),
     ]
     summary = {
         "benchmark": "long_prompt",
@@ -482,8 +498,8 @@ def _responses_conversation(args: argparse.Namespace, turn1: list[dict], tokeniz
         "context_tokens": warm["prompt_tokens"],
         "measured_rounds": args.rounds,
         "turn2_ttft_s_cache_on": warm["ttft_s"],
-        "turn2_ttft_s_cache_off": off_ttft,
-        "speedup": off_ttft / warm["ttft_s"],
+        "turn2_ttft_s_cache_off": cold["ttft_s"],
+        "speedup": cold["ttft_s"] / warm["ttft_s"],
         "turn2_new_tokens": warm["new_tokens"],
         "warm_breakdown_ms": warm["breakdown_ms"],
         "warm_outside_forward_ms": warm["outside_forward_ms"],
@@ -518,10 +534,6 @@ def outside_forward_ms(timings: dict | None) -> float | None:
     return None if timings is None else timings["ttft_ms"] - timings["prefill_ms"]
 
 
-async def _one_response(url: str, input, max_tokens: int, previous: str | None = None):
-    return await respond(url, input, max_tokens, previous)
-
-
 async def _one_chat(url: str, messages: list[dict], max_tokens: int):
     return await chat(url, messages, max_tokens)
 
@@ -544,7 +556,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144)
     parser.add_argument(
-        "--rounds", type=int, default=9, help="responses: measured warm turns of each API"
+        "--rounds",
+        type=int,
+        default=9,
+        help="responses: measured warm turns of each API, and of the cache-off server",
     )
     parser.add_argument(
         "--baseline-context-tokens",

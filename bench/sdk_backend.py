@@ -1,21 +1,27 @@
-"""The long-prompt scenarios run in this process through the Python SDK (no HTTP).
+"""The long-prompt scenarios run through the Python SDK (no HTTP).
 
 Rows have the same keys as the HTTP runs' rows in ``long_prompt.py``, so reports and
-charts are the same; an engine stands where a server would.
+charts are the same; an engine stands where a server would, and like a server each
+engine runs in a process of its own, so its peak memory is its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
 from prefixcache import Engine, SamplingParams
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -41,6 +47,29 @@ def started_engine(args: argparse.Namespace, caching: bool) -> Iterator[Engine]:
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_own_process(
+    args: argparse.Namespace, caching: bool, fn: Callable[..., T], *fn_args: Any
+) -> tuple[T, float]:
+    """``fn(engine, *fn_args)`` on a new engine in a fresh child process: its result and
+    the child's peak resident memory in MiB, which therefore counts this engine alone
+    (a process's peak never goes down, so an engine run before would be counted too).
+
+    ``fn`` and its arguments must be picklable (``fn`` a module-level function).
+    """
+    # Forked from a clean server process that has only imported what every engine
+    # imports: no copy of this process's memory (or threads), no import time per engine.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "transformers", "torch._dynamo"])
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_run_with_engine, args, caching, fn, fn_args).result()
+
+
+def _run_with_engine(args: argparse.Namespace, caching: bool, fn, fn_args) -> tuple[Any, float]:
+    with started_engine(args, caching) as engine:
+        result = fn(engine, *fn_args)
+    return result, peak_rss_mib()
 
 
 def send_all(engine: Engine, prompts: list[str], max_tokens: int) -> dict:

@@ -14,27 +14,41 @@ import long_prompt  # noqa: E402
 SMALL = ["--backend", "sdk", "--max-tokens", "4", "--kv-cache-tokens", "16384"]
 
 
-def _summary(folder: Path, name: str) -> dict:
-    return json.loads((folder / f"{name}.json").read_text())["summary"]
+def _report(folder: Path, name: str) -> tuple[dict, list[dict]]:
+    report = json.loads((folder / f"{name}.json").read_text())
+    return report["summary"], report["rows"]
 
 
 def test_tgi_long_second_run_reuses_the_reports(tiny_llama, tmp_path):
     args = ["--scenario", "tgi-long", "--num-reports", "3", "--report-tokens", "400"]
     long_prompt.main(args + SMALL + ["--model", str(tiny_llama), "--out", str(tmp_path)])
-    summary = _summary(tmp_path, "long_prompt_tgi-long")
-    assert summary["cached_tokens_second_run"] >= summary["prompt_tokens"] - 3 * 16
-    assert summary["speedup"] > 0
+    summary, rows = _report(tmp_path, "long_prompt_tgi-long")
+    runs = {(row["server"], row["run"]): row for row in rows}
+    # Both sides warm up with run 1 and are measured on run 2, and nothing else.
+    assert sorted(runs) == [(side, run) for side in ("prefix cache off", "prefix cache on")
+                            for run in (1, 2)]  # fmt: skip
+    on, off = runs["prefix cache on", 2], runs["prefix cache off", 2]
+    assert summary["cached_tokens_second_run"] == on["cached"]
+    assert on["cached"] >= summary["prompt_tokens"] - 3 * 16 and off["cached"] == 0
+    assert summary["speedup"] == pytest.approx(off["seconds"] / on["seconds"])
+    assert set(summary["peak_rss_mib"]) == {"prefix cache on", "prefix cache off"}
+    assert all(peak > 0 for peak in summary["peak_rss_mib"].values())
     assert (tmp_path / "long_prompt_tgi-long.png").exists()
 
 
 def test_conversation_turn_two_is_served_from_the_cache(tiny_llama, tmp_path):
     args = ["--scenario", "conversation", "--context-tokens", "1500"]
     long_prompt.main(args + SMALL + ["--model", str(tiny_llama), "--out", str(tmp_path)])
-    summary = _summary(tmp_path, "long_prompt_conversation")
-    assert summary["turn2_ttft_s_cache_on"] > 0 and summary["turn2_ttft_s_cache_off"] > 0
-    assert summary["warm_breakdown_ms"]["prefill_ms"] >= 0
-    rows = json.loads((tmp_path / "long_prompt_conversation.json").read_text())["rows"]
-    assert rows[0]["turn2_cached_tokens"] > 1000 and rows[1]["turn2_cached_tokens"] == 0
+    summary, (on, off) = _report(tmp_path, "long_prompt_conversation")
+    # Both sides ran turn 1 first, then the same turn 2, which is the one measured.
+    assert on["turn1_ttft_s"] is not None and off["turn1_ttft_s"] is not None
+    assert on["turn2_prompt_tokens"] == off["turn2_prompt_tokens"] == summary["context_tokens"]
+    assert on["turn2_cached_tokens"] > 1000 and off["turn2_cached_tokens"] == 0
+    assert summary["speedup"] == pytest.approx(off["turn2_ttft_s"] / on["turn2_ttft_s"])
+    # The engine's own stages fit inside the time to first token the caller measured.
+    breakdown = summary["warm_breakdown_ms"]
+    assert breakdown["prefill_ms"] <= breakdown["ttft_ms"] <= 1000 * on["turn2_ttft_s"]
+    assert on["peak_rss_mib"] > 0 and off["peak_rss_mib"] > 0
 
 
 def test_responses_needs_the_http_backend(capsys):

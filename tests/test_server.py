@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import openai
 import pytest
+from engine_hooks import forward_gate, step_until_idle
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import running_server
 
@@ -190,11 +192,16 @@ def test_32_concurrent_streaming_clients_all_complete(served):
     served.wait_until_idle()
 
 
+# A request held at the engine's forward pass cannot end before its client hangs up;
+# the cap only bounds the passes the server gets to notice that.
+MAX_LONG_TOKENS = 1800
+
+
 def _long_request(stream: bool) -> dict:
     return {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Talk for a long time."}],
-        "max_tokens": 1800,
+        "max_tokens": MAX_LONG_TOKENS,
         "ignore_eos": True,
         "temperature": 0,
         "stream": stream,
@@ -207,16 +214,18 @@ def _aborted_count(served) -> float:
 
 def test_client_disconnecting_mid_stream_frees_its_blocks(served):
     before = _aborted_count(served)
-    with (
-        _http() as http,
-        http.stream("POST", served.api_url + "/chat/completions", json=_long_request(True)) as r,
-    ):
-        assert r.status_code == 200
-        events = 0
-        for line in r.iter_lines():
-            events += line.startswith("data: ")
-            if events >= 3:  # the role chunk and two pieces of text: hang up mid-stream
-                break
+    url = served.api_url + "/chat/completions"
+    with forward_gate(served.async_engine) as gate, _http() as http:
+        with http.stream("POST", url, json=_long_request(True)) as r:
+            assert r.status_code == 200
+            for _ in range(2):  # the prefill and one decode step: two tokens are out
+                gate.wait_until_held()
+                gate.allow_one()
+            gate.wait_until_held()  # and the request is still running
+            data = (line for line in r.iter_lines() if line.startswith("data: "))
+            assert '"role":"assistant"' in next(data)
+            assert '"content":' in next(data)  # text was streamed: hang up mid-stream
+        step_until_idle(served.async_engine, gate, limit=MAX_LONG_TOKENS)
     stats = served.wait_until_idle()
     assert stats["locked_blocks"] == 0
     assert _aborted_count(served) == before + 1
@@ -224,8 +233,20 @@ def test_client_disconnecting_mid_stream_frees_its_blocks(served):
 
 def test_client_disconnecting_before_a_non_streamed_reply_aborts_it(served):
     before = _aborted_count(served)
-    with _http() as http, pytest.raises(httpx.ReadTimeout):
-        http.post(served.api_url + "/chat/completions", json=_long_request(False), timeout=0.5)
+
+    async def hang_up_while_running(gate) -> None:
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        async with httpx.AsyncClient(trust_env=False, timeout=60, headers=headers) as http:
+            url = served.api_url + "/chat/completions"
+            reply = asyncio.ensure_future(http.post(url, json=_long_request(False)))
+            await asyncio.to_thread(gate.wait_until_held)  # admitted, in its prefill
+            reply.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reply
+
+    with forward_gate(served.async_engine) as gate:
+        asyncio.run(hang_up_while_running(gate))
+        step_until_idle(served.async_engine, gate, limit=MAX_LONG_TOKENS)
     stats = served.wait_until_idle()
     assert stats["locked_blocks"] == 0
     assert _aborted_count(served) == before + 1

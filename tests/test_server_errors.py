@@ -7,6 +7,7 @@ import json
 import httpx
 import openai
 import pytest
+from engine_hooks import forward_gate
 from server_harness import running_server
 
 MAX_MODEL_LEN = 512
@@ -175,8 +176,11 @@ def test_oversized_body_is_413(served, http):
 
 
 def test_request_beyond_the_queue_is_429(served, http):
-    long = _chat_body(max_tokens=MAX_MODEL_LEN - 32, ignore_eos=True, stream=True)
-    with http.stream("POST", served.api_url + "/chat/completions", json=long) as running:
+    long = _chat_body(max_tokens=64, ignore_eos=True, stream=True)
+    with (
+        forward_gate(served.async_engine),  # held before its forward pass, it cannot finish
+        http.stream("POST", served.api_url + "/chat/completions", json=long) as running,
+    ):
         assert running.status_code == 200
         lines = running.iter_lines()  # keep a reference: dropping it closes the stream
         next(lines)  # admitted and streaming: it holds the only place

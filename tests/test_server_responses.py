@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import httpx
 import openai
@@ -183,18 +184,27 @@ def test_responses_schemas_are_in_the_openapi_document(served):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_usage_carries_stage_timings_with_the_store_lookup(served, stream):
+def test_stage_timings_with_the_store_lookup_fit_inside_what_the_client_measured(served, stream):
     client = _client(served)
     first = _respond(client, "Timed. " + STORY)
+    sent = time.perf_counter()
     second = _respond(client, "Next?", first.id, stream=stream)
+    first_text_ms = None
     if stream:
-        second = [e for e in second if e.type == "response.completed"][0].response
+        for event in second:
+            if event.type == "response.output_text.delta" and first_text_ms is None:
+                first_text_ms = 1000 * (time.perf_counter() - sent)
+            if event.type == "response.completed":
+                second = event.response
+    done_ms = 1000 * (time.perf_counter() - sent)
     timings = second.usage.model_dump()["timings"]
     stages = ["request_decode_ms", "store_ms", "tokenize_ms", "queue_ms", "lookup_ms"]
     stages.append("prefill_ms")
-    assert all(timings[name] >= 0 for name in stages)
-    assert timings["ttft_ms"] == pytest.approx(sum(timings[name] for name in stages), rel=1e-6)
-    assert timings["total_ms"] >= timings["ttft_ms"] > 0
+    # tokenize_ms is reported net of the store lookup: negative if it were counted twice.
+    assert min(timings[name] for name in stages) >= 0
+    assert timings["ttft_ms"] <= timings["total_ms"] <= done_ms
+    if stream:
+        assert timings["ttft_ms"] <= first_text_ms
 
 
 def test_a_conversation_continues_after_a_restart_on_the_same_folder(tiny_llama, tmp_path):
