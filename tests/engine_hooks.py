@@ -16,26 +16,26 @@ from typing import Any
 
 from server_harness import on_engine
 
-from prefixcache.engine.loop import AsyncEngine
+from prefixcache.client import InProcessEngineClient
 
 Forward = Callable[..., Any]
 _WAIT_S = 60.0  # a bound on waiting for the engine thread, never a synchronization
 
 
-def wrap_forward(async_engine: AsyncEngine, wrapper: Callable[[Forward], Forward]) -> Callable:
+def wrap_forward(client: InProcessEngineClient, wrapper: Callable[[Forward], Forward]) -> Callable:
     """Make the engine run ``wrapper(run)`` for each forward pass; returns an undo.
 
     Installed on the loop thread, so it takes effect from the next step on.
     """
 
     def install(engine) -> Forward:
-        runner = engine.runner
+        runner = engine.core.runner
         original = runner.run
         runner.run = wrapper(original)
         return original
 
-    original = on_engine(async_engine, install)
-    return lambda: on_engine(async_engine, lambda engine: setattr(engine.runner, "run", original))
+    original = on_engine(client, install)
+    return lambda: on_engine(client, lambda engine: setattr(engine.core.runner, "run", original))
 
 
 class ForwardGate:
@@ -73,10 +73,10 @@ class ForwardGate:
 
 
 @contextlib.contextmanager
-def forward_gate(async_engine: AsyncEngine) -> Iterator[ForwardGate]:
+def forward_gate(client: InProcessEngineClient) -> Iterator[ForwardGate]:
     """A closed ``ForwardGate`` on the engine's forward pass; opened and removed after."""
     gate = ForwardGate()
-    undo = wrap_forward(async_engine, gate.wrap)
+    undo = wrap_forward(client, gate.wrap)
     try:
         yield gate
     finally:
@@ -84,7 +84,7 @@ def forward_gate(async_engine: AsyncEngine) -> Iterator[ForwardGate]:
         undo()
 
 
-def step_until_idle(async_engine: AsyncEngine, gate: ForwardGate, limit: int) -> int:
+def step_until_idle(client: InProcessEngineClient, gate: ForwardGate, limit: int) -> int:
     """Let a held engine run one forward pass at a time until it has no request left;
     returns how many passes that took. Raises AssertionError after ``limit`` passes.
 
@@ -98,7 +98,7 @@ def step_until_idle(async_engine: AsyncEngine, gate: ForwardGate, limit: int) ->
 
     async def run() -> int:
         for passes in range(limit):
-            check = async_engine.call(idle)
+            check = client.loop.call(idle)
             gate.allow_one()
             if await check:
                 return passes + 1

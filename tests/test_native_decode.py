@@ -61,7 +61,9 @@ def test_matches_the_torch_reference(monkeypatch, heads, kv_heads, dim, block_si
     query, k_cache, v_cache, meta = _case(0, lens, heads, kv_heads, dim, block_size)
     got = decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.3)
     want = _reference(monkeypatch, query, k_cache, v_cache, meta, 0.3)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    # atol: sums over 4,097 keys in another order round differently in float32; up to
+    # 3.1e-6 seen on some CPUs at head dim 128 (a wrong tile or scale is off by > 1e-2)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5)
 
 
 def test_the_same_context_in_consecutive_or_scattered_blocks_gives_the_same_output():

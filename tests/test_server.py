@@ -215,7 +215,7 @@ def _aborted_count(served) -> float:
 def test_client_disconnecting_mid_stream_frees_its_blocks(served):
     before = _aborted_count(served)
     url = served.api_url + "/chat/completions"
-    with forward_gate(served.async_engine) as gate, _http() as http:
+    with forward_gate(served.client) as gate, _http() as http:
         with http.stream("POST", url, json=_long_request(True)) as r:
             assert r.status_code == 200
             for _ in range(2):  # the prefill and one decode step: two tokens are out
@@ -225,7 +225,7 @@ def test_client_disconnecting_mid_stream_frees_its_blocks(served):
             data = (line for line in r.iter_lines() if line.startswith("data: "))
             assert '"role":"assistant"' in next(data)
             assert '"content":' in next(data)  # text was streamed: hang up mid-stream
-        step_until_idle(served.async_engine, gate, limit=MAX_LONG_TOKENS)
+        step_until_idle(served.client, gate, limit=MAX_LONG_TOKENS)
     stats = served.wait_until_idle()
     assert stats["locked_blocks"] == 0
     assert _aborted_count(served) == before + 1
@@ -244,9 +244,9 @@ def test_client_disconnecting_before_a_non_streamed_reply_aborts_it(served):
             with contextlib.suppress(asyncio.CancelledError):
                 await reply
 
-    with forward_gate(served.async_engine) as gate:
+    with forward_gate(served.client) as gate:
         asyncio.run(hang_up_while_running(gate))
-        step_until_idle(served.async_engine, gate, limit=MAX_LONG_TOKENS)
+        step_until_idle(served.client, gate, limit=MAX_LONG_TOKENS)
     stats = served.wait_until_idle()
     assert stats["locked_blocks"] == 0
     assert _aborted_count(served) == before + 1

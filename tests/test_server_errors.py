@@ -178,7 +178,7 @@ def test_oversized_body_is_413(served, http):
 def test_request_beyond_the_queue_is_429(served, http):
     long = _chat_body(max_tokens=64, ignore_eos=True, stream=True)
     with (
-        forward_gate(served.async_engine),  # held before its forward pass, it cannot finish
+        forward_gate(served.client),  # held before its forward pass, it cannot finish
         http.stream("POST", served.api_url + "/chat/completions", json=long) as running,
     ):
         assert running.status_code == 200

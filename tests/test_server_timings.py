@@ -84,7 +84,7 @@ def test_stage_timings_fit_inside_what_the_client_measured(served, stream):
 
 def test_prefill_timing_covers_a_forward_pass_the_test_held(served):
     body = _body("hold my prefill " * 10, stream=False)
-    with forward_gate(served.async_engine) as gate, ThreadPoolExecutor(1) as pool:
+    with forward_gate(served.client) as gate, ThreadPoolExecutor(1) as pool:
         reply = pool.submit(_timed_post, served, body, {"X-Prefixcache-Timings": "1"})
         gate.wait_until_held()  # admitted, its prefill forward waits for the test
         held_from = time.perf_counter()

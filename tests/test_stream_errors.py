@@ -38,7 +38,7 @@ def _fail_forward_pass(server, n: int) -> None:
 
         return failing
 
-    wrap_forward(server.async_engine, wrapper)
+    wrap_forward(server.client, wrapper)
 
 
 def _events(server, path: str, body: dict) -> list[tuple[str | None, str]]:
