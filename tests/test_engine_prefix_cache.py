@@ -91,7 +91,7 @@ def test_fifty_conversations_with_eviction_equal_cache_off(tiny_llama):
     assert _play(on, conversations) == _play(off, conversations)
     stats = on.stats()
     assert stats["hit_tokens"] > 0 and stats["evicted_blocks"] > 0
-    assert on.blocks.cache.num_locked_blocks == 0
+    assert on.core.blocks.cache.num_locked_blocks == 0
     on.check_integrity()
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
+import httpx
 import numpy as np
 import pytest
+from server_harness import on_engine, running_server
 
 import chunking.hashing
 from prefixcache import Engine, SamplingParams
@@ -249,3 +251,29 @@ def test_chunks_leaving_the_disk_tier_move_on_to_the_next(tiny_llama, reference,
     assert stats["dict_hit_tokens"] + stats["disk_hit_tokens"] == out.num_cached_tokens
     _assert_same_as_cache_off(out, reference, prompt)
     engine.check_integrity()
+
+
+def test_a_registered_tier_is_listed_by_the_server_with_its_counters(tiny_llama):
+    options = {
+        "kv_cache_tokens": 4096,
+        "chunk_size": CHUNK,
+        "host_cache_tokens": 2 * CHUNK,
+        "kv_tiers": (DictTier.name,),
+    }
+    prompt = _prompt(6, 4 * CHUNK + 21)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    with running_server(str(tiny_llama), engine_options=options) as server:
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
+            assert http.post("/v1/completions", json=body).status_code == 200
+            on_engine(server.client, _empty_device)  # host keeps two chunks, dict the rest
+            reply = http.post("/v1/completions", json=body).json()
+            tiers = {t["name"]: t for t in http.get("/v1/cache").json()["tiers"]}
+        cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == (len(prompt) - 1) // 16 * 16
+        assert list(tiers) == ["device", "host", DictTier.name]
+        dict_tier = tiers[DictTier.name]
+        assert dict_tier["hit_tokens"] == cached - 2 * CHUNK > 0
+        assert dict_tier["entries"] == 3 and dict_tier["stored_blocks"] > 0
+        hits = server.metric("prefixcache_prefix_cache_hit_tokens_total", tier=DictTier.name)
+        assert hits == dict_tier["hit_tokens"]
+        assert server.metric("prefixcache_tier_entries", tier=DictTier.name) == 3

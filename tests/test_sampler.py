@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from prefixcache.engine.core.sampler import Sampler, make_generator
 
+from prefixcache.engine.sampler import Sampler, make_generator
 from prefixcache.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()

@@ -41,13 +41,13 @@ def test_preemption_keeps_outputs_and_leaks_nothing(tiny_llama):
     small = _engine(tiny_llama, kv_cache_tokens=320, max_num_batched_tokens=256)
     roomy = _engine(tiny_llama)
     ids = [small.add_request(p, params) for p in prompts]
-    states = [small.requests[i] for i in ids]
+    states = [small.core.requests[i] for i in ids]
     _drain(small)
     assert sum(s.seq.num_preemptions for s in states) > 0, "the pool was meant to run dry"
     for prompt, state in zip(prompts, states, strict=True):
         assert state.output().token_ids == roomy.generate(prompt, params)[0].token_ids
     small.check_integrity()
-    assert small.blocks.cache.num_locked_blocks == 0
+    assert small.core.blocks.cache.num_locked_blocks == 0
 
 
 def test_twenty_thousand_token_prompt_under_a_small_budget(tiny_llama):
@@ -56,20 +56,20 @@ def test_twenty_thousand_token_prompt_under_a_small_budget(tiny_llama):
     small = _engine(tiny_llama, kv_cache_tokens=24576, max_num_batched_tokens=512)
     large = _engine(tiny_llama, kv_cache_tokens=24576, max_num_batched_tokens=32768)
     step_sizes = []
-    run = small.runner.run
+    run = small.core.runner.run
 
     def recording_run(chunks, **kwargs):
         step_sizes.append(sum(len(c.token_ids) for c in chunks))
         return run(chunks, **kwargs)
 
-    small.runner.run = recording_run
+    small.core.runner.run = recording_run
     request = small.add_request(prompt, params)
     _drain(small)
     assert max(step_sizes) <= 512 and len(step_sizes) >= 20000 // 512
     state_out = small.generate(prompt, params)[0]  # now mostly a cache hit
     assert state_out.num_cached_tokens >= 19984
     assert state_out.token_ids == large.generate(prompt, params)[0].token_ids
-    assert request not in small.requests
+    assert request not in small.core.requests
 
 
 @pytest.mark.parametrize("stage", ["waiting", "prefill", "decode"])

@@ -77,7 +77,7 @@ def test_banner_shows_url_model_device_backend_and_cache_sizes(tiny_llama):
         str(tiny_llama), device="cpu", kv_cache_tokens=4096, max_model_len=512
     )
     out = io.StringIO()
-    print_banner(engine, "tiny", "127.0.0.1", 8123, 2, random_weights=True, out=out)
+    print_banner(engine.limits, "tiny", "127.0.0.1", 8123, 2, random_weights=True, out=out)
     text = out.getvalue()
     for expected in ("http://127.0.0.1:8123/v1", "tiny", "RANDOM", "cpu", "4096 tokens", "512"):
         assert expected in text

@@ -262,7 +262,9 @@ def test_serve_responses_dir_flag_persists_the_store_there(monkeypatch, tiny_lla
     argv += ["--kv-cache-tokens", "4096", "--max-model-len", "512"]
     assert cli.main([*argv, "--responses-dir", str(tmp_path / "kept")]) == 0
     (app,) = apps
-    assert app.state.responses.folder == tmp_path / "kept" and (tmp_path / "kept").is_dir()
+    assert (
+        app.state.server.response_store.folder == tmp_path / "kept" and (tmp_path / "kept").is_dir()
+    )
 
 
 class _BrokenStore(ResponseStore):
