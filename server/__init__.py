@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn, msgspec bodies).
 
-``create_app(async_engine, model_name=...)`` builds the app; ``serve(engine, ...)``
-runs it on uvicorn (``prefixcache serve``); ``BackgroundServer`` runs an app in a
-thread (tests, notebooks).
+``create_app(client, model_name=...)`` builds the app over any ``EngineClient``;
+``serve(engine, ...)`` runs an in-process engine on uvicorn (``prefixcache serve``);
+``BackgroundServer`` runs an app in a thread (tests, notebooks).
 """
 
 from server.app import create_app

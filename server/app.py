@@ -55,25 +55,27 @@ def create_app(
         responses=response_store,
     )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
-
     app = FastAPI(
         title="prefixcache",
         version=prefixcache.__version__,
         description="OpenAI-compatible server with radix-tree prefix caching. "
         "`usage.prompt_tokens_details.cached_tokens` reports prompt tokens served "
         "from the cache.",
-        lifespan=lifespan,
+        lifespan=_lifespan(state),
     )
     state.metrics.in_flight.set_function(lambda: state.admission.in_flight)
     app.state.server = state
     install_error_handlers(app, state.metrics.record_error)
-    app.include_router(router)
-    app.include_router(ops_router)
-    app.include_router(cache_router)
-    app.include_router(responses_router)
+    for api in (router, ops_router, cache_router, responses_router):
+        app.include_router(api)
     install_openapi(app, REQUEST_TYPES + RESPONSE_TYPES + CACHE_TYPES + RESPONSES_TYPES)
     return app
+
+
+def _lifespan(state: ServerState):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    return lifespan
