@@ -43,3 +43,6 @@ class RequestDelta(NamedTuple):
     num_prompt_tokens: int
     num_cached_tokens: int
     timings: RequestTimings | None = None  # on the finishing delta
+    # Set on the finishing delta (``finish_reason == "error"``) of a request the engine
+    # failed; the request's blocks are already released.
+    error: Exception | None = None

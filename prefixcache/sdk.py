@@ -136,19 +136,31 @@ class Engine:
         return self._responses
 
     def _run_all(self, prompts, params, use_tqdm: bool, salt: str | None) -> list[RequestOutput]:
+        """Run ``prompts`` to the end. A request the engine refuses or fails raises its
+        error, and the batch's other requests are aborted (no state is left behind)."""
         param_list = _as_param_list(params, len(prompts))
         for p, sp in zip(prompts, param_list, strict=True):  # validate all before queueing any
             self.inputs.check_fits(len(p), sp.max_tokens)
-        ids = [self.core.add(p, sp, salt=salt) for p, sp in zip(prompts, param_list, strict=True)]
-        states = [self.core.requests[i] for i in ids]
-        pending = set(ids)
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, param_list, strict=True):
+                ids.append(self.core.add(p, sp, salt=salt))
+            states = [self.core.requests[i] for i in ids]
+            self._step_until_done(set(ids), use_tqdm)
+        finally:
+            for request_id in ids:  # left only when something failed
+                self.core.abort(request_id)
+        return [state.output() for state in states]
+
+    def _step_until_done(self, pending: set[str], use_tqdm: bool) -> None:
+        with tqdm(total=len(pending), disable=not use_tqdm, desc="generate") as bar:
             while pending:
                 for delta in self.core.step():
                     if delta.finish_reason is not None and delta.request_id in pending:
+                        if delta.error is not None:
+                            raise delta.error
                         pending.discard(delta.request_id)
                         bar.update(1)
-        return [state.output() for state in states]
 
     # ------------------------------------------------------------ cache control
 

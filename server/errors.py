@@ -17,7 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from prefixcache.client import EngineDeadError
+from prefixcache.client import (
+    EngineDeadError,
+    KVCacheBusyError,
+    KVCacheExhaustedError,
+    RequestFailedError,
+)
 from server.chat_protocol import ErrorBody, ErrorResponse, encode
 
 logger = logging.getLogger(__name__)
@@ -80,6 +85,8 @@ class APIError(Exception):
 
 
 ENGINE_DEAD_MESSAGE = "the engine has stopped; retry later"
+REQUEST_FAILED_MESSAGE = "the engine failed while running this request; see the server log"
+KV_CACHE_BUSY_RETRY_AFTER_S = 1
 
 
 def engine_dead() -> APIError:
@@ -89,13 +96,23 @@ def engine_dead() -> APIError:
 
 def engine_error(exc: Exception, param: str | None = None) -> APIError:
     """The one mapping of engine failures to HTTP: a dead engine is a 503, a request the
-    engine refuses (``ValueError``) a 400; anything else is re-raised as the bug it is."""
+    engine refuses (``ValueError``) a 400 (``kv_cache_exhausted`` when pins leave too
+    little KV cache for it), a request preempted too often a 503 to retry, a request
+    the engine failed while stepping a 500 (its cause stays in the server log);
+    anything else is re-raised as the bug it is."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineDeadError):
         return engine_dead()
+    if isinstance(exc, KVCacheExhaustedError):
+        return APIError.bad_request(str(exc), param=param, code="kv_cache_exhausted")
     if isinstance(exc, ValueError):
         return APIError.bad_request(str(exc), param=param)
+    if isinstance(exc, KVCacheBusyError):
+        retry = {"Retry-After": str(KV_CACHE_BUSY_RETRY_AFTER_S)}
+        return APIError(503, str(exc), code="kv_cache_busy", headers=retry)
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, REQUEST_FAILED_MESSAGE, code="engine_error")
     raise exc
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -13,6 +14,10 @@ from prefixcache import Engine
 from prefixcache.client import EngineLimits, InProcessEngineClient, ResponseStore
 from server.app import DEFAULT_MAX_QUEUE, create_app
 from server.background import bind_socket
+
+logger = logging.getLogger(__name__)
+
+ENGINE_DIED_EXIT_CODE = 1  # so a supervisor (systemd, Kubernetes) restarts the server
 
 
 def serve(
@@ -28,6 +33,10 @@ def serve(
     responses_dir: str | None = None,
 ) -> None:
     """Serve ``engine`` over HTTP until interrupted (Ctrl-C or SIGTERM).
+
+    If the engine's loop dies the server stops at once and this raises
+    ``SystemExit(ENGINE_DIED_EXIT_CODE)``: a process that cannot generate any more
+    should end, not answer 503 forever.
 
     ``random_weights`` says so in the startup banner (the embedded default model).
     ``responses_dir`` keeps the Responses API's stored conversations there, so they
@@ -50,9 +59,24 @@ def serve(
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is the normal end.
         with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.Server(config).run(sockets=[sock])
+            _EngineWatchingServer(config, client).run(sockets=[sock])
+        if not client.is_alive:
+            logger.error("the engine stopped; exiting with status %d", ENGINE_DIED_EXIT_CODE)
+            raise SystemExit(ENGINE_DIED_EXIT_CODE)
     finally:
         client.shutdown()
+
+
+class _EngineWatchingServer(uvicorn.Server):
+    """uvicorn's server, stopping on its own tick once the engine has died."""
+
+    def __init__(self, config: uvicorn.Config, client: InProcessEngineClient) -> None:
+        super().__init__(config)
+        self._client = client
+
+    async def on_tick(self, counter: int) -> bool:
+        """True (stop) when uvicorn would stop, or when the engine is no longer alive."""
+        return await super().on_tick(counter) or not self._client.is_alive
 
 
 def print_banner(

@@ -15,10 +15,10 @@ import msgspec
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from prefixcache.client import EngineDeadError, RequestDelta
+from prefixcache.client import RequestDelta
 from server.chat_format import ChatFormat, CompletionFormat
 from server.chat_protocol import encode
-from server.errors import ENGINE_DEAD_MESSAGE, error_body
+from server.errors import APIError, engine_error
 from server.generation import Tally
 from server.prepare import Prepared
 
@@ -62,13 +62,15 @@ async def events(
 
 
 def _error_event(request_id: str, exc: Exception) -> bytes:
-    if isinstance(exc, EngineDeadError):
-        logger.error("stream %s failed: %s", request_id, exc)
-        body = error_body(503, ENGINE_DEAD_MESSAGE, code="engine_dead")
-    else:
+    """The error event for ``exc``: the body a non-streamed request would get."""
+    try:
+        error = engine_error(exc)
+    except Exception:  # not an engine failure: a bug, whose details stay in the log
         logger.error("stream %s failed", request_id, exc_info=exc)
-        body = error_body(500, "internal server error; see the server log")
-    return b"data: " + body + b"\n\n"
+        error = APIError(500, "internal server error; see the server log")
+    else:
+        logger.error("stream %s failed: %s", request_id, error.message)
+    return b"data: " + error.body() + b"\n\n"
 
 
 class SSEResponse(StreamingResponse):

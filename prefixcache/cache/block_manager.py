@@ -80,18 +80,22 @@ class BlockManager:
         """Borrow the longest cached prefix of ``seq`` (all but its last token) and lock it.
 
         The device match is extended with blocks found in the tiers: they are copied
-        into fresh device blocks and inserted into the cache first.
+        into fresh device blocks and inserted into the cache first. Only a request's
+        first lookup is counted as a query and its hits: a request looked up again
+        (waiting for room, or preempted) is the same request, not more traffic.
         """
         if self.cache is None or seq.block_ids:
             return
+        count = not seq.lookup_counted
+        seq.lookup_counted = True
         tokens = seq.token_array(seq.num_tokens - 1)
-        result = self.cache.match(tokens, seq.salt)
+        result = self.cache.match(tokens, seq.salt, count=count)
         seq.block_ids = list(result.block_ids)
         seq.num_locked_blocks = len(result.block_ids)
         seq.cache_node = result.node
         seq.num_computed_tokens = result.num_tokens
         if self.tiers is not None:
-            self._onload(seq)
+            self._onload(seq, count)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens; False (and no change) if full."""
@@ -162,7 +166,7 @@ class BlockManager:
 
     # -- tiers ------------------------------------------------------------------------
 
-    def _onload(self, seq: Sequence) -> None:
+    def _onload(self, seq: Sequence, count_hits: bool) -> None:
         """Extend the device match of ``seq`` with blocks from the tiers."""
         tokens = seq.token_array(seq.num_tokens - 1)
         start = seq.num_computed_tokens
@@ -171,7 +175,7 @@ class BlockManager:
             return
         chains = self._chains(seq, len(tokens))
         # Taking blocks may evict, so offload, device blocks, but not this match: locked.
-        new_ids = self.tiers.extend(tokens, chains, start, budget, self._take_blocks)
+        new_ids = self.tiers.extend(tokens, chains, start, budget, self._take_blocks, count_hits)
         if not new_ids:
             return
         end = start + len(new_ids) * self.block_size

@@ -69,13 +69,17 @@ class PinRegistry:
                 f"pinning {cached} more tokens would exceed the pinned-token cap "
                 f"({self.pinned_tokens} of {self.max_pinned_tokens} in use)"
             )
-        match = self.cache.match(token_ids, salt)
+        match = self.cache.match(token_ids, salt, count=False)  # a pin is no request
         handle = f"pin-{next(self._ids)}"
         expires_at = self.clock() + ttl if ttl is not None else None
         self._pins[handle] = _Pin(match.node, match.num_tokens, expires_at)
         if expires_at is not None:
             heapq.heappush(self._deadlines, (expires_at, handle))
         return handle, match.num_tokens
+
+    def nodes(self) -> list[TreeNode]:
+        """The node each live pin holds locked (one per pin)."""
+        return [pin.node for pin in self._pins.values()]
 
     def expires_at(self, handle: str) -> float | None:
         """The deadline of a pin (None if it has none)."""

@@ -92,20 +92,25 @@ class RadixCache:
         """Cached blocks that ``evict`` could free now."""
         return self._num_cached - self._num_locked
 
-    def match(self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None) -> MatchResult:
+    def match(
+        self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None, count: bool = True
+    ) -> MatchResult:
         """Find the longest cached prefix of ``token_ids`` in whole blocks and lock it.
 
         Every token is verified against the stored ones. The path root..node is locked
         (call ``unlock(result.node)`` when done) and its blocks are borrowed, not
         referenced: the returned list may be the tree's own, so copy it before changing
-        it. Nothing cached gives ``num_tokens == 0`` and the salt's root.
+        it. Nothing cached gives ``num_tokens == 0`` and the salt's root. ``count``:
+        add to the query and hit counters (False for a request's repeated lookups, and
+        for pins, so each request's prompt is counted once).
         """
         tokens = as_token_array(token_ids)
         path, num_tokens = self._walk(self._root(salt), tokens)
         self.lock(path[-1])
         self._touch(path)
-        self.stats.query_tokens += len(tokens)
-        self.stats.hit_tokens += num_tokens
+        if count:
+            self.stats.query_tokens += len(tokens)
+            self.stats.hit_tokens += num_tokens
         return MatchResult(num_tokens, _path_blocks(path, borrow=True), path[-1])
 
     def peek(self, token_ids: Sequence[int] | np.ndarray, salt: str | None = None) -> int:

@@ -15,7 +15,12 @@ from prefixcache.apps.response_store import ResponseStore, StoredResponse
 from prefixcache.cache.pins import PinHandle
 from prefixcache.client.in_process import InProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
-from prefixcache.engine.errors import EngineDeadError
+from prefixcache.engine.errors import (
+    EngineDeadError,
+    KVCacheBusyError,
+    KVCacheExhaustedError,
+    RequestFailedError,
+)
 from prefixcache.engine.stats import DeviceBlocks, EngineStats, PinStats
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
@@ -32,10 +37,13 @@ __all__ = [
     "EngineStats",
     "InProcessEngineClient",
     "InputProcessor",
+    "KVCacheBusyError",
+    "KVCacheExhaustedError",
     "PinHandle",
     "PinStats",
     "PrewarmResult",
     "RequestDelta",
+    "RequestFailedError",
     "RequestOutput",
     "RequestTimings",
     "ResponseStore",

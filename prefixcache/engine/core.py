@@ -2,12 +2,17 @@
 
 It takes prompts already validated by an ``InputProcessor`` (the SDK front and every
 ``EngineClient`` validate once, before queueing), so it never tokenizes or checks
-lengths itself. Whoever owns a core calls it from one thread only.
+lengths itself; it does check what the KV cache can hold now that pins may take part
+of it. Whoever owns a core calls it from one thread only.
+
+A step that raises (the model, the sampler) fails the requests in that step, not the
+core: their finishing deltas carry the error and their blocks are released.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import numpy as np
@@ -16,6 +21,8 @@ import torch
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.cache.control import CacheControl
 from prefixcache.config import EngineConfig
+from prefixcache.engine.capacity import KVCapacity
+from prefixcache.engine.errors import RequestFailedError
 from prefixcache.engine.model_runner import ModelRunner, SequenceChunk
 from prefixcache.engine.output_processor import RequestState
 from prefixcache.engine.sampler import Sampler, make_generator
@@ -25,6 +32,8 @@ from prefixcache.engine.stats import DeviceBlocks, EngineStats
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.tiers.stats import TierStats
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -47,10 +56,14 @@ class EngineCore:
         self.tokenizer = tokenizer  # detokenizes outputs
         self.eos_token_ids = eos_token_ids
         self.device = runner.device
-        self.scheduler = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)
-        self.sampler = Sampler()
         self.control = CacheControl(blocks, config.pinned_token_cap)
+        self.capacity = KVCapacity(blocks, self.control.pins)
+        self.scheduler = Scheduler(
+            blocks, config.max_num_batched_tokens, config.max_num_seqs, self.capacity
+        )
+        self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
+        self.failed_steps = 0  # consecutive steps that raised; 0 after one that did not
         self._ids = itertools.count()
 
     def add(
@@ -60,10 +73,15 @@ class EngineCore:
         request_id: str | None = None,
         salt: str | None = None,
     ) -> str:
-        """Queue validated prompt ids (an int32 array, not copied); returns the request id."""
+        """Queue validated prompt ids (an int32 array, not copied); returns the request id.
+
+        Raises ``KVCacheExhaustedError`` (a ValueError) when the prompt plus
+        ``max_tokens`` can never fit in what the pins leave of the KV cache.
+        """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.capacity.check_prompt(tokens, params.max_tokens, salt)
         seq = Sequence(
             request_id=request_id,
             prompt=tokens,
@@ -90,37 +108,63 @@ class EngineCore:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestDelta]:
-        """Run one batched forward pass; returns what each touched request gained."""
+        """Run one batched forward pass; returns what each touched request gained.
+
+        Requests the step could not serve end with a delta whose ``error`` is set.
+        """
         self.control.expire()
         scheduled = self.scheduler.schedule()
+        deltas = [self._fail(seq, exc) for seq, exc in self.scheduler.take_failed()]
         if not scheduled:
-            return []
-        chunks = [_chunk(s) for s in scheduled]
-        logits = self.runner.run(chunks)
-        return self._advance(scheduled, logits)
-
-    def _advance(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestDelta]:
+            return deltas
         completing = [i for i, s in enumerate(scheduled) if s.completes]  # before advancing
+        seqs = [scheduled[i].seq for i in completing]
+        try:
+            logits = self.runner.run([_chunk(s) for s in scheduled])
+            sampled = self._sample(seqs, logits[completing]) if seqs else None
+        except Exception as exc:
+            # Nothing was advanced: the KV written went to blocks the failed requests
+            # own (never to cached ones), so releasing them leaves the cache sound.
+            self.failed_steps += 1
+            logger.exception("engine step failed; failing its %d request(s)", len(scheduled))
+            error = RequestFailedError("the engine failed while running this request")
+            error.__cause__ = exc
+            return deltas + [self._fail(s.seq, error) for s in scheduled]
+        self.failed_steps = 0
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             self.blocks.cache_computed_blocks(s.seq)
-        if not completing:
-            return []
-        seqs = [scheduled[i].seq for i in completing]
-        sampled = self.sampler.sample(
-            logits[completing], [s.params for s in seqs], [s.generator for s in seqs]
-        )
+        if sampled is not None:
+            deltas += self._append_sampled(seqs, sampled)
+        return deltas
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        return self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+    def _append_sampled(self, seqs: list[Sequence], sampled) -> list[RequestDelta]:
         deltas = []
         for row, seq in enumerate(seqs):
             if sampled.logprobs is not None:
                 seq.logprobs.append(sampled.logprobs[row])
             state = self.requests[seq.request_id]
-            delta = state.append_token(sampled.token_ids[row], self.config.max_model_len)
+            try:
+                delta = state.append_token(sampled.token_ids[row], self.config.max_model_len)
+            except Exception as exc:  # e.g. the detokenizer: this request's failure only
+                logger.exception("request %s failed on its new token", seq.request_id)
+                error = RequestFailedError("the engine failed while running this request")
+                error.__cause__ = exc
+                deltas.append(self._fail(seq, error))
+                continue
             if delta.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self.requests[seq.request_id]
             deltas.append(delta)
         return deltas
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestDelta:
+        """End ``seq`` with ``error``, releasing its blocks; its finishing delta."""
+        self.scheduler.finish(seq)
+        return self.requests.pop(seq.request_id).fail(error)
 
     # ------------------------------------------------------------------- state
 

@@ -3,6 +3,11 @@
 Only the loop thread touches the engine. Callers hand it work through a command
 queue; it hands results back to each request's asyncio queue on the caller's loop.
 Prompts arrive validated (see ``InputProcessor``); the loop does not check them again.
+
+A step that fails only fails its requests (see ``EngineCore.step``). The loop itself
+stops, failing every request, when anything else raises or when
+``MAX_FAILED_STEPS`` steps in a row fail (the model or device is broken, not one
+request).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from prefixcache.sampling_params import SamplingParams
 from prefixcache.sdk import Engine
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3
 
 
 class EngineLoop:
@@ -52,7 +59,8 @@ class EngineLoop:
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
-        A dead or stopped loop raises EngineDeadError.
+        A dead or stopped loop raises EngineDeadError; a request the engine failed
+        raises its error (``RequestDelta.error``).
         """
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
@@ -69,6 +77,8 @@ class EngineLoop:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
+                if item.error is not None:
+                    raise item.error
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -132,10 +142,16 @@ class EngineLoop:
                     command()
                 if self.engine.core.has_unfinished_requests():
                     self._deliver(self.engine.core.step())
+                    self._check_failed_steps()
         except BaseException as exc:  # the loop must report, not vanish
             logger.exception("engine loop died")
             self._error = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _check_failed_steps(self) -> None:
+        failed = self.engine.core.failed_steps
+        if failed >= MAX_FAILED_STEPS:
+            raise EngineDeadError(f"{failed} engine steps failed in a row")
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:

@@ -45,6 +45,10 @@ class RequestState:
         """Finish the request because the caller gave up on it."""
         return self._finish("abort", "", token_ids=[])
 
+    def fail(self, error: Exception) -> RequestDelta:
+        """Finish the request because the engine could not go on with it."""
+        return self._finish("error", "", token_ids=[])._replace(error=error)
+
     def _finish(self, reason: str, text: str, token_ids: list[int] | None = None) -> RequestDelta:
         self.seq.finish_reason = reason
         if token_ids is None:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from itertools import islice
 from typing import NamedTuple
 
 from prefixcache.cache.block_manager import BlockManager
+from prefixcache.engine.capacity import KVCapacity
+from prefixcache.engine.errors import KVCacheBusyError, KVCacheExhaustedError
 from prefixcache.engine.sequence import Sequence, SequenceStatus
 
 # Admission looks this far down the queue for the request with the longest cached prefix.
 ADMISSION_WINDOW = 8
 # A request passed over this many times is admitted next whatever its cache hit.
 MAX_SKIPS = 16
+# A request preempted this often is failed rather than queued again. Running requests
+# are kept in arrival order and the youngest is preempted first, so the oldest always
+# progresses; this bound is the backstop against a request that never finishes.
+MAX_PREEMPTIONS = 64
 
 
 class ScheduledSeq(NamedTuple):
@@ -34,14 +41,27 @@ class Scheduler:
     A long prompt is prefilled over several steps, never more than the budget at once.
     When blocks run out, the youngest running sequence is preempted: its computed
     blocks go to the prefix cache, so its recompute is mostly a cache hit.
+
+    A sequence that can never get its blocks (``capacity``), or that was preempted
+    ``max_preemptions`` times, is dropped with its error; ``take_failed`` hands these
+    to the caller.
     """
 
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        capacity: KVCapacity | None = None,
+    ):
         self.blocks = blocks
         self.token_budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.capacity = capacity
+        self.max_preemptions = MAX_PREEMPTIONS
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in arrival order
+        self._failed: list[tuple[Sequence, Exception]] = []
 
     @property
     def has_work(self) -> bool:
@@ -87,12 +107,27 @@ class Scheduler:
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        if seq.num_preemptions >= self.max_preemptions:
+            self._fail(seq, KVCacheBusyError(seq.num_preemptions))
+            return
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Drop ``seq`` (holding no blocks, in no queue) with ``error``."""
+        seq.status = SequenceStatus.FINISHED
+        self._failed.append((seq, error))
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """The sequences dropped since the last call, each with its error."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
+            if not self._can_ever_fit(seq):
+                continue
             started = time.perf_counter()
             self.blocks.match_prefix(seq)
             seq.lookup_seconds += time.perf_counter() - started
@@ -106,9 +141,23 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
                 seq.admitted_at = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            # Arrival order, so preemption (youngest first) never takes an older one.
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
             scheduled.append(ScheduledSeq(seq, num))
             budget -= num
+
+    def _can_ever_fit(self, seq: Sequence) -> bool:
+        """Check a waiting ``seq`` against what pins leave (they may have changed since
+        it was added); one that can never fit is failed and leaves the queue."""
+        if self.capacity is None:
+            return True
+        try:
+            self.capacity.check(seq)
+        except KVCacheExhaustedError as exc:
+            self.waiting.remove(seq)
+            self._fail(seq, exc)
+            return False
+        return True
 
     def _next_waiting(self) -> Sequence:
         """Cache-aware choice: the longest cached prefix in the window, unless the head

@@ -46,6 +46,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     skipped: int = 0  # admissions that went to a request queued after this one
+    lookup_counted: bool = False  # the cache's hit counters have seen this request
     added_at: float = 0.0  # perf_counter() timestamps, for per-request timings
     admitted_at: float = 0.0
     first_token_at: float = 0.0

@@ -172,13 +172,15 @@ class TieredCache:
         start: int,
         max_blocks: int,
         take_blocks: Callable[[int], list[int] | None],
+        count_hits: bool = True,
     ) -> list[int]:
         """Continue a device match of ``start`` tokens (block aligned) of ``tokens`` from
         the tiers, by at most ``max_blocks`` blocks; ``chains`` is fed all of ``tokens``.
 
         ``take_blocks(n)`` gives ``n`` free device blocks (evicting, so offloading, if it
         must) or None. Returns the device blocks filled, in order: they hold KV for
-        ``tokens[start : start + len(result) * block_size]``.
+        ``tokens[start : start + len(result) * block_size]``. ``count_hits``: add the blocks
+        served to the tiers' hit counters (False for a request's repeated lookups).
         """
         # Until the copies below are done, every store is held back: a store could make
         # a tier evict what the pieces found point into. Chunks ``take_blocks`` evicts
@@ -189,7 +191,7 @@ class TieredCache:
             if pieces:
                 block_ids = take_blocks(sum(p.hi - p.lo for p in pieces)) or []
             if block_ids:
-                self._load(pieces, block_ids)
+                self._load(pieces, block_ids, count_hits)
         finally:
             deferred, self._deferred = self._deferred, None
             with self.transfer.copying():
@@ -251,7 +253,7 @@ class TieredCache:
             self._guard(index, self.tiers[index].discard, chunk)
         return blocks
 
-    def _load(self, pieces: list[_Piece], block_ids: list[int]) -> None:
+    def _load(self, pieces: list[_Piece], block_ids: list[int], count_hits: bool = True) -> None:
         """Copy ``pieces`` into ``block_ids`` in order; count the hits, touch the chunks."""
         offset = 0
         with self.transfer.copying():
@@ -261,7 +263,8 @@ class TieredCache:
                     p.chunk.data[:, :, p.lo : p.hi], block_ids[offset : offset + count]
                 )
                 offset += count
-                self._hit_tokens[p.tier] += count * self.block_size
+                if count_hits:
+                    self._hit_tokens[p.tier] += count * self.block_size
         self.counters.onloaded_bytes += len(block_ids) * self.transfer.block_bytes
         for p in reversed(pieces):  # suffix first: the prefix ends up most recent
             served = p.query.shorter(p.hi * self.block_size)
