@@ -43,8 +43,12 @@ class PrewarmResult(NamedTuple):
 class EngineClient(Protocol):
     """The typed async interface to one engine.
 
-    Failures: ``ValueError`` for a request the engine refuses (a client's error),
-    ``EngineDeadError`` once the engine cannot serve any more.
+    Failures: ``ValueError`` for a request the engine refuses (a client's error;
+    ``KVCacheExhaustedError`` when pins leave too little KV cache for it, which can
+    come mid-stream since pins change at run time), ``RequestFailedError`` for a
+    request the engine failed while running it (``KVCacheBusyError``: preempted too
+    often) while it goes on serving others, ``EngineDeadError`` once the engine
+    cannot serve any more.
     """
 
     @property
