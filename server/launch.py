@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -58,8 +59,10 @@ def serve(
         print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is the normal end.
+        server = uvicorn.Server(config)
+        _stop_when_engine_stops(server, client)
         with contextlib.suppress(KeyboardInterrupt):
-            _EngineWatchingServer(config, client).run(sockets=[sock])
+            server.run(sockets=[sock])
         if not client.is_alive:
             logger.error("the engine stopped; exiting with status %d", ENGINE_DIED_EXIT_CODE)
             raise SystemExit(ENGINE_DIED_EXIT_CODE)
@@ -67,16 +70,14 @@ def serve(
         client.shutdown()
 
 
-class _EngineWatchingServer(uvicorn.Server):
-    """uvicorn's server, stopping on its own tick once the engine has died."""
+def _stop_when_engine_stops(server: uvicorn.Server, client: InProcessEngineClient) -> None:
+    """Ask ``server`` to exit, as a signal would, once the engine's loop has stopped."""
 
-    def __init__(self, config: uvicorn.Config, client: InProcessEngineClient) -> None:
-        super().__init__(config)
-        self._client = client
+    def watch() -> None:
+        client.wait_stopped()
+        server.should_exit = True  # uvicorn's main loop checks it on every tick
 
-    async def on_tick(self, counter: int) -> bool:
-        """True (stop) when uvicorn would stop, or when the engine is no longer alive."""
-        return await super().on_tick(counter) or not self._client.is_alive
+    threading.Thread(target=watch, name="prefixcache-engine-watch", daemon=True).start()
 
 
 def print_banner(

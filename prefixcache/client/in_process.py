@@ -101,6 +101,10 @@ class InProcessEngineClient:
         """``fn(engine)`` on the loop thread (tests and in-process tools inspect it so)."""
         return await self.loop.call(fn)
 
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the loop thread has stopped (died or shut down); False on timeout."""
+        return self.loop.wait_stopped(timeout)
+
     def shutdown(self) -> None:
         """Stop the loop thread; pending requests fail with ``EngineDeadError``."""
         self.loop.shutdown()

@@ -123,6 +123,11 @@ class EngineLoop:
             self._error = EngineDeadError("the engine was shut down")
         self._fail_all(EngineDeadError("the engine was shut down"))
 
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the loop thread has ended; False if ``timeout`` passed first."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     @property
     def is_alive(self) -> bool:
         """False once the loop thread has died of an error or was shut down."""
