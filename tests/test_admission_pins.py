@@ -175,3 +175,21 @@ def _assert_idle_and_sound(served) -> None:
         engine.check_integrity()
 
     on_engine(served.client, check)
+
+
+def test_a_request_that_must_wait_for_room_does_not_hold_up_smaller_ones(tiny_llama):
+    engine = Engine.from_pretrained(
+        str(tiny_llama), device="cpu", kv_cache_tokens=1024, max_num_batched_tokens=1024
+    )
+    first = engine.add_request(_ids(600, seed=20), SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.step()  # ``first`` holds most of the 64 blocks now, and for 200 more steps
+    big = engine.add_request(_ids(700, seed=21), SamplingParams(max_tokens=8))  # fits alone
+    small = engine.add_request(_ids(30, seed=22), SamplingParams(max_tokens=4, ignore_eos=True))
+    deltas = _run(engine, small)
+    assert deltas[-1].finish_reason == "length"
+    waiting = {s.request_id for s in engine.core.scheduler.waiting}
+    running = {s.request_id for s in engine.core.scheduler.running}
+    assert waiting == {big} and running == {first}  # ``big`` waits its turn, not refused
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
