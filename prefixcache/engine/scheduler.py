@@ -124,8 +124,14 @@ class Scheduler:
         return failed
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting()
+        """Admit waiting sequences while blocks and budget last. One that cannot get its
+        blocks now is passed over for this step, so smaller ones behind it still run,
+        until it has been passed over ``MAX_SKIPS`` times: then the queue waits for it."""
+        passed: list[Sequence] = []
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._next_waiting(passed)
+            if seq is None:
+                break
             if not self._can_ever_fit(seq):
                 continue
             started = time.perf_counter()
@@ -135,7 +141,10 @@ class Scheduler:
             if not self.blocks.allocate(seq, num):
                 self.blocks.free(seq, cache_blocks=False)
                 seq.num_computed_tokens = 0
-                break
+                if seq.skipped >= MAX_SKIPS:
+                    break
+                passed.append(seq)
+                continue
             self._take_waiting(seq)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -159,13 +168,20 @@ class Scheduler:
             return False
         return True
 
-    def _next_waiting(self) -> Sequence:
+    def _next_waiting(self, passed: list[Sequence]) -> Sequence | None:
         """Cache-aware choice: the longest cached prefix in the window, unless the head
-        has waited through ``MAX_SKIPS`` admissions already (no starvation)."""
-        head = self.waiting[0]
-        if len(self.waiting) == 1 or head.skipped >= MAX_SKIPS or self.blocks.cache is None:
+        has waited through ``MAX_SKIPS`` admissions already (no starvation). Sequences
+        in ``passed`` are left out; None when nothing is left."""
+        window = [
+            seq
+            for seq in islice(self.waiting, ADMISSION_WINDOW + len(passed))
+            if all(seq is not p for p in passed)
+        ]
+        if not window:
+            return None
+        head = window[0]
+        if len(window) == 1 or head.skipped >= MAX_SKIPS or self.blocks.cache is None:
             return head
-        window = list(islice(self.waiting, ADMISSION_WINDOW))
         hits = [self.blocks.cached_prefix_tokens(seq) for seq in window]
         return window[hits.index(max(hits))]
 
