@@ -146,17 +146,22 @@ class EngineLoop:
                 for command in self._take_commands():
                     command()
                 if self.engine.core.has_unfinished_requests():
-                    self._deliver(self.engine.core.step())
-                    self._check_failed_steps()
+                    self._step()
         except BaseException as exc:  # the loop must report, not vanish
             logger.exception("engine loop died")
             self._error = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
 
-    def _check_failed_steps(self) -> None:
-        failed = self.engine.core.failed_steps
-        if failed >= MAX_FAILED_STEPS:
-            raise EngineDeadError(f"{failed} engine steps failed in a row")
+    def _step(self) -> None:
+        core = self.engine.core
+        deltas = core.step()
+        if core.failed_steps >= MAX_FAILED_STEPS:
+            # Dead before the failed requests hear of it: none of their callers can
+            # find the engine still alive afterwards.
+            self._error = EngineDeadError(f"{core.failed_steps} engine steps failed in a row")
+        self._deliver(deltas)
+        if self._error is not None:
+            raise self._error
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
