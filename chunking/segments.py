@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from chunking.bounded import PromptTooLong, encode_bounded
 from chunking.template_shape import STAND_IN, content_is_opaque, with_stand_ins
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
@@ -55,16 +56,39 @@ class SegmentTokenizer:
         self._unsafe = not self._specials
         self.hits = self.misses = self.fallbacks = 0
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True):
-        """Token ids of ``messages`` through the chat template, as an int32 array."""
+    def encode_chat(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
+    ):
+        """Token ids of ``messages`` through the chat template, as an int32 array.
+
+        With ``max_tokens``, ``PromptTooLong`` as soon as the segments tokenized so far
+        hold more: a giant message costs about ``max_tokens`` of work, not its length.
+        """
         segments = None if self._unsafe else self.segments(messages, add_generation_prompt)
         if segments is None:
             self.fallbacks += 1
-            return self._encode(self.render(messages, add_generation_prompt))
-        ids = np.concatenate([self._segment_ids(text) for text in segments])
+            return self._encode(self.render(messages, add_generation_prompt), max_tokens)
+        ids = np.concatenate(self._bounded_segment_ids(segments, max_tokens))
         if not self._verified:
             ids = self._verify(segments, ids)
         return ids
+
+    def _bounded_segment_ids(self, segments: list[str], max_tokens: int | None) -> list[np.ndarray]:
+        pieces, total = [], 0
+        for text in segments:
+            left = None if max_tokens is None else max_tokens - total
+            try:
+                ids = self._segment_ids(text, left)
+            except PromptTooLong as exc:
+                raise PromptTooLong(total + exc.counted, max_tokens) from None
+            total += len(ids)
+            if max_tokens is not None and total > max_tokens:
+                raise PromptTooLong(total, max_tokens)
+            pieces.append(ids)
+        return pieces
 
     def _verify(self, segments: list[str], ids: np.ndarray) -> np.ndarray:
         """Belt and braces for the structural check: compare once with a whole encode."""
@@ -120,14 +144,14 @@ class SegmentTokenizer:
             return None
         return layout.literal_cuts(self._special_pattern)
 
-    def _segment_ids(self, text: str) -> np.ndarray:
+    def _segment_ids(self, text: str, max_tokens: int | None = None) -> np.ndarray:
         with self._lock:
             ids = self._cache.get(text)
             if ids is not None:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return ids
-        ids = self._encode(text)
+        ids = self._encode(text, max_tokens)  # past max_tokens it raises: nothing cached
         with self._lock:
             self.misses += 1
             self._remember(text, ids)
@@ -142,8 +166,10 @@ class SegmentTokenizer:
             _, dropped = self._cache.popitem(last=False)
             self._cached_tokens -= len(dropped)
 
-    def _encode(self, text: str) -> np.ndarray:
-        return encode_ids(self.tokenizer, text)
+    def _encode(self, text: str, max_tokens: int | None = None) -> np.ndarray:
+        if max_tokens is None:
+            return encode_ids(self.tokenizer, text)
+        return encode_bounded(self.tokenizer, text, max_tokens)
 
 
 class _Layout:

@@ -5,6 +5,7 @@ needs of an engine (limits, input processing, generation, cache control, and the
 Responses API's renderer and store) is named here.
 """
 
+from chunking.bounded import PromptTooLong
 from prefixcache.apps.conversations import (
     ConversationRenderer,
     Turn,
@@ -35,6 +36,7 @@ __all__ = [
     "PinHandle",
     "PinStats",
     "PrewarmResult",
+    "PromptTooLong",
     "RequestDelta",
     "RequestOutput",
     "RequestTimings",
