@@ -12,7 +12,7 @@ from prefixcache.apps.conversations import (
     new_response_id,
     stored_response,
 )
-from prefixcache.apps.response_store import ResponseStore, StoredResponse
+from prefixcache.apps.response_store import ResponseNotStored, ResponseStore, StoredResponse
 from prefixcache.cache.pins import PinHandle
 from prefixcache.client.in_process import InProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
@@ -40,6 +40,7 @@ __all__ = [
     "RequestDelta",
     "RequestOutput",
     "RequestTimings",
+    "ResponseNotStored",
     "ResponseStore",
     "SamplingParams",
     "StoredResponse",
