@@ -40,7 +40,30 @@ from prefixcache.cache.radix_node import (
     is_evictable,
 )
 
-__all__ = ["CacheStats", "EvictedRun", "InsertResult", "MatchResult", "RadixCache", "TreeNode"]
+__all__ = [
+    "TENANT_SEPARATOR",
+    "CacheStats",
+    "EvictedRun",
+    "InsertResult",
+    "MatchResult",
+    "RadixCache",
+    "TreeNode",
+    "salt_tenant",
+]
+
+TENANT_SEPARATOR = ":"
+
+
+def salt_tenant(salt: str | None) -> str:
+    """The tenant a salt belongs to: its part before the first ``TENANT_SEPARATOR``
+    (the whole salt when it has none; ``""`` for the shared, unsalted cache).
+
+    A front that gives each tenant many salts (one per ``cache_salt``) writes them as
+    ``TENANT:REST``, so pins can be capped and the cache flushed per tenant.
+    """
+    if salt is None:
+        return ""
+    return salt.partition(TENANT_SEPARATOR)[0]
 
 
 class RadixCache:
@@ -181,11 +204,33 @@ class RadixCache:
         self.stats.evicted_blocks += freed
         return freed
 
-    def flush(self) -> int:
-        """Drop every unlocked cached block (``on_evict`` is not called); return how many."""
+    def flush(self, tenant: str | None = None) -> int:
+        """Drop every unlocked cached block (``on_evict`` is not called); return how many.
+
+        With ``tenant``, only the trees of salts that belong to it (``salt_tenant``).
+        """
         freed = 0
-        while (leaf := self._lru_leaf()) is not None:
-            freed += self._trim(leaf, len(leaf.block_ids), notify=False)
+        if tenant is None:
+            while (leaf := self._lru_leaf()) is not None:
+                freed += self._trim(leaf, len(leaf.block_ids), notify=False)
+            return freed
+        for salt, root in list(self._roots.items()):
+            if salt_tenant(salt) == tenant:
+                freed += self._flush_tree(root)
+        return freed
+
+    def _flush_tree(self, root: RootNode) -> int:
+        """Drop the unlocked leaves of one tree, children before their parents (so a
+        parent left without children goes too)."""
+        order, stack = [], [root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack += node.children.values()
+        freed = 0
+        for node in reversed(order):  # every child comes after its parent in ``order``
+            if is_evictable(node):
+                freed += self._trim(node, len(node.block_ids), notify=False)
         return freed
 
     def reset(self) -> None:

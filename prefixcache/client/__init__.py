@@ -14,6 +14,7 @@ from prefixcache.apps.conversations import (
 )
 from prefixcache.apps.response_store import ResponseNotStored, ResponseStore, StoredResponse
 from prefixcache.cache.pins import PinHandle
+from prefixcache.cache.radix_cache import TENANT_SEPARATOR, salt_tenant
 from prefixcache.client.in_process import InProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
 from prefixcache.engine.errors import EngineDeadError
@@ -25,6 +26,7 @@ from prefixcache.sampling_params import SamplingParams
 from prefixcache.tiers.stats import TierStats
 
 __all__ = [
+    "TENANT_SEPARATOR",
     "ConversationRenderer",
     "DeviceBlocks",
     "EngineClient",
@@ -47,5 +49,6 @@ __all__ = [
     "TierStats",
     "Turn",
     "new_response_id",
+    "salt_tenant",
     "stored_response",
 ]
