@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from chunking.bounded import PromptTooLong, encode_bounded
+from chunking.bounded import PromptTooLong, encode_bounded, piece_chars
 from chunking.template_shape import STAND_IN, content_is_opaque, with_stand_ins
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
@@ -67,7 +67,10 @@ class SegmentTokenizer:
         With ``max_tokens``, ``PromptTooLong`` as soon as the segments tokenized so far
         hold more: a giant message costs about ``max_tokens`` of work, not its length.
         """
-        segments = None if self._unsafe else self.segments(messages, add_generation_prompt)
+        max_chars = piece_chars(max_tokens) if max_tokens is not None else None
+        segments = None
+        if not self._unsafe:
+            segments = self.segments(messages, add_generation_prompt, max_chars)
         if segments is None:
             self.fallbacks += 1
             return self._encode(self.render(messages, add_generation_prompt), max_tokens)
@@ -105,12 +108,17 @@ class SegmentTokenizer:
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[str] | None:
+    def segments(
+        self, messages: Sequence[dict], add_generation_prompt: bool, max_chars: int | None = None
+    ) -> list[str] | None:
         """The rendered text cut before special tokens: before each message's, or for a
         content-opaque template before every one the template writes (None when there is
-        no safe cut)."""
+        no safe cut). Past ``max_chars`` the quadratic search over every message prefix
+        is not tried (None)."""
         full = self.render(messages, add_generation_prompt)
         cuts = self._stand_in_cuts(messages, full, add_generation_prompt) if self._opaque else None
+        if cuts is None and max_chars is not None and len(full) > max_chars:
+            return None  # a long text rendered once per message would cost far more
         if cuts is None:
             cuts = self._rendered_cuts(messages, full)
         if not cuts:

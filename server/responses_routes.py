@@ -205,8 +205,9 @@ async def _prepare(
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
     new = _input_messages(req.input)
+    limit = state.client.inputs.max_prompt_tokens
     turn = await run_tokenizer(
-        state, lambda: renderer.turn(new, previous, req.instructions), "input"
+        state, lambda: renderer.turn(new, previous, req.instructions, limit), "input"
     )
     params = _sampling_params(state, req, len(turn.prompt_ids))
     prepared = Prepared(

@@ -79,6 +79,7 @@ def _assert_too_long(response: httpx.Response) -> None:
     [
         pytest.param("/chat/completions", _chat(GIANT), id="chat"),
         pytest.param("/completions", {"prompt": GIANT, "max_tokens": 2}, id="completion"),
+        pytest.param("/responses", {"input": GIANT, "max_output_tokens": 2}, id="responses"),
     ],
 )
 def test_giant_prompt_is_refused_after_bounded_work_while_a_small_one_is_answered(
