@@ -23,14 +23,17 @@ _SLACK_PER_CUT = 2
 
 
 class PromptTooLong(ValueError):
-    """A prompt holds more tokens than ``limit`` (``counted``: where tokenizing stopped)."""
+    """A prompt holds more tokens than ``limit`` (``counted``: where tokenizing stopped).
 
-    def __init__(self, counted: int, limit: int, context_tokens: int | None = None) -> None:
+    ``context`` names the limit that leaves no room, e.g. ``"max_model_len (4096)"``.
+    """
+
+    def __init__(self, counted: int, limit: int, context: str | None = None) -> None:
         self.counted, self.limit = counted, limit
-        context = f" within the context limit ({context_tokens} tokens)" if context_tokens else ""
+        over = f"over {context}" if context else "no room for output"
         super().__init__(
-            f"the prompt is longer than {limit} tokens, the most that leaves room for "
-            f"output{context}; tokenizing stopped after {counted} tokens"
+            f"prompt is longer than {limit} tokens (tokenizing stopped after {counted}); "
+            f"with at least one output token that is {over}"
         )
 
 

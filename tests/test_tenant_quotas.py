@@ -8,6 +8,8 @@ import pytest
 from server_harness import running_server
 
 from prefixcache.apps.response_store import ResponseStore, StoredResponse
+from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.radix_cache import RadixCache, salt_tenant
 
 KEY_A, KEY_B, ADMIN = "key-a", "key-b", "key-admin"
 QUOTA, CAPACITY = 256, 300  # pinned tokens per tenant, and in all
@@ -129,3 +131,32 @@ def test_flush_drops_only_the_callers_entries_unless_an_admin_flushes(served):
     assert flushed.status_code == 200 and flushed.json()["freed_blocks"] > 0
     assert _reused(served, KEY_A, mine) == 0
     assert _reused(served, KEY_B, theirs) == 0
+
+
+def _cached(cache: RadixCache, pool: BlockPool, tokens: list[int], salt: str | None) -> None:
+    hit = cache.match(tokens, salt)
+    fresh = pool.allocate(len(tokens) // cache.block_size - len(hit.block_ids))
+    cache.insert(tokens, hit.block_ids + fresh, salt)
+    cache.unlock(hit.node)
+
+
+def test_a_tenant_flush_drops_all_its_salts_trees_and_nothing_else():
+    pool = BlockPool(64)
+    cache = RadixCache(pool, block_size=2, chunk_size=4, fingerprint="m")
+    branches = ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8])  # a shared prefix, two leaves
+    for salt in ("t1:", "t1:other", "t2:", "t10:", None):
+        for tokens in branches:
+            _cached(cache, pool, tokens, salt)
+    held = cache.match([9, 9, 9, 9], "t1:")  # nothing cached: locks t1's root only
+    kept = cache.match(branches[0], "t1:other")  # a running request's prefix
+    assert cache.flush("t1") > 0
+    assert cache.peek(branches[0], "t1:other") == 6  # locked: kept
+    assert cache.peek(branches[1], "t1:other") == 4  # its shared prefix is locked too
+    assert cache.peek(branches[1], "t1:") == 0
+    for salt in ("t2:", "t10:", None):
+        assert all(cache.peek(tokens, salt) == 6 for tokens in branches)
+    cache.unlock(kept.node)
+    cache.unlock(held.node)
+    cache.check_integrity()
+    assert salt_tenant("t1:abc") == "t1" and salt_tenant("plain") == "plain"
+    assert salt_tenant(None) == ""

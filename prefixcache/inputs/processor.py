@@ -87,7 +87,14 @@ class InputProcessor:
         try:
             yield
         except PromptTooLong as exc:
-            raise PromptTooLong(exc.counted, exc.limit, self.limits.max_context_tokens) from None
+            raise PromptTooLong(exc.counted, exc.limit, _context(self.limits)) from None
+
+
+def _context(limits: EngineLimits) -> str:
+    """The limit a prompt runs into, as a message names it."""
+    if limits.max_context_tokens == limits.max_model_len:
+        return f"max_model_len ({limits.max_model_len})"
+    return f"the KV cache ({limits.max_context_tokens} tokens)"
 
 
 def _is_messages(prompt) -> bool:
