@@ -9,7 +9,8 @@ from server_harness import running_server
 
 from prefixcache.apps.response_store import ResponseStore, StoredResponse
 from prefixcache.cache.block_pool import BlockPool
-from prefixcache.cache.radix_cache import RadixCache, salt_tenant
+from prefixcache.cache.radix_cache import RadixCache
+from prefixcache.cache.tenants import salt_tenant
 
 KEY_A, KEY_B, ADMIN = "key-a", "key-b", "key-admin"
 QUOTA, CAPACITY = 256, 300  # pinned tokens per tenant, and in all

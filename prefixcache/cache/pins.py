@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prefixcache.cache.radix_cache import RadixCache, salt_tenant
+from prefixcache.cache.radix_cache import RadixCache
 from prefixcache.cache.radix_node import TreeNode
+from prefixcache.cache.tenants import salt_tenant
 
 
 @dataclass(frozen=True, slots=True)

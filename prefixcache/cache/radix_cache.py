@@ -39,31 +39,9 @@ from prefixcache.cache.radix_node import (
     TreeNode,
     is_evictable,
 )
+from prefixcache.cache.tenants import salt_tenant
 
-__all__ = [
-    "TENANT_SEPARATOR",
-    "CacheStats",
-    "EvictedRun",
-    "InsertResult",
-    "MatchResult",
-    "RadixCache",
-    "TreeNode",
-    "salt_tenant",
-]
-
-TENANT_SEPARATOR = ":"
-
-
-def salt_tenant(salt: str | None) -> str:
-    """The tenant a salt belongs to: its part before the first ``TENANT_SEPARATOR``
-    (the whole salt when it has none; ``""`` for the shared, unsalted cache).
-
-    A front that gives each tenant many salts (one per ``cache_salt``) writes them as
-    ``TENANT:REST``, so pins can be capped and the cache flushed per tenant.
-    """
-    if salt is None:
-        return ""
-    return salt.partition(TENANT_SEPARATOR)[0]
+__all__ = ["CacheStats", "EvictedRun", "InsertResult", "MatchResult", "RadixCache", "TreeNode"]
 
 
 class RadixCache:

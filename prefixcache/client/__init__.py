@@ -14,7 +14,7 @@ from prefixcache.apps.conversations import (
 )
 from prefixcache.apps.response_store import ResponseNotStored, ResponseStore, StoredResponse
 from prefixcache.cache.pins import PinHandle
-from prefixcache.cache.radix_cache import TENANT_SEPARATOR, salt_tenant
+from prefixcache.cache.tenants import TENANT_SEPARATOR, salt_tenant
 from prefixcache.client.in_process import InProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
 from prefixcache.engine.errors import EngineDeadError
