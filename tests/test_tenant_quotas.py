@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from server_harness import running_server
 
+from prefixcache import cli
 from prefixcache.apps.response_store import ResponseStore, StoredResponse
 from prefixcache.cache.block_pool import BlockPool
 from prefixcache.cache.radix_cache import RadixCache
@@ -161,3 +162,13 @@ def test_a_tenant_flush_drops_all_its_salts_trees_and_nothing_else():
     cache.check_integrity()
     assert salt_tenant("t1:abc") == "t1" and salt_tenant("plain") == "plain"
     assert salt_tenant(None) == ""
+
+
+def test_admin_api_key_flag_reaches_the_server(monkeypatch, tiny_llama):
+    calls = []
+    monkeypatch.setattr("server.launch.serve", lambda engine, **kw: calls.append(kw))
+    argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", "--max-model-len", "256"]
+    argv += ["--api-key", "k1", "--admin-api-key", "root1", "--admin-api-key", "root2"]
+    assert cli.main(argv) == 0
+    (kwargs,) = calls
+    assert kwargs["api_keys"] == ["k1"] and kwargs["admin_api_keys"] == ["root1", "root2"]
