@@ -30,6 +30,7 @@ def create_app(
     *,
     model_name: str,
     api_keys: Iterable[str] = (),
+    admin_api_keys: Iterable[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     response_store: ResponseStore | None = None,
@@ -37,7 +38,8 @@ def create_app(
     """An OpenAI-compatible app for ``client``'s engine, serving it as ``model_name``.
 
     With ``api_keys``, every ``/v1`` call needs ``Authorization: Bearer <key>`` and
-    each key gets its own prefix-cache namespace. At most ``max_num_seqs +
+    each key gets its own prefix-cache namespace; ``admin_api_keys`` are accepted too
+    and may act on every tenant (flush the whole cache). At most ``max_num_seqs +
     max_queue`` requests are in flight; more get a 429. The Responses API keeps its
     conversations in ``response_store`` (default: next to the disk KV tier if any,
     else in memory). The caller owns the client and shuts it down after the app stops.
@@ -49,7 +51,7 @@ def create_app(
     state = ServerState(
         client=client,
         model_name=model_name,
-        keys=KeyRing(api_keys),
+        keys=KeyRing(api_keys, admin_api_keys),
         admission=Admission(client.limits.max_num_seqs + max_queue),
         max_body_bytes=max_body_bytes,
         responses=response_store,

@@ -22,6 +22,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
+    admin_api_keys: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
     random_weights: bool = False,
@@ -40,12 +41,13 @@ def serve(
             client,
             model_name=model_name,
             api_keys=api_keys,
+            admin_api_keys=admin_api_keys,
             max_queue=max_queue,
             response_store=store,
         )
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
-        keys = len(set(api_keys))
+        keys = len(set(api_keys) | set(admin_api_keys))
         print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is the normal end.
