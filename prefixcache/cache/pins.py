@@ -7,7 +7,7 @@ eviction (which only takes unlocked leaves) can never drop a pinned prefix.
 from __future__ import annotations
 
 import heapq
-import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ class PinRegistry:
         self.clock = clock
         self._pins: dict[str, _Pin] = {}
         self._deadlines: list[tuple[float, str]] = []
-        self._ids = itertools.count(1)
 
     @property
     def pinned_tokens(self) -> int:
@@ -70,7 +69,8 @@ class PinRegistry:
                 f"({self.pinned_tokens} of {self.max_pinned_tokens} in use)"
             )
         match = self.cache.match(token_ids, salt)
-        handle = f"pin-{next(self._ids)}"
+        # Random, so a handle from before a restart can never name a pin made after it.
+        handle = f"pin-{secrets.token_hex(16)}"
         expires_at = self.clock() + ttl if ttl is not None else None
         self._pins[handle] = _Pin(match.node, match.num_tokens, expires_at)
         if expires_at is not None:
