@@ -37,9 +37,9 @@ class DrainingServer(uvicorn.Server):
     ``[DONE]``, and uvicorn shuts down as usual. A second signal skips the wait.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self.drain = drain
+        self.drain: Drain = config.app.state.server.drain  # a ``create_app`` app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Begin the drain (runs in the signal handler: it only sets flags)."""
@@ -101,12 +101,10 @@ def serve(
         bound_port = sock.getsockname()[1]
         keys = len(set(api_keys))
         print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
-        config = uvicorn.Config(
-            app, log_level=log_level, timeout_graceful_shutdown=_CLOSE_GRACE_S
-        )
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CLOSE_GRACE_S)
         # A second Ctrl-C makes uvicorn re-raise it: still a normal end.
         with contextlib.suppress(KeyboardInterrupt):
-            DrainingServer(config, app.state.server.drain).run(sockets=[sock])
+            DrainingServer(config).run(sockets=[sock])
     finally:
         client.shutdown()
 

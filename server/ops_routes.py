@@ -31,8 +31,10 @@ _HEALTH_DOC = {
                 }
             },
         },
-        "503": error("The engine has stopped (code `engine_dead`) or the server is "
-                     "draining before it exits (code `draining`)"),
+        "503": error(
+            "The engine has stopped (code `engine_dead`) or the server is "
+            "draining before it exits (code `draining`)"
+        ),
     }
 }
 

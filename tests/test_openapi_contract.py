@@ -93,7 +93,9 @@ def test_every_documented_operation_is_exercised(schema):
     assert documented == set(OPERATIONS)
 
 
-@pytest.mark.parametrize(("operation", "mode"), CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else v.value)
+@pytest.mark.parametrize(
+    ("operation", "mode"), CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else v.value
+)
 def test_operation_answers_as_documented(schema, served, operation, mode):
     method, path = operation
     operation = schema[path][method]
