@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 import prefixcache
 from prefixcache.client import EngineClient, ResponseStore
@@ -105,16 +106,20 @@ def _check_options(
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout}")
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _method_not_allowed(state: ServerState):
     """A 405 whose ``Allow`` lists every method served at the path: Starlette's names
     only the first route there (``GET /v1/responses/{id}`` hid its ``DELETE``)."""
 
     async def handler(request: Request, exc: StarletteHTTPException) -> Response:
-        path, allowed = request.scope["path"], set()
-        for route in request.app.router.routes:
-            regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-            if regex is not None and methods and regex.match(path):
-                allowed |= methods
+        allowed = {
+            method
+            for method in _METHODS
+            for route in request.app.router.routes
+            if route.matches({**request.scope, "method": method})[0] is Match.FULL
+        }
         state.metrics.record_error(405)
         allow = ", ".join(sorted(allowed)) or (exc.headers or {}).get("Allow", "")
         message = f"method {request.method} not allowed; allowed: {allow}"

@@ -70,12 +70,14 @@ def test_drain_refuses_new_requests_and_ends_a_held_stream_with_an_error_and_don
 
 def test_drain_lets_a_stream_that_finishes_in_time_end_normally(draining):
     server, _ = draining
-    with httpx.Client(trust_env=False, timeout=60) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions", json=CHAT) as stream:
-            lines = stream.iter_lines()
-            next(line for line in lines if line.startswith("data: "))
-            server.server.handle_exit(signal.SIGTERM, None)
-            rest = _events(lines)
+    with (
+        httpx.Client(trust_env=False, timeout=60) as http,
+        http.stream("POST", server.url + "/v1/chat/completions", json=CHAT) as stream,
+    ):
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        server.server.handle_exit(signal.SIGTERM, None)
+        rest = _events(lines)
     assert rest[-1] == "[DONE]"
     assert all("error" not in json.loads(event) for event in rest[:-1])
     server.join(timeout=30)
@@ -94,12 +96,14 @@ def test_sigterm_drains_the_serve_process_and_it_exits_cleanly(tiny_llama):
     body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
     try:
         api = _wait_for_url(lines, timeout=120)
-        with httpx.Client(trust_env=False, timeout=60) as http:
-            with http.stream("POST", api + "/completions", json=body) as stream:
-                events = stream.iter_lines()
-                next(line for line in events if line.startswith("data: "))
-                proc.send_signal(signal.SIGTERM)
-                rest = _events(events)
+        with (
+            httpx.Client(trust_env=False, timeout=60) as http,
+            http.stream("POST", api + "/completions", json=body) as stream,
+        ):
+            events = stream.iter_lines()
+            next(line for line in events if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = _events(events)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
