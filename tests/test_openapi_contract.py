@@ -44,7 +44,7 @@ WITH_BODY = {path for method, path in OPERATIONS if method == "POST"} - {"/v1/ca
 CASES = [(op, GenerationMode.POSITIVE) for op in OPERATIONS] + [
     (op, GenerationMode.NEGATIVE) for op in OPERATIONS if op[1] in WITH_BODY
 ]
-CASES_PER_MODE = 100
+CASES_PER_MODE = 200
 
 
 def valid_data_accepted(ctx, response, case):
