@@ -7,7 +7,7 @@ import logging
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from server.chat_protocol import encode
 from server.errors import APIError, engine_dead
@@ -59,6 +59,7 @@ async def health(request: Request) -> Response:
 @ops_router.get(
     "/metrics",
     summary="Prometheus metrics",
+    response_class=PlainTextResponse,  # so the document lists no JSON body beside it
     openapi_extra=text_operation("text/plain", "Prometheus text exposition format", auth=True),
 )
 async def metrics(request: Request) -> Response:

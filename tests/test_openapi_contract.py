@@ -113,3 +113,20 @@ def test_operation_answers_as_documented(schema, served, operation, mode):
         case.call_and_validate(base_url=served.url, checks=CHECKS)
 
     answers_as_documented()
+
+
+def test_document_lists_what_the_fuzzer_cannot_see(schema):
+    """Statuses a server never sends, and content a random case rarely reaches."""
+    paths = schema.raw_schema["paths"]
+    for item in paths.values():
+        for op in item.values():
+            assert "422" not in op["responses"]  # bodies are decoded by msgspec: 400
+    stored = paths["/v1/responses/{response_id}"]
+    assert {"404", "401"} <= set(stored["get"]["responses"]) & set(stored["delete"]["responses"])
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    streamed = paths["/v1/responses"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    data = streamed["itemSchema"]["properties"]["data"]["anyOf"]
+    assert {d["contentSchema"]["$ref"].rsplit("/", 1)[1] for d in data} == {
+        "ResponseEvent",
+        "ResponseErrorEvent",
+    }
