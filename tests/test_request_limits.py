@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from prefixcache import cli
 from tests.server_harness import running_server
+from tests.test_server_cli import SMALL, captured_serve  # noqa: F401 - a fixture
 
 ENGINE = {"max_model_len": 256, "kv_cache_tokens": 2048}
 
@@ -95,3 +97,19 @@ def test_a_wrong_method_on_a_stored_response_lists_get_and_delete(tiny_llama, me
     allowed = {m.strip() for m in reply.headers["Allow"].split(",")}
     assert {"GET", "DELETE"} <= allowed
     assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_serve_passes_the_timeouts_and_the_metrics_key_through(captured_serve):  # noqa: F811
+    argv = ["serve", *SMALL, "--request-timeout", "7", "--shutdown-timeout", "3"]
+    assert cli.main([*argv, "--metrics-api-key", "mk"]) == 0
+    ((_, kwargs),) = captured_serve
+    assert (kwargs["request_timeout"], kwargs["shutdown_timeout"]) == (7.0, 3.0)
+    assert kwargs["metrics_api_key"] == "mk"
+
+
+def test_serve_refuses_timeouts_that_could_never_pass(captured_serve, capsys):  # noqa: F811
+    assert cli.main(["serve", *SMALL, "--request-timeout", "0"]) == 2
+    assert cli.main(["serve", *SMALL, "--shutdown-timeout", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--request-timeout" in err and "--shutdown-timeout" in err
+    assert not captured_serve
