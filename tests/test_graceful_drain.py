@@ -68,6 +68,25 @@ def test_drain_refuses_new_requests_and_ends_a_held_stream_with_an_error_and_don
     assert not server.running
 
 
+def test_drain_ends_a_held_responses_stream_with_an_error_event(draining):
+    server, client = draining
+    body = {"input": "hi", "max_output_tokens": 8, "stream": True}
+    with (
+        forward_gate(client) as gate,
+        httpx.Client(trust_env=False, timeout=60) as http,
+        http.stream("POST", server.url + "/v1/responses", json=body) as stream,
+    ):
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # response.created
+        gate.wait_until_held()
+        server.server.handle_exit(signal.SIGTERM, None)
+        rest = _events(lines)
+    last = json.loads(rest[-1])
+    assert last["type"] == "error" and last["code"] == "server_shutdown"
+    server.join(timeout=30)
+    assert not server.running
+
+
 def test_drain_lets_a_stream_that_finishes_in_time_end_normally(draining):
     server, _ = draining
     with (
