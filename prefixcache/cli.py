@@ -70,6 +70,12 @@ def _add_serve_parser(commands) -> None:
     )
     serve.add_argument("--api-keys-file", default=None, help="file of keys, one per line")
     serve.add_argument(
+        "--admin-api-key",
+        action="append",
+        default=[],
+        help="accepted key that may act on every tenant, e.g. flush the whole cache (repeatable)",
+    )
+    serve.add_argument(
         "--request-timeout",
         type=float,
         default=60.0,
@@ -157,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=keys,
+        admin_api_keys=args.admin_api_key,
         max_queue=args.max_queue,
         log_level=args.log_level,
         random_weights=args.model is None or args.load_format == "dummy",

@@ -38,6 +38,7 @@ def create_app(
     *,
     model_name: str,
     api_keys: Iterable[str] = (),
+    admin_api_keys: Iterable[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     response_store: ResponseStore | None = None,
@@ -48,7 +49,8 @@ def create_app(
     """An OpenAI-compatible app for ``client``'s engine, serving it as ``model_name``.
 
     With ``api_keys``, every ``/v1`` call needs ``Authorization: Bearer <key>`` and
-    each key gets its own prefix-cache namespace. At most ``max_num_seqs +
+    each key gets its own prefix-cache namespace; ``admin_api_keys`` are accepted too
+    and may act on every tenant (flush the whole cache). At most ``max_num_seqs +
     max_queue`` requests are in flight; more get a 429. The Responses API keeps its
     conversations in ``response_store`` (default: next to the disk KV tier if any,
     else in memory). A request body not received within ``request_timeout`` seconds
@@ -61,7 +63,7 @@ def create_app(
     state = ServerState(
         client=client,
         model_name=model_name,
-        keys=KeyRing(api_keys),
+        keys=KeyRing(api_keys, admin_api_keys),
         admission=admission,
         max_body_bytes=max_body_bytes,
         drain=Drain(admission, shutdown_timeout),

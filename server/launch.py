@@ -67,6 +67,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
+    admin_api_keys: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
     random_weights: bool = False,
@@ -91,6 +92,7 @@ def serve(
             client,
             model_name=model_name,
             api_keys=api_keys,
+            admin_api_keys=admin_api_keys,
             max_queue=max_queue,
             response_store=store,
             request_timeout=request_timeout,
@@ -99,7 +101,7 @@ def serve(
         )
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
-        keys = len(set(api_keys))
+        keys = len(set(api_keys) | set(admin_api_keys))
         print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CLOSE_GRACE_S)
         # A second Ctrl-C makes uvicorn re-raise it: still a normal end.

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from prefixcache.client import SamplingParams
+from prefixcache.client import PromptTooLong, SamplingParams
 from server.auth import tenant_salt
 from server.chat_protocol import ChatCompletionRequest, CompletionRequest, TextPart
 from server.errors import APIError, engine_error
@@ -257,13 +257,16 @@ def _single_prompt(prompt) -> str | list[int]:
 
 
 async def run_tokenizer(state: ServerState, fn: Callable[[], T], param: str) -> T:
-    """Run ``fn`` (tokenizing, rendering) on the tokenizer thread, off the event loop.
+    """Run ``fn`` (tokenizing, rendering) on a tokenizer thread, off the event loop.
 
-    A failure there is the input's fault: a 400 naming ``param``.
+    A failure there is the input's fault: a 400 naming ``param``
+    (``context_length_exceeded`` for a prompt past the context limit).
     """
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(state.tokenizer_pool, fn)
+    except PromptTooLong as exc:
+        raise APIError.bad_request(str(exc), param, code="context_length_exceeded") from None
     except ValueError as exc:
         raise engine_error(exc, param) from None
     except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from server.chat_protocol import MaxTokens, Temperature, Timings, TopP
+from server.chat_protocol import ErrorBody, MaxTokens, Temperature, Timings, TopP
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]
@@ -160,6 +160,15 @@ class ResponseEvent(Struct, kw_only=True, omit_defaults=True):
     logprobs: list[float] | None = None
 
 
+class ResponseNotStoredError(Struct, kw_only=True):
+    """``POST /v1/responses`` when the reply was generated but could not be stored (507
+    for a full disk, else 500): an OpenAI error body plus the generated response, whose
+    ``store`` is false and whose ``error`` repeats why."""
+
+    error: ErrorBody
+    response: ResponseObject
+
+
 class ResponseErrorDetail(Struct, kw_only=True):
     """The error of an ``error`` event."""
 
@@ -210,4 +219,5 @@ RESPONSES_TYPES = (
     ResponseDeleted,
     ResponseEvent,
     ResponseErrorEvent,
+    ResponseNotStoredError,
 )

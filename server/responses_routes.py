@@ -5,6 +5,13 @@ stored conversation's token ids are reused and only the new text is tokenized (s
 ``prefixcache.apps.conversations``), then the prefix cache skips the history's prefill.
 Stored responses are scoped per API key: another key's id answers 404 like an
 unknown one.
+
+When storing fails after the reply was generated (the store's disk is full), the
+reply is not lost: a non-streamed request gets a 507 (full disk; 500 for another
+write error) whose body is an OpenAI error, code ``response_not_stored``, plus the
+generated ``response`` with ``store: false``; a stream sends its output as usual,
+then an ``error`` event with that code instead of ``response.completed``. Either way
+nothing is stored, so ``GET /v1/responses/{id}`` answers 404.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from starlette.responses import Response
 
 from prefixcache.client import (
     ConversationRenderer,
+    ResponseNotStored,
     ResponseStore,
     SamplingParams,
     StoredResponse,
@@ -25,12 +33,17 @@ from prefixcache.client import (
     stored_response,
 )
 from server.auth import authenticate, tenant_salt
-from server.chat_protocol import encode, json_response
+from server.chat_protocol import ErrorBody, encode, json_response
 from server.errors import APIError, engine_dead
 from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
 from server.openapi import event_stream, operation
 from server.prepare import Prepared, check_fits, check_model, decode, read_body, run_tokenizer
-from server.responses_format import job_response, response_events, stored_response_object
+from server.responses_format import (
+    NOT_STORED,
+    job_response,
+    response_events,
+    stored_response_object,
+)
 from server.responses_protocol import (
     RESPONSES_TYPES,
     InputMessage,
@@ -38,6 +51,7 @@ from server.responses_protocol import (
     ResponseErrorDetail,
     ResponseErrorEvent,
     ResponseEvent,
+    ResponseNotStoredError,
     ResponseObject,
     ResponseRequest,
 )
@@ -63,9 +77,13 @@ class Job:
     store: ResponseStore
     model: str
     store_s: float = 0.0  # the previous_response_id lookup; part of prepared.tokenize_s
+    not_stored: ResponseNotStored | None = None  # why saving failed, if it did
 
     async def save(self, state: ServerState, tally: Tally) -> None:
-        """Store the finished turn (when ``store``) so a later turn can continue it."""
+        """Store the finished turn (when ``store``) so a later turn can continue it.
+
+        A failed write is kept in ``not_stored`` (nothing is stored then).
+        """
         if not self.req.store or tally.finish_reason in (None, "abort"):
             return
         counts = (tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
@@ -78,8 +96,15 @@ class Job:
             entry.created_at = self.created_at
             return entry
 
+        def put() -> ResponseNotStored | None:
+            try:
+                self.store.put(build())
+            except ResponseNotStored as exc:
+                return exc
+            return None
+
         # A file write when the store has a folder: off the event loop.
-        await run_tokenizer(state, lambda: self.store.put(build()), "input")
+        self.not_stored = await run_tokenizer(state, put, "input")
 
 
 def install_response_store(app: FastAPI, store: ResponseStore) -> None:
@@ -110,21 +135,33 @@ def _not_found(response_id: str, param: str | None = None) -> APIError:
     )
 
 
+def _with_not_stored(extra: dict) -> dict:
+    schema = {"$ref": f"#/components/schemas/{ResponseNotStoredError.__name__}"}
+    for status, when in (("507", "the disk is full"), ("500", "another write error")):
+        extra["responses"][status] = {
+            "description": f"Generated, but not stored: {when}",
+            "content": {"application/json": {"schema": schema}},
+        }
+    return extra
+
+
 # ------------------------------------------------------------------- routes
 
 
 @router.post(
     "/v1/responses",
     summary="Create a response, optionally continuing a stored one",
-    openapi_extra=operation(
-        ResponseObject,
-        ResponseRequest,
-        event_stream(
-            [ResponseEvent, ResponseErrorEvent],
-            False,
-            "with stream=true: `event: <type>` and `data: <ResponseEvent>` per event, "
-            "ending with `response.completed`, or an `error` event",
-        ),
+    openapi_extra=_with_not_stored(
+        operation(
+            ResponseObject,
+            ResponseRequest,
+            event_stream(
+                [ResponseEvent, ResponseErrorEvent],
+                False,
+                "with stream=true: `event: <type>` and `data: <ResponseEvent>` per event, "
+                "ending with `response.completed`, or an `error` event",
+            ),
+        )
     ),
 )
 async def create_response(
@@ -197,8 +234,9 @@ async def _prepare(
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
     new = _input_messages(req.input)
+    limit = state.client.inputs.max_prompt_tokens
     turn = await run_tokenizer(
-        state, lambda: renderer.turn(new, previous, req.instructions), "input"
+        state, lambda: renderer.turn(new, previous, req.instructions, limit), "input"
     )
     params = _sampling_params(state, req, len(turn.prompt_ids))
     prepared = Prepared(
@@ -282,4 +320,16 @@ async def _finish(request: Request, state: ServerState, job: Job) -> Response:
     if tally is None:
         return Response(status_code=CLIENT_GONE)
     await job.save(state, tally)
+    if job.not_stored is not None:
+        return _not_stored_response(state, job, tally)
     return json_response(job_response(job, tally), timing_header(request, tally))
+
+
+def _not_stored_response(state: ServerState, job: Job, tally: Tally) -> Response:
+    """The generated response, with the store failure as a 507 (disk full) or 500."""
+    failure = job.not_stored
+    status = 507 if failure.disk_full else 500
+    state.metrics.record_error(status)
+    error = ErrorBody(message=str(failure), type="server_error", code=NOT_STORED)
+    body = ResponseNotStoredError(error=error, response=job_response(job, tally))
+    return Response(encode(body), status, media_type="application/json")

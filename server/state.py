@@ -16,6 +16,8 @@ from server.auth import KeyRing
 from server.errors import APIError
 from server.metrics import ServerMetrics
 
+TOKENIZER_THREADS = 4
+
 
 class Ticket:
     """One admitted request's place; ``release`` gives it back (idempotent)."""
@@ -117,9 +119,12 @@ class ServerState:
     request_timeout: float | None = None  # seconds to receive a whole request body
     metrics_keys: KeyRing = field(default_factory=KeyRing)  # empty: /metrics is open
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    # Tokenizing and chat templating run here, off the event loop, one at a time.
+    # Tokenizing and chat templating run here, off the event loop. More than one
+    # thread, so one long prompt (bounded by the context limit) never holds up others.
     tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixcache-tokenize")
+        default_factory=lambda: ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="prefixcache-tokenize"
+        )
     )
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore | None = None  # made on first use when none was given

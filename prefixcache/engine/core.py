@@ -49,7 +49,9 @@ class EngineCore:
         self.device = runner.device
         self.scheduler = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
-        self.control = CacheControl(blocks, config.pinned_token_cap)
+        self.control = CacheControl(
+            blocks, config.pinned_token_cap, config.max_pinned_tokens_per_tenant
+        )
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
 
