@@ -169,10 +169,55 @@ class ResponseNotStoredError(Struct, kw_only=True):
     response: ResponseObject
 
 
+class ResponseErrorDetail(Struct, kw_only=True):
+    """The error of an ``error`` event."""
+
+    code: str
+    message: str
+
+
+class ResponseErrorEvent(Struct, kw_only=True):
+    """The ``error`` event that ends a response stream whose generation failed."""
+
+    type: Literal["error"]
+    code: str
+    message: str
+    param: str | None
+    sequence_number: int
+    error: ResponseErrorDetail
+
+
+# What the server serves, where it is narrower than its decoder (see
+# ``server.chat_protocol.DOCUMENTED``).
+DOCUMENTED = {
+    "InputPart": {
+        "properties": {
+            "type": {"enum": ["input_text", "output_text", "text"]},
+            "text": {"type": "string"},
+        },
+        "required": ["type", "text"],
+    },
+    "ResponseRequest": {
+        "properties": {
+            "input": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/InputMessage"},
+                        "minItems": 1,
+                    },
+                ]
+            }
+        }
+    },
+}
+
 RESPONSES_TYPES = (
     ResponseRequest,
     ResponseObject,
     ResponseDeleted,
     ResponseEvent,
+    ResponseErrorEvent,
     ResponseNotStoredError,
 )

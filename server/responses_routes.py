@@ -36,7 +36,7 @@ from server.auth import authenticate, tenant_salt
 from server.chat_protocol import ErrorBody, encode, json_response
 from server.errors import APIError, engine_dead
 from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
-from server.openapi import operation
+from server.openapi import event_stream, operation
 from server.prepare import Prepared, check_fits, check_model, decode, read_body, run_tokenizer
 from server.responses_format import (
     NOT_STORED,
@@ -48,17 +48,20 @@ from server.responses_protocol import (
     RESPONSES_TYPES,
     InputMessage,
     ResponseDeleted,
+    ResponseErrorDetail,
+    ResponseErrorEvent,
     ResponseEvent,
     ResponseNotStoredError,
     ResponseObject,
     ResponseRequest,
 )
 from server.state import ServerState
-from server.streaming import SSEResponse
+from server.streaming import SHUTDOWN_MESSAGE, SSEResponse
 
 __all__ = ["RESPONSES_TYPES", "install_response_store", "router"]
 
 router = APIRouter()
+_NOT_FOUND_DOC = "No such stored response for this API key"
 
 
 @dataclass(slots=True)
@@ -109,6 +112,19 @@ def install_response_store(app: FastAPI, store: ResponseStore) -> None:
     app.state.server.responses = store
 
 
+def _shutdown_tail() -> bytes:
+    """The ``error`` event that ends a response stream cut by a shutdown."""
+    event = ResponseErrorEvent(
+        type="error",
+        code="server_shutdown",
+        message=SHUTDOWN_MESSAGE,
+        param=None,
+        sequence_number=0,  # out of band: sent in place of the stream's remaining events
+        error=ResponseErrorDetail(code="server_shutdown", message=SHUTDOWN_MESSAGE),
+    )
+    return b"event: error\ndata: " + encode(event) + b"\n\n"
+
+
 def _scope(tenant: bytes | None) -> str:
     return tenant.hex() if tenant else ""
 
@@ -135,7 +151,18 @@ def _with_not_stored(extra: dict) -> dict:
 @router.post(
     "/v1/responses",
     summary="Create a response, optionally continuing a stored one",
-    openapi_extra=_with_not_stored(operation(ResponseObject, ResponseRequest, ResponseEvent)),
+    openapi_extra=_with_not_stored(
+        operation(
+            ResponseObject,
+            ResponseRequest,
+            event_stream(
+                [ResponseEvent, ResponseErrorEvent],
+                False,
+                "with stream=true: `event: <type>` and `data: <ResponseEvent>` per event, "
+                "ending with `response.completed`, or an `error` event",
+            ),
+        )
+    ),
 )
 async def create_response(
     request: Request, tenant: bytes | None = Depends(authenticate)
@@ -150,7 +177,9 @@ async def create_response(
             raise engine_dead()
         if req.stream:
             body = response_events(job, tracked(state, job.prepared), lambda t: job.save(state, t))
-            response = SSEResponse(body, on_close=ticket.release)
+            response = SSEResponse(
+                body, on_close=ticket.release, cut=state.drain.cut, tail=_shutdown_tail()
+            )
             ticket = None  # the stream gives its place back when it ends
             return response
         return await _finish(request, state, job)
@@ -162,7 +191,7 @@ async def create_response(
 @router.get(
     "/v1/responses/{response_id}",
     summary="Retrieve a stored response",
-    openapi_extra=operation(ResponseObject),
+    openapi_extra=operation(ResponseObject, not_found=_NOT_FOUND_DOC),
 )
 async def get_response(
     response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
@@ -178,7 +207,7 @@ async def get_response(
 @router.delete(
     "/v1/responses/{response_id}",
     summary="Delete a stored response",
-    openapi_extra=operation(ResponseDeleted),
+    openapi_extra=operation(ResponseDeleted, not_found=_NOT_FOUND_DOC),
 )
 async def delete_response(
     response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)

@@ -11,7 +11,7 @@ its business.
 from __future__ import annotations
 
 import heapq
-import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +60,6 @@ class PinRegistry:
         self._pins: dict[str, _Pin] = {}
         self._tenant_tokens: dict[str, int] = {}
         self._deadlines: list[tuple[float, str]] = []
-        self._ids = itertools.count(1)
 
     @property
     def pinned_tokens(self) -> int:
@@ -99,7 +98,8 @@ class PinRegistry:
         self.expire()
         self.check(self.cache.peek(token_ids, salt), salt)
         match = self.cache.match(token_ids, salt)
-        handle = f"pin-{next(self._ids)}"
+        # Random, so a handle from before a restart can never name a pin made after it.
+        handle = f"pin-{secrets.token_hex(16)}"
         expires_at = self.clock() + ttl if ttl is not None else None
         tenant = salt_tenant(salt)
         self._pins[handle] = _Pin(match.node, match.num_tokens, expires_at, tenant)
