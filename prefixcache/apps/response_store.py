@@ -30,6 +30,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from prefixcache.logs import ThrottledWarning
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ENTRIES = 10_000
@@ -120,7 +122,7 @@ class ResponseStore:
         self._scopes: dict[str, _Scope] = {}
         self._tokens = 0
         self._lock = threading.Lock()
-        self._warn = _Throttled(WARN_INTERVAL_S)
+        self._warn = ThrottledWarning(WARN_INTERVAL_S)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._load()
@@ -289,27 +291,6 @@ class _Scope:
 
     def over(self, max_entries: int, max_tokens: int) -> bool:
         return len(self.ids) > max_entries or self.tokens > max_tokens
-
-
-class _Throttled:
-    """A warning logged at most once per ``interval`` seconds, with a count of the
-    ones held back meanwhile (a full disk fails every write; one line a minute says so)."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval, self.clock = interval, clock
-        self.last: float | None = None
-        self.held_back = 0
-
-    def __call__(self, log: logging.Logger, message: str, *args) -> bool:
-        now = self.clock()
-        if self.last is not None and now - self.last < self.interval:
-            self.held_back += 1
-            return False
-        if self.held_back:
-            message += f" (and {self.held_back} more since the last such warning)"
-        log.warning(message, *args)
-        self.last, self.held_back = now, 0
-        return True
 
 
 def _check_positive(**bounds: int) -> None:
