@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from chunking.bounded import PromptTooLong, encode_bounded, piece_chars
 from chunking.template_shape import STAND_IN, content_is_opaque, with_stand_ins
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
@@ -55,16 +56,42 @@ class SegmentTokenizer:
         self._unsafe = not self._specials
         self.hits = self.misses = self.fallbacks = 0
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True):
-        """Token ids of ``messages`` through the chat template, as an int32 array."""
-        segments = None if self._unsafe else self.segments(messages, add_generation_prompt)
+    def encode_chat(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
+    ):
+        """Token ids of ``messages`` through the chat template, as an int32 array.
+
+        With ``max_tokens``, ``PromptTooLong`` as soon as the segments tokenized so far
+        hold more: a giant message costs about ``max_tokens`` of work, not its length.
+        """
+        max_chars = piece_chars(max_tokens) if max_tokens is not None else None
+        segments = None
+        if not self._unsafe:
+            segments = self.segments(messages, add_generation_prompt, max_chars)
         if segments is None:
             self.fallbacks += 1
-            return self._encode(self.render(messages, add_generation_prompt))
-        ids = np.concatenate([self._segment_ids(text) for text in segments])
+            return self._encode(self.render(messages, add_generation_prompt), max_tokens)
+        ids = np.concatenate(self._bounded_segment_ids(segments, max_tokens))
         if not self._verified:
             ids = self._verify(segments, ids)
         return ids
+
+    def _bounded_segment_ids(self, segments: list[str], max_tokens: int | None) -> list[np.ndarray]:
+        pieces, total = [], 0
+        for text in segments:
+            left = None if max_tokens is None else max_tokens - total
+            try:
+                ids = self._segment_ids(text, left)
+            except PromptTooLong as exc:
+                raise PromptTooLong(total + exc.counted, max_tokens) from None
+            total += len(ids)
+            if max_tokens is not None and total > max_tokens:
+                raise PromptTooLong(total, max_tokens)
+            pieces.append(ids)
+        return pieces
 
     def _verify(self, segments: list[str], ids: np.ndarray) -> np.ndarray:
         """Belt and braces for the structural check: compare once with a whole encode."""
@@ -81,12 +108,17 @@ class SegmentTokenizer:
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[str] | None:
+    def segments(
+        self, messages: Sequence[dict], add_generation_prompt: bool, max_chars: int | None = None
+    ) -> list[str] | None:
         """The rendered text cut before special tokens: before each message's, or for a
         content-opaque template before every one the template writes (None when there is
-        no safe cut)."""
+        no safe cut). Past ``max_chars`` the quadratic search over every message prefix
+        is not tried (None)."""
         full = self.render(messages, add_generation_prompt)
         cuts = self._stand_in_cuts(messages, full, add_generation_prompt) if self._opaque else None
+        if cuts is None and max_chars is not None and len(full) > max_chars:
+            return None  # a long text rendered once per message would cost far more
         if cuts is None:
             cuts = self._rendered_cuts(messages, full)
         if not cuts:
@@ -120,14 +152,14 @@ class SegmentTokenizer:
             return None
         return layout.literal_cuts(self._special_pattern)
 
-    def _segment_ids(self, text: str) -> np.ndarray:
+    def _segment_ids(self, text: str, max_tokens: int | None = None) -> np.ndarray:
         with self._lock:
             ids = self._cache.get(text)
             if ids is not None:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return ids
-        ids = self._encode(text)
+        ids = self._encode(text, max_tokens)  # past max_tokens it raises: nothing cached
         with self._lock:
             self.misses += 1
             self._remember(text, ids)
@@ -142,8 +174,10 @@ class SegmentTokenizer:
             _, dropped = self._cache.popitem(last=False)
             self._cached_tokens -= len(dropped)
 
-    def _encode(self, text: str) -> np.ndarray:
-        return encode_ids(self.tokenizer, text)
+    def _encode(self, text: str, max_tokens: int | None = None) -> np.ndarray:
+        if max_tokens is None:
+            return encode_ids(self.tokenizer, text)
+        return encode_bounded(self.tokenizer, text, max_tokens)
 
 
 class _Layout:

@@ -69,6 +69,28 @@ def _add_serve_parser(commands) -> None:
         "--api-key", action="append", default=[], help="accepted bearer key (repeatable)"
     )
     serve.add_argument("--api-keys-file", default=None, help="file of keys, one per line")
+    serve.add_argument(
+        "--admin-api-key",
+        action="append",
+        default=[],
+        help="accepted key that may act on every tenant, e.g. flush the whole cache (repeatable)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to receive a whole request body (then 408)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds running requests get to finish before their "
+        "streams are ended (new requests get 503 meanwhile)",
+    )
+    serve.add_argument(
+        "--metrics-api-key", default=None, help="bearer key /metrics needs (default: open)"
+    )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     serve.set_defaults(handler=_serve)
 
@@ -118,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
     if (args.api_key or args.api_keys_file) and not any(keys):
         raise ValueError("--api-key / --api-keys-file gave no usable key")
@@ -137,10 +163,14 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=keys,
+        admin_api_keys=args.admin_api_key,
         max_queue=args.max_queue,
         log_level=args.log_level,
         random_weights=args.model is None or args.load_format == "dummy",
         responses_dir=args.responses_dir,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        metrics_api_key=args.metrics_api_key,
     )
     return 0
 

@@ -32,6 +32,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     max_pinned_tokens: int | None = None
+    max_pinned_tokens_per_tenant: int | None = None  # None: the whole pinned-token cap
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -52,6 +53,9 @@ class EngineConfig:
             )
         if self.max_pinned_tokens is not None and self.max_pinned_tokens < 0:
             raise ValueError(f"max_pinned_tokens must be >= 0, got {self.max_pinned_tokens}")
+        per_tenant = self.max_pinned_tokens_per_tenant
+        if per_tenant is not None and per_tenant < 0:
+            raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
         _check_backend(self.attention_backend)
         if self.load_format not in LOAD_FORMATS:

@@ -180,7 +180,7 @@ class Engine:
         """
         tokens = self.inputs.prewarm_tokens(prompt)
         if pin:
-            self.control.check_pinnable(len(tokens), ttl)
+            self.control.check_pinnable(len(tokens), ttl, salt)
         self._run_all([tokens], _PREFILL_ONLY, False, salt)
         if pin:
             return self.control.pin(tokens, salt, ttl)

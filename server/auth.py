@@ -5,6 +5,10 @@ only between requests with the same salt, and a cache hit is observable through
 timing and ``cached_tokens``. So the salt is derived here, on the server, from a hash
 of the caller's API key; a request's own ``cache_salt`` can only narrow sharing
 further within its tenant, never reach into another tenant's entries.
+
+Every salt of one key is ``TENANT:REST`` with the same ``TENANT`` (``tenant_id``), so
+the engine caps pins and flushes the cache per tenant. Admin keys are accepted keys
+whose callers may act on every tenant (flush the whole cache).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
+from prefixcache.client import TENANT_SEPARATOR
 from server.errors import APIError
 
 _SALT_DOMAIN = b"prefixcache-tenant-salt-v1"
@@ -26,11 +31,20 @@ def _digest(text: str) -> bytes:
 
 
 class KeyRing:
-    """The accepted API keys, kept only as SHA-256 digests. Empty means no auth."""
+    """The accepted API keys, kept only as SHA-256 digests. Empty means no auth.
 
-    def __init__(self, api_keys: Iterable[str] = ()) -> None:
-        keys = [k for k in api_keys if k]
-        self._digests = tuple(dict.fromkeys(_digest(k) for k in keys))
+    ``admin_keys`` are accepted too, and mark their callers as admins (``is_admin``).
+    """
+
+    def __init__(self, api_keys: Iterable[str] = (), admin_keys: Iterable[str] = ()) -> None:
+        admins = [_digest(k) for k in admin_keys if k]
+        keys = [_digest(k) for k in api_keys if k] + admins
+        self._digests = tuple(dict.fromkeys(keys))
+        self._admins = frozenset(admins)
+
+    def is_admin(self, tenant: bytes | None) -> bool:
+        """True when ``tenant`` (from ``authenticate``) is an admin key's digest."""
+        return tenant is not None and tenant in self._admins
 
     @property
     def enabled(self) -> bool:
@@ -58,19 +72,31 @@ class KeyRing:
         return digest
 
 
+def tenant_id(tenant: bytes | None) -> str:
+    """The engine's name for a caller's tenant: a hash of its key digest (``""`` when
+    auth is off: every caller is then one tenant)."""
+    if tenant is None:
+        return ""
+    return hashlib.sha256(_SALT_DOMAIN + b"/tenant/" + tenant).hexdigest()[:32]
+
+
 def tenant_salt(tenant: bytes | None, cache_salt: str | None) -> str | None:
     """The engine salt for a request; None (the shared cache) only without key and salt.
 
-    Length-prefixed parts keep distinct (tenant, cache_salt) pairs from colliding.
+    ``tenant_id:HASH``, where HASH covers the tenant and ``cache_salt`` length-prefixed
+    (so distinct pairs never collide) and is empty without a ``cache_salt``.
     """
     if tenant is None and not cache_salt:
         return None
-    parts = (tenant or b"", (cache_salt or "").encode("utf-8", "surrogatepass"))
-    h = hashlib.sha256(_SALT_DOMAIN)
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
+    rest = ""
+    if cache_salt:
+        parts = (tenant or b"", cache_salt.encode("utf-8", "surrogatepass"))
+        h = hashlib.sha256(_SALT_DOMAIN)
+        for part in parts:
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        rest = h.hexdigest()
+    return tenant_id(tenant) + TENANT_SEPARATOR + rest
 
 
 def read_keys_file(path: str | Path) -> list[str]:

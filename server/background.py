@@ -37,12 +37,18 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        server_class: type[uvicorn.Server] = uvicorn.Server,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.log_level = log_level
+        self.server_class = server_class
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -59,13 +65,28 @@ class BackgroundServer:
         config = uvicorn.Config(
             self.app, log_level=self.log_level, timeout_graceful_shutdown=5, lifespan="on"
         )
-        self._server = uvicorn.Server(config)
+        self._server = self.server_class(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True
         )
         self._thread.start()
         self._wait_until_healthy(timeout)
         return self
+
+    @property
+    def server(self) -> uvicorn.Server | None:
+        """The uvicorn server, once started."""
+        return self._server
+
+    @property
+    def running(self) -> bool:
+        """True while the server thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the server thread to end by itself."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ask uvicorn to exit and wait for its thread."""

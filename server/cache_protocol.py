@@ -112,6 +112,23 @@ class CacheInfo(Struct, kw_only=True):
     pins: CachePins
 
 
+_PROMPT = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "x-token-id": True}, "minItems": 1},
+    ]
+}
+# Exactly one of ``messages`` or ``prompt`` (a null one counts as not given).
+DOCUMENTED = {
+    "CachePrewarmRequest": {
+        "properties": {"prompt": {"anyOf": [*_PROMPT["anyOf"], {"type": "null"}]}},
+        "oneOf": [
+            {"properties": {"messages": {"type": "array"}}, "required": ["messages"]},
+            {"properties": {"prompt": _PROMPT}, "required": ["prompt"]},
+        ],
+    }
+}
+
 CACHE_TYPES = (
     CachePrewarmRequest,
     CachePrewarmResponse,

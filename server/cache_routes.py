@@ -8,9 +8,10 @@ Pin handles are bound to the tenant that made them: the public handle carries an
 HMAC of the engine's handle keyed by the caller's key digest, so another API key
 cannot name it (it gets the same 404 as for a handle that never existed).
 
-Flush is server-wide: it needs a valid key when keys are configured, and drops every
-tenant's entries that no request or pin holds (the radix cache has no per-salt flush).
-It reveals nothing about other tenants' prompts; ``GET /v1/cache`` likewise reports
+Flush drops the entries no request or pin holds of the caller's own tenant (every
+salt derived from its key); an admin key (``--admin-api-key``) flushes every tenant,
+and so does any caller when auth is off (there is one tenant then). Pins are capped
+per tenant, and a refusal names only the caller's own pins. ``GET /v1/cache`` reports
 totals over all tenants, as ``/metrics`` does.
 """
 
@@ -26,7 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from prefixcache.client import EngineStats, TierStats
-from server.auth import authenticate, tenant_salt
+from server.auth import authenticate, tenant_id, tenant_salt
 from server.cache_protocol import (
     CacheCounters,
     CacheFlushResponse,
@@ -125,13 +126,15 @@ async def unpin(
 
 @cache_router.post(
     "/v1/cache/flush",
-    summary="Drop every cache entry no request or pin holds",
+    summary="Drop the caller's cache entries no request or pin holds",
     openapi_extra=operation(CacheFlushResponse),
 )
 async def flush(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
-    """Empty the cache except pinned and in-use entries (of every tenant)."""
+    """Empty the caller's tenant's cache except pinned and in-use entries (every
+    tenant's for an admin key, or when auth is off)."""
     state = server_state(request)
-    freed = await _on_engine(state.client.flush())
+    scope = None if tenant is None or state.keys.is_admin(tenant) else tenant_id(tenant)
+    freed = await _on_engine(state.client.flush(scope))
     block_size = state.client.limits.block_size
     return json_response(CacheFlushResponse(freed_blocks=freed, freed_tokens=freed * block_size))
 

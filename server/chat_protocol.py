@@ -23,8 +23,11 @@ TopK = Annotated[int, Meta(ge=-1, le=2**31 - 1)]
 MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 # int64: within what torch.Generator.manual_seed accepts.
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
-TokenId = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
-Stop = str | list[str]
+# The decoder takes any int64 (the vocabulary check then names the id out of range);
+# the document bounds it by the served vocabulary (``server.openapi`` fills that in).
+TokenId = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, extra_json_schema={"x-token-id": True})]
+# "" means no stop string (as OpenAI takes it); inside a list each must be non-empty.
+Stop = str | list[Annotated[str, Meta(min_length=1)]]
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -76,6 +79,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    """Accepted and unused while ``logprobs`` is false (the only value served)."""
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -226,6 +230,43 @@ class ErrorResponse(Struct, kw_only=True):
 
     error: ErrorBody
 
+
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "x-token-id": True}, "minItems": 1}
+_ONLY_ONE = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
+# Where the server serves less than its decoder takes, the document shows what is
+# served: the decoder accepts the wider values so that the 400 can say what is not
+# supported. ``server.openapi`` merges these into the Structs' schemas.
+DOCUMENTED = {
+    "TextPart": {
+        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+        "required": ["type", "text"],
+    },
+    "ChatCompletionRequest": {
+        "properties": {"n": _ONLY_ONE, "logprobs": {"const": False, "default": False}}
+    },
+    "CompletionRequest": {
+        "properties": {
+            "n": _ONLY_ONE,
+            # one prompt: text, token ids, or a list holding exactly one of those
+            "prompt": {
+                "anyOf": [
+                    _TEXT,
+                    _TOKEN_IDS,
+                    {
+                        "type": "array",
+                        "items": {"anyOf": [_TEXT, _TOKEN_IDS]},
+                        "minItems": 1,
+                        "maxItems": 1,
+                    },
+                ]
+            },
+            "echo": {"const": False, "default": False},
+            "logprobs": {"anyOf": [{"const": 0}, {"type": "null"}], "default": None},
+            "suffix": {"anyOf": [{"const": ""}, {"type": "null"}], "default": None},
+        }
+    },
+}
 
 REQUEST_TYPES = (ChatCompletionRequest, CompletionRequest)
 RESPONSE_TYPES = (ChatCompletion, ChatCompletionChunk, Completion, ModelList, ErrorResponse)

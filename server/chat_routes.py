@@ -21,26 +21,35 @@ from server.chat_protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
     json_response,
 )
 from server.errors import engine_dead
 from server.generation import CLIENT_GONE, answer, timing_header, tracked
-from server.openapi import operation
+from server.openapi import event_stream, operation
 from server.prepare import Prepared, decode, prepare_chat, prepare_completion, read_body
 from server.state import ServerState, Ticket, server_state
-from server.streaming import SSEResponse, events
+from server.streaming import SSEResponse, events, shutdown_tail
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
+_STREAM_DOC = (
+    "with stream=true: one `data:` event per chunk, an error body if generation fails "
+    "after the headers were sent, then `data: [DONE]`"
+)
 
 
 @router.post(
     "/v1/chat/completions",
     summary="Create a chat completion",
-    openapi_extra=operation(ChatCompletion, ChatCompletionRequest, ChatCompletionChunk),
+    openapi_extra=operation(
+        ChatCompletion,
+        ChatCompletionRequest,
+        event_stream([ChatCompletionChunk, ErrorResponse], True, _STREAM_DOC),
+    ),
 )
 async def chat_completions(
     request: Request, tenant: bytes | None = Depends(authenticate)
@@ -56,7 +65,9 @@ async def chat_completions(
 @router.post(
     "/v1/completions",
     summary="Create a text completion",
-    openapi_extra=operation(Completion, CompletionRequest, Completion),
+    openapi_extra=operation(
+        Completion, CompletionRequest, event_stream([Completion, ErrorResponse], True, _STREAM_DOC)
+    ),
 )
 async def completions(request: Request, tenant: bytes | None = Depends(authenticate)) -> Response:
     """Continue a prompt given as text or token ids; ``stream: true`` sends events."""
@@ -81,7 +92,9 @@ async def _generate(
         fmt = format_class(state, prepared)
         if prepared.stream:
             body = events(tracked(state, prepared), fmt, prepared)
-            response = SSEResponse(body, on_close=ticket.release)
+            response = SSEResponse(
+                body, on_close=ticket.release, cut=state.drain.cut, tail=shutdown_tail()
+            )
             ticket = None  # the stream gives its place back when it ends
             return response
         return await _collect(request, state, prepared, fmt)

@@ -7,16 +7,59 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import TextIO
 
 import uvicorn
 
 from prefixcache import Engine
 from prefixcache.client import EngineLimits, InProcessEngineClient, ResponseStore
-from server.app import DEFAULT_MAX_QUEUE, create_app
+from server.app import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    create_app,
+)
 from server.background import bind_socket
+from server.state import Drain
 
 logger = logging.getLogger(__name__)
+# After the drain, uvicorn's own grace for connections to close: the cut streams end
+# at once, so this only bounds a client that does not read its last bytes.
+_CLOSE_GRACE_S = 5
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a graceful drain on the first SIGTERM or SIGINT.
+
+    The socket stays open during the drain so that new requests get a 503 with
+    ``Retry-After`` (not a refused connection); running requests get the drain's
+    timeout to finish; then the streams still open are ended with an error event and
+    ``[DONE]``, and uvicorn shuts down as usual. A second signal skips the wait.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.drain: Drain = config.app.state.server.drain  # a ``create_app`` app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Begin the drain (runs in the signal handler: it only sets flags)."""
+        if self.drain.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.drain.begin()
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's periodic check; ends the drain when it is done or out of time."""
+        drain = self.drain
+        if drain.draining and not self.should_exit and drain.finished():
+            left = drain.admission.in_flight
+            if left:
+                logger.warning("shutdown timeout: ending %d request(s) still running", left)
+            drain.cut.set()
+            self.should_exit = True
+        return await super().on_tick(counter)
+
 
 ENGINE_DIED_EXIT_CODE = 1  # so a supervisor (systemd, Kubernetes) restarts the server
 
@@ -28,10 +71,14 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
+    admin_api_keys: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
     random_weights: bool = False,
     responses_dir: str | None = None,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    metrics_api_key: str | None = None,
 ) -> None:
     """Serve ``engine`` over HTTP until interrupted (Ctrl-C or SIGTERM).
 
@@ -42,6 +89,9 @@ def serve(
     ``random_weights`` says so in the startup banner (the embedded default model).
     ``responses_dir`` keeps the Responses API's stored conversations there, so they
     survive a restart (without it: next to the disk KV tier if any, else in memory).
+    On SIGTERM or SIGINT the server drains (``DrainingServer``): running requests get
+    ``shutdown_timeout`` seconds. ``request_timeout`` and ``metrics_api_key``: see
+    ``create_app``.
     """
     client = InProcessEngineClient(engine)
     try:
@@ -50,17 +100,21 @@ def serve(
             client,
             model_name=model_name,
             api_keys=api_keys,
+            admin_api_keys=admin_api_keys,
             max_queue=max_queue,
             response_store=store,
+            request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout,
+            metrics_api_key=metrics_api_key,
         )
         sock = bind_socket(host, port)
         bound_port = sock.getsockname()[1]
-        keys = len(set(api_keys))
+        keys = len(set(api_keys) | set(admin_api_keys))
         print_banner(client.limits, model_name, host, bound_port, keys, random_weights)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-        # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is the normal end.
-        server = uvicorn.Server(config)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CLOSE_GRACE_S)
+        server = DrainingServer(config)
         _stop_when_engine_stops(server, client)
+        # A second Ctrl-C makes uvicorn re-raise it: still a normal end.
         with contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=[sock])
         if not client.is_alive:

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from prefixcache.client import SamplingParams
+from prefixcache.client import PromptTooLong, SamplingParams
 from server.auth import tenant_salt
 from server.chat_protocol import ChatCompletionRequest, CompletionRequest, TextPart
 from server.errors import APIError, engine_error
@@ -44,7 +44,22 @@ class Prepared(NamedTuple):
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body; 413 once it grows past ``limit`` bytes."""
+    """The whole request body; 413 once it grows past ``limit`` bytes, 408 when it has
+    not all arrived within the server's ``request_timeout`` (a stalled client would
+    otherwise hold its connection and memory forever)."""
+    timeout = request.app.state.server.request_timeout
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body was not received within {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -58,13 +73,35 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def decode(body: bytes, kind: type[T]) -> T:
-    """Decode ``body`` as a ``kind`` Struct; any failure is a 400 naming the field."""
+    """Decode ``body`` as a ``kind`` Struct; any failure is a 400 naming the field.
+
+    A whole number written as a float (``20.0``) is an integer in JSON Schema, so it is
+    taken where an integer is expected (msgspec alone refuses it).
+    """
     if not body.strip():
         raise APIError.bad_request("request body is empty; expected a JSON object")
     try:
         return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        if "got `float`" not in str(exc):
+            raise APIError.from_decode_error(exc) from None
+        error = exc
     except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
         raise APIError.from_decode_error(exc) from None
+    try:  # the slow path, only for bodies with a float where an int belongs
+        return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), kind)
+    except (msgspec.MsgspecError, ValueError, RecursionError):
+        raise APIError.from_decode_error(error) from None
+
+
+def _whole_floats_as_ints(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    return value
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -90,7 +127,7 @@ async def prepare_chat(
 ) -> Prepared:
     """Validate a chat request and render its messages to prompt ids."""
     check_request(state, req)
-    if req.logprobs or req.top_logprobs:
+    if req.logprobs:  # top_logprobs alone asks for nothing while logprobs is off
         raise APIError.bad_request("logprobs are not supported", param="logprobs")
     messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
     inputs = state.client.inputs
@@ -220,13 +257,16 @@ def _single_prompt(prompt) -> str | list[int]:
 
 
 async def run_tokenizer(state: ServerState, fn: Callable[[], T], param: str) -> T:
-    """Run ``fn`` (tokenizing, rendering) on the tokenizer thread, off the event loop.
+    """Run ``fn`` (tokenizing, rendering) on a tokenizer thread, off the event loop.
 
-    A failure there is the input's fault: a 400 naming ``param``.
+    A failure there is the input's fault: a 400 naming ``param``
+    (``context_length_exceeded`` for a prompt past the context limit).
     """
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(state.tokenizer_pool, fn)
+    except PromptTooLong as exc:
+        raise APIError.bad_request(str(exc), param, code="context_length_exceeded") from None
     except ValueError as exc:
         raise engine_error(exc, param) from None
     except Exception as exc:  # e.g. a chat template's raise_exception(): still the input's

@@ -4,7 +4,10 @@ A stream goes ``response.created``, ``response.in_progress``, the output item an
 content part being added, one ``response.output_text.delta`` per piece of text, the
 ``.done`` events, then ``response.completed`` (whose response's ``status`` says
 ``incomplete`` when ``max_output_tokens`` cut it short), or an ``error`` event if
-the generation failed. Each event is sent as ``event: <type>`` plus ``data: <json>``.
+the generation failed. When the reply was generated but storing it failed, the
+``.done`` events come as usual and an ``error`` event with code
+``response_not_stored`` takes the place of ``response.completed``. Each event is
+sent as ``event: <type>`` plus ``data: <json>``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from server.responses_protocol import (
     OutputMessage,
     OutputText,
     OutputTokensDetails,
+    ResponseError,
     ResponseEvent,
     ResponseObject,
     ResponseTimings,
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from server.responses_routes import Job
 
 logger = logging.getLogger(__name__)
+NOT_STORED = "response_not_stored"  # the error code when a generated reply was not stored
 
 
 def status_of(finish_reason: str | None) -> str:
@@ -97,6 +102,7 @@ def job_response(job: Job, tally: Tally | None) -> ResponseObject:
             tally.num_output_tokens,
             job_timings(job, tally),
         )
+    failed = job.not_stored
     return ResponseObject(
         id=rid,
         created_at=job.created_at,
@@ -109,10 +115,11 @@ def job_response(job: Job, tally: Tally | None) -> ResponseObject:
         max_output_tokens=req.max_output_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
-        store=req.store,
+        store=req.store and failed is None,
         user=req.user,
         metadata=req.metadata or {},
         incomplete_details=_incomplete(tally.finish_reason) if tally else None,
+        error=ResponseError(code=NOT_STORED, message=str(failed)) if failed else None,
     )
 
 
@@ -175,6 +182,9 @@ async def response_events(
     yield ev.text("response.output_text.done", text=tally.text, logprobs=[])
     yield ev.text("response.content_part.done", part=OutputText(text=tally.text))
     yield ev("response.output_item.done", output_index=0, item=final.output[0])
+    if job.not_stored is not None:
+        yield _event_bytes(ev, NOT_STORED, str(job.not_stored))
+        return
     yield ev("response.completed", response=final)
 
 
@@ -186,6 +196,11 @@ def _error_event(ev: _Events, exc: Exception) -> bytes:
     else:
         logger.error("response stream %s failed", rid, exc_info=exc)
         code, message = "server_error", "internal server error; see the server log"
+    return _event_bytes(ev, code, message)
+
+
+def _event_bytes(ev: _Events, code: str, message: str) -> bytes:
+    """An ``error`` event with ``code`` and ``message``."""
     body = encode(
         {
             "type": "error",

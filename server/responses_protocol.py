@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from server.chat_protocol import MaxTokens, Temperature, Timings, TopP
+from server.chat_protocol import ErrorBody, MaxTokens, Temperature, Timings, TopP
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]
@@ -160,4 +160,64 @@ class ResponseEvent(Struct, kw_only=True, omit_defaults=True):
     logprobs: list[float] | None = None
 
 
-RESPONSES_TYPES = (ResponseRequest, ResponseObject, ResponseDeleted, ResponseEvent)
+class ResponseNotStoredError(Struct, kw_only=True):
+    """``POST /v1/responses`` when the reply was generated but could not be stored (507
+    for a full disk, else 500): an OpenAI error body plus the generated response, whose
+    ``store`` is false and whose ``error`` repeats why."""
+
+    error: ErrorBody
+    response: ResponseObject
+
+
+class ResponseErrorDetail(Struct, kw_only=True):
+    """The error of an ``error`` event."""
+
+    code: str
+    message: str
+
+
+class ResponseErrorEvent(Struct, kw_only=True):
+    """The ``error`` event that ends a response stream whose generation failed."""
+
+    type: Literal["error"]
+    code: str
+    message: str
+    param: str | None
+    sequence_number: int
+    error: ResponseErrorDetail
+
+
+# What the server serves, where it is narrower than its decoder (see
+# ``server.chat_protocol.DOCUMENTED``).
+DOCUMENTED = {
+    "InputPart": {
+        "properties": {
+            "type": {"enum": ["input_text", "output_text", "text"]},
+            "text": {"type": "string"},
+        },
+        "required": ["type", "text"],
+    },
+    "ResponseRequest": {
+        "properties": {
+            "input": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/InputMessage"},
+                        "minItems": 1,
+                    },
+                ]
+            }
+        }
+    },
+}
+
+RESPONSES_TYPES = (
+    ResponseRequest,
+    ResponseObject,
+    ResponseDeleted,
+    ResponseEvent,
+    ResponseErrorEvent,
+    ResponseNotStoredError,
+)

@@ -5,6 +5,13 @@ stored conversation's token ids are reused and only the new text is tokenized (s
 ``prefixcache.apps.conversations``), then the prefix cache skips the history's prefill.
 Stored responses are scoped per API key: another key's id answers 404 like an
 unknown one.
+
+When storing fails after the reply was generated (the store's disk is full), the
+reply is not lost: a non-streamed request gets a 507 (full disk; 500 for another
+write error) whose body is an OpenAI error, code ``response_not_stored``, plus the
+generated ``response`` with ``store: false``; a stream sends its output as usual,
+then an ``error`` event with that code instead of ``response.completed``. Either way
+nothing is stored, so ``GET /v1/responses/{id}`` answers 404.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from starlette.responses import Response
 
 from prefixcache.client import (
     ConversationRenderer,
+    ResponseNotStored,
     ResponseStore,
     SamplingParams,
     StoredResponse,
@@ -25,26 +33,35 @@ from prefixcache.client import (
     stored_response,
 )
 from server.auth import authenticate, tenant_salt
-from server.chat_protocol import json_response
+from server.chat_protocol import ErrorBody, encode, json_response
 from server.errors import APIError, engine_dead
 from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
-from server.openapi import operation
+from server.openapi import event_stream, operation
 from server.prepare import Prepared, check_fits, check_model, decode, read_body, run_tokenizer
-from server.responses_format import job_response, response_events, stored_response_object
+from server.responses_format import (
+    NOT_STORED,
+    job_response,
+    response_events,
+    stored_response_object,
+)
 from server.responses_protocol import (
     RESPONSES_TYPES,
     InputMessage,
     ResponseDeleted,
+    ResponseErrorDetail,
+    ResponseErrorEvent,
     ResponseEvent,
+    ResponseNotStoredError,
     ResponseObject,
     ResponseRequest,
 )
 from server.state import ServerState
-from server.streaming import SSEResponse
+from server.streaming import SHUTDOWN_MESSAGE, SSEResponse
 
 __all__ = ["RESPONSES_TYPES", "install_response_store", "router"]
 
 router = APIRouter()
+_NOT_FOUND_DOC = "No such stored response for this API key"
 
 
 @dataclass(slots=True)
@@ -60,9 +77,13 @@ class Job:
     store: ResponseStore
     model: str
     store_s: float = 0.0  # the previous_response_id lookup; part of prepared.tokenize_s
+    not_stored: ResponseNotStored | None = None  # why saving failed, if it did
 
     async def save(self, state: ServerState, tally: Tally) -> None:
-        """Store the finished turn (when ``store``) so a later turn can continue it."""
+        """Store the finished turn (when ``store``) so a later turn can continue it.
+
+        A failed write is kept in ``not_stored`` (nothing is stored then).
+        """
         if not self.req.store or tally.finish_reason in (None, "abort"):
             return
         counts = (tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
@@ -75,13 +96,33 @@ class Job:
             entry.created_at = self.created_at
             return entry
 
+        def put() -> ResponseNotStored | None:
+            try:
+                self.store.put(build())
+            except ResponseNotStored as exc:
+                return exc
+            return None
+
         # A file write when the store has a folder: off the event loop.
-        await run_tokenizer(state, lambda: self.store.put(build()), "input")
+        self.not_stored = await run_tokenizer(state, put, "input")
 
 
 def install_response_store(app: FastAPI, store: ResponseStore) -> None:
     """Serve ``app``'s Responses API from ``store`` (else a default one is made)."""
     app.state.server.responses = store
+
+
+def _shutdown_tail() -> bytes:
+    """The ``error`` event that ends a response stream cut by a shutdown."""
+    event = ResponseErrorEvent(
+        type="error",
+        code="server_shutdown",
+        message=SHUTDOWN_MESSAGE,
+        param=None,
+        sequence_number=0,  # out of band: sent in place of the stream's remaining events
+        error=ResponseErrorDetail(code="server_shutdown", message=SHUTDOWN_MESSAGE),
+    )
+    return b"event: error\ndata: " + encode(event) + b"\n\n"
 
 
 def _scope(tenant: bytes | None) -> str:
@@ -94,13 +135,34 @@ def _not_found(response_id: str, param: str | None = None) -> APIError:
     )
 
 
+def _with_not_stored(extra: dict) -> dict:
+    schema = {"$ref": f"#/components/schemas/{ResponseNotStoredError.__name__}"}
+    for status, when in (("507", "the disk is full"), ("500", "another write error")):
+        extra["responses"][status] = {
+            "description": f"Generated, but not stored: {when}",
+            "content": {"application/json": {"schema": schema}},
+        }
+    return extra
+
+
 # ------------------------------------------------------------------- routes
 
 
 @router.post(
     "/v1/responses",
     summary="Create a response, optionally continuing a stored one",
-    openapi_extra=operation(ResponseObject, ResponseRequest, ResponseEvent),
+    openapi_extra=_with_not_stored(
+        operation(
+            ResponseObject,
+            ResponseRequest,
+            event_stream(
+                [ResponseEvent, ResponseErrorEvent],
+                False,
+                "with stream=true: `event: <type>` and `data: <ResponseEvent>` per event, "
+                "ending with `response.completed`, or an `error` event",
+            ),
+        )
+    ),
 )
 async def create_response(
     request: Request, tenant: bytes | None = Depends(authenticate)
@@ -115,7 +177,9 @@ async def create_response(
             raise engine_dead()
         if req.stream:
             body = response_events(job, tracked(state, job.prepared), lambda t: job.save(state, t))
-            response = SSEResponse(body, on_close=ticket.release)
+            response = SSEResponse(
+                body, on_close=ticket.release, cut=state.drain.cut, tail=_shutdown_tail()
+            )
             ticket = None  # the stream gives its place back when it ends
             return response
         return await _finish(request, state, job)
@@ -127,7 +191,7 @@ async def create_response(
 @router.get(
     "/v1/responses/{response_id}",
     summary="Retrieve a stored response",
-    openapi_extra=operation(ResponseObject),
+    openapi_extra=operation(ResponseObject, not_found=_NOT_FOUND_DOC),
 )
 async def get_response(
     response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
@@ -143,7 +207,7 @@ async def get_response(
 @router.delete(
     "/v1/responses/{response_id}",
     summary="Delete a stored response",
-    openapi_extra=operation(ResponseDeleted),
+    openapi_extra=operation(ResponseDeleted, not_found=_NOT_FOUND_DOC),
 )
 async def delete_response(
     response_id: str, request: Request, tenant: bytes | None = Depends(authenticate)
@@ -170,8 +234,9 @@ async def _prepare(
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
     new = _input_messages(req.input)
+    limit = state.client.inputs.max_prompt_tokens
     turn = await run_tokenizer(
-        state, lambda: renderer.turn(new, previous, req.instructions), "input"
+        state, lambda: renderer.turn(new, previous, req.instructions, limit), "input"
     )
     params = _sampling_params(state, req, len(turn.prompt_ids))
     prepared = Prepared(
@@ -255,4 +320,16 @@ async def _finish(request: Request, state: ServerState, job: Job) -> Response:
     if tally is None:
         return Response(status_code=CLIENT_GONE)
     await job.save(state, tally)
+    if job.not_stored is not None:
+        return _not_stored_response(state, job, tally)
     return json_response(job_response(job, tally), timing_header(request, tally))
+
+
+def _not_stored_response(state: ServerState, job: Job, tally: Tally) -> Response:
+    """The generated response, with the store failure as a 507 (disk full) or 500."""
+    failure = job.not_stored
+    status = 507 if failure.disk_full else 500
+    state.metrics.record_error(status)
+    error = ErrorBody(message=str(failure), type="server_error", code=NOT_STORED)
+    body = ResponseNotStoredError(error=error, response=job_response(job, tally))
+    return Response(encode(body), status, media_type="application/json")

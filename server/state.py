@@ -3,6 +3,7 @@ and the Responses API's store and renderer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from prefixcache.client import ConversationRenderer, EngineClient, ResponseStore
 from server.auth import KeyRing
 from server.errors import APIError
 from server.metrics import ServerMetrics
+
+TOKENIZER_THREADS = 4
 
 
 class Ticket:
@@ -41,9 +44,17 @@ class Admission:
 
     limit: int
     in_flight: int = 0
+    draining: bool = False  # shutting down: no new request is admitted
 
     def acquire(self) -> Ticket:
-        """A place for one more request, or a 429 when the queue is full."""
+        """A place for one more request; a 503 while draining, a 429 when the queue is full."""
+        if self.draining:
+            raise APIError(
+                503,
+                "the server is shutting down; retry on another replica or after a restart",
+                code="draining",
+                headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)},
+            )
         if self.in_flight >= self.limit:
             raise APIError(
                 429,
@@ -55,6 +66,46 @@ class Admission:
         return Ticket(self)
 
 
+DRAIN_RETRY_AFTER_S = 5
+
+
+@dataclass(slots=True)
+class Drain:
+    """A graceful shutdown: admission stops at once, running requests get ``timeout``
+    seconds to finish, then the streams still open are cut (``cut`` is set).
+
+    ``begin`` may run in a signal handler: it only sets attributes.
+    """
+
+    admission: Admission
+    timeout: float
+    deadline: float | None = None
+    _cut: asyncio.Event | None = None
+
+    @property
+    def draining(self) -> bool:
+        """True once the shutdown has begun."""
+        return self.deadline is not None
+
+    def begin(self) -> None:
+        """Stop admitting requests and start the clock on the running ones."""
+        if self.deadline is None:
+            self.admission.draining = True
+            self.deadline = time.monotonic() + self.timeout
+
+    def finished(self) -> bool:
+        """True when nothing is in flight any more, or the time is up."""
+        assert self.deadline is not None
+        return self.admission.in_flight == 0 or time.monotonic() >= self.deadline
+
+    @property
+    def cut(self) -> asyncio.Event:
+        """Set when the streams still running must end (on the event loop thread)."""
+        if self._cut is None:
+            self._cut = asyncio.Event()
+        return self._cut
+
+
 @dataclass(slots=True)
 class ServerState:
     """The state behind one app; routes reach it as ``request.app.state.server``."""
@@ -64,10 +115,16 @@ class ServerState:
     keys: KeyRing
     admission: Admission
     max_body_bytes: int
+    drain: Drain
+    request_timeout: float | None = None  # seconds to receive a whole request body
+    metrics_keys: KeyRing = field(default_factory=KeyRing)  # empty: /metrics is open
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    # Tokenizing and chat templating run here, off the event loop, one at a time.
+    # Tokenizing and chat templating run here, off the event loop. More than one
+    # thread, so one long prompt (bounded by the context limit) never holds up others.
     tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixcache-tokenize")
+        default_factory=lambda: ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="prefixcache-tokenize"
+        )
     )
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore | None = None  # made on first use when none was given

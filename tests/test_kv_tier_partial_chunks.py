@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+from reference_outputs import memoized_outputs
 
 from prefixcache import Engine, SamplingParams
 from prefixcache.cache.block_pool import BlockPool
@@ -37,16 +38,7 @@ def _full_blocks(num_tokens: int) -> int:
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     """Cache-off greedy token ids and logprobs, computed once per prompt."""
-    engine = _engine(tiny_llama, enable_prefix_caching=False)
-    done: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-
-    def output(prompt: list[int]) -> tuple[list[int], list[float]]:
-        if tuple(prompt) not in done:
-            out = engine.generate(prompt, PARAMS)[0]
-            done[tuple(prompt)] = (out.token_ids, out.logprobs)
-        return done[tuple(prompt)]
-
-    return output
+    return memoized_outputs(_engine(tiny_llama, enable_prefix_caching=False), PARAMS)
 
 
 def _served_after_moving_off(tiny_llama, tmp_path, source: str, stored, asked):

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import httpx
 import numpy as np
 import pytest
+from reference_outputs import memoized_outputs
 from server_harness import on_engine, running_server
 
 import chunking.hashing
@@ -136,16 +137,7 @@ def dict_tier_engine(tiny_llama) -> Engine:
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     """Cache-off greedy token ids and logprobs, computed once per prompt."""
-    engine = make_engine(tiny_llama, enable_prefix_caching=False)
-    done: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-
-    def output(prompt: list[int]) -> tuple[list[int], list[float]]:
-        if tuple(prompt) not in done:
-            out = engine.generate(prompt, PARAMS)[0]
-            done[tuple(prompt)] = (out.token_ids, out.logprobs)
-        return done[tuple(prompt)]
-
-    return output
+    return memoized_outputs(make_engine(tiny_llama, enable_prefix_caching=False), PARAMS)
 
 
 def _prompt(seed: int, n: int) -> list[int]:

@@ -250,14 +250,14 @@ def test_an_expired_id_answers_404_with_an_error_body(tiny_llama):
 def test_serve_responses_dir_flag_persists_the_store_there(monkeypatch, tiny_llama, tmp_path):
     apps = []
 
-    class Recorder:  # stands in for uvicorn.Server: keeps the app instead of serving it
+    class Recorder:  # stands in for the uvicorn server: keeps the app instead of serving it
         def __init__(self, config) -> None:
             self.config = config
 
         def run(self, sockets) -> None:
             apps.append(self.config.app)
 
-    monkeypatch.setattr("server.launch.uvicorn.Server", Recorder)
+    monkeypatch.setattr("server.launch.DrainingServer", Recorder)
     argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", "--port", "0"]
     argv += ["--kv-cache-tokens", "4096", "--max-model-len", "512"]
     assert cli.main([*argv, "--responses-dir", str(tmp_path / "kept")]) == 0

@@ -123,3 +123,13 @@ def test_stage_histograms_are_exported(served):
         text = http.get(served.url + "/metrics").text
     for stage in ("request_decode", "tokenize", "queue", "lookup", "prefill", "decode"):
         assert f'prefixcache_request_stage_seconds_count{{stage="{stage}"}}' in text
+
+
+def test_completions_report_their_own_decode_and_tokenize_stages(served):
+    body = {"model": "tiny", "prompt": "prefix caching " * 40, "max_tokens": 2}
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        usage = http.post(served.api_url + "/completions", json=body).json()["usage"]
+    timings = usage["timings"]
+    # Text was decoded and tokenized by the server: neither stage can have taken no time.
+    assert timings["request_decode_ms"] > 0 and timings["tokenize_ms"] > 0
+    assert timings["ttft_ms"] >= timings["tokenize_ms"] + timings["request_decode_ms"]

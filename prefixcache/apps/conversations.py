@@ -15,6 +15,9 @@ tokenizers split those out before anything else, so no token spans the cut.
 Anywhere else (a tail starting with plain text, a template that rewrites earlier
 text) the whole text is tokenized. The first append is also checked against a
 whole encode; a mismatch turns appending off.
+
+A turn's tokenizing stops once its prompt passes the context limit
+(``PromptTooLong``), so a giant new message costs about the limit's work.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from chunking.bounded import PromptTooLong, encode_bounded
 from chunking.segments import encode_ids, special_tokens
 from chunking.template_shape import STAND_IN_MARK, content_is_opaque, with_stand_ins
 from prefixcache.apps.response_store import ResponseStore, StoredResponse
@@ -109,9 +113,17 @@ class ConversationRenderer:
         self.appends = self.full_renders = 0
 
     def turn(
-        self, new: list[dict], previous: StoredResponse | None, instructions: str | None
+        self,
+        new: list[dict],
+        previous: StoredResponse | None,
+        instructions: str | None,
+        limit: int | None = None,
     ) -> Turn:
-        """Prompt ids for ``new`` after ``previous``; equal to rendering it all at once."""
+        """Prompt ids for ``new`` after ``previous``; equal to rendering it all at once.
+
+        With ``limit`` (e.g. ``InputProcessor.max_prompt_tokens``), ``PromptTooLong``
+        as soon as the prompt is known to pass it.
+        """
         history = list(previous.messages) if previous is not None else []
         messages = history + new
         full = _with_instructions(messages, instructions)
@@ -120,15 +132,15 @@ class ConversationRenderer:
             raise ValueError("this model's tokenizer has no chat template")
         continued = previous is not None and previous.instructions == instructions
         if continued:
-            appended = self.appended(previous, new, True)
+            appended = self.appended(previous, new, True, limit)
             if appended is not None:
                 return Turn(messages, instructions, previous, None, None, appended[1])
         base_text = self._render(full, False)
         if continued:
-            base_ids = self.extend(previous.text, previous.token_ids, base_text)
+            base_ids = self.extend(previous.text, previous.token_ids, base_text, limit)
         else:  # first turn, or new instructions replace the old system message
-            base_ids = self.encode(base_text)
-        prompt_ids = self.extend(base_text, base_ids, self._render(full, True))
+            base_ids = self.encode(base_text, limit)
+        prompt_ids = self.extend(base_text, base_ids, self._render(full, True), limit)
         return Turn(messages, instructions, previous, base_text, base_ids, prompt_ids)
 
     def finish(self, turn: Turn, reply: str) -> tuple[list[dict], str, np.ndarray]:
@@ -145,10 +157,15 @@ class ConversationRenderer:
         return messages, text, self.extend(turn.base_text, turn.base_ids, text)
 
     def appended(
-        self, previous: StoredResponse, new: list[dict], add_generation_prompt: bool
+        self,
+        previous: StoredResponse,
+        new: list[dict],
+        add_generation_prompt: bool,
+        limit: int | None = None,
     ) -> tuple[str, np.ndarray] | None:
         """``previous``'s conversation plus ``new`` as (text past the stored text, all ids),
         without rendering the stored contents; None where that is not known to be exact.
+        ``PromptTooLong`` once the ids pass ``limit``.
         """
         if not self._opaque or self._unsafe:
             return None
@@ -160,26 +177,40 @@ class ConversationRenderer:
         if not rendered.startswith(head) or STAND_IN_MARK in tail or not self._cuttable(tail):
             return None
         self.appends += 1
-        ids = np.concatenate([previous.token_ids, self._encode(tail)])
+        ids = np.concatenate([previous.token_ids, self._tail(tail, previous.token_ids, limit)])
         if not self._verified:
             ids = self._verify(previous.text + tail, ids)
         return tail, ids
 
-    def extend(self, text: str, ids: np.ndarray, new_text: str) -> np.ndarray:
-        """Token ids of ``new_text``, given those of its prefix ``text`` where exact."""
+    def extend(
+        self, text: str, ids: np.ndarray, new_text: str, limit: int | None = None
+    ) -> np.ndarray:
+        """Token ids of ``new_text``, given those of its prefix ``text`` where exact;
+        ``PromptTooLong`` once they pass ``limit``."""
         tail = new_text[len(text) :]
         if self._unsafe or not text or not new_text.startswith(text) or not self._cuttable(tail):
-            return self.encode(new_text)
+            return self.encode(new_text, limit)
         self.appends += 1
-        result = np.concatenate([ids, self._encode(tail)])
+        result = np.concatenate([ids, self._tail(tail, ids, limit)])
         if not self._verified:
             result = self._verify(new_text, result)
         return result
 
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of a whole rendered text."""
+    def encode(self, text: str, limit: int | None = None) -> np.ndarray:
+        """Token ids of a whole rendered text; ``PromptTooLong`` past ``limit`` tokens."""
         self.full_renders += 1
-        return self._encode(text)
+        if limit is None:
+            return self._encode(text)
+        return encode_bounded(self.tokenizer, text, limit)
+
+    def _tail(self, tail: str, ids: np.ndarray, limit: int | None) -> np.ndarray:
+        """Token ids of ``tail``, which follows ``ids``; the whole within ``limit``."""
+        if limit is None:
+            return self._encode(tail)
+        try:
+            return encode_bounded(self.tokenizer, tail, max(limit - len(ids), 0))
+        except PromptTooLong as exc:
+            raise PromptTooLong(len(ids) + exc.counted, limit) from None
 
     def _cuttable(self, tail: str) -> bool:
         """True when ``tail`` can be tokenized apart from the text before it."""
@@ -262,7 +293,8 @@ class ResponseSession:
         """Reply to ``input`` after ``previous`` on ``engine`` (see ``Engine.respond``)."""
         scope = salt or ""
         prev = _resolve_previous(self.store, previous, scope)
-        turn = self.renderer.turn(input_messages(input), prev, instructions)
+        limit = self.renderer.inputs.max_prompt_tokens
+        turn = self.renderer.turn(input_messages(input), prev, instructions, limit)
         out = engine.generate(turn.prompt_ids, params or SamplingParams(), salt=salt)[0]
         counts = (len(out.prompt_token_ids), out.num_cached_tokens, len(out.token_ids))
         rid = new_response_id()

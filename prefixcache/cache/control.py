@@ -16,29 +16,38 @@ from prefixcache.engine.stats import PinStats
 class CacheControl:
     """Pins, peeks and flushes over one engine's prefix cache (None when caching is off)."""
 
-    def __init__(self, blocks: BlockManager, max_pinned_tokens: int) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_pinned_tokens: int,
+        max_pinned_tokens_per_tenant: int | None = None,
+    ) -> None:
         self.blocks = blocks
         cache = blocks.cache
-        self.pins = PinRegistry(cache, max_pinned_tokens) if cache is not None else None
+        self.pins = (
+            PinRegistry(
+                cache, max_pinned_tokens, max_pinned_tokens_per_tenant=max_pinned_tokens_per_tenant
+            )
+            if cache is not None
+            else None
+        )
 
     def expire(self) -> None:
         """Release pins whose TTL has passed."""
         if self.pins is not None:
             self.pins.expire()
 
-    def check_pinnable(self, num_tokens: int, ttl: float | None = None) -> None:
-        """ValueError unless pinning ``num_tokens`` more tokens stays under the cap."""
+    def check_pinnable(
+        self, num_tokens: int, ttl: float | None = None, salt: str | None = None
+    ) -> None:
+        """ValueError unless ``salt``'s tenant may pin ``num_tokens`` more tokens (its
+        own quota and the total cap)."""
         pins = self._pins()
         if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         pins.expire()
         block_size = self.blocks.block_size
-        wanted = num_tokens // block_size * block_size
-        if pins.pinned_tokens + wanted > pins.max_pinned_tokens:
-            raise ValueError(
-                f"pinning {wanted} more tokens would exceed the pinned-token cap "
-                f"({pins.pinned_tokens} of {pins.max_pinned_tokens} in use)"
-            )
+        pins.check(num_tokens // block_size * block_size, salt)
 
     def pin(self, token_ids, salt: str | None, ttl: float | None) -> PinHandle:
         """Pin the cached prefix of ``token_ids``; ``expires_at`` is Unix time (or None)."""
@@ -58,10 +67,11 @@ class CacheControl:
         key = handle.handle if isinstance(handle, PinHandle) else handle
         return self.pins is not None and key is not None and self.pins.unpin(key)
 
-    def flush(self) -> int:
-        """Drop every device-cached entry no request or pin holds; returns blocks freed."""
+    def flush(self, tenant: str | None = None) -> int:
+        """Drop every device-cached entry no request or pin holds (only ``tenant``'s,
+        see ``salt_tenant``, when given); returns blocks freed."""
         cache = self.blocks.cache
-        return cache.flush() if cache is not None else 0
+        return cache.flush(tenant) if cache is not None else 0
 
     def pin_stats(self) -> PinStats:
         """Pins held now and the cap."""

@@ -39,6 +39,7 @@ from prefixcache.cache.radix_node import (
     TreeNode,
     is_evictable,
 )
+from prefixcache.cache.tenants import salt_tenant
 
 __all__ = ["CacheStats", "EvictedRun", "InsertResult", "MatchResult", "RadixCache", "TreeNode"]
 
@@ -186,11 +187,33 @@ class RadixCache:
         self.stats.evicted_blocks += freed
         return freed
 
-    def flush(self) -> int:
-        """Drop every unlocked cached block (``on_evict`` is not called); return how many."""
+    def flush(self, tenant: str | None = None) -> int:
+        """Drop every unlocked cached block (``on_evict`` is not called); return how many.
+
+        With ``tenant``, only the trees of salts that belong to it (``salt_tenant``).
+        """
         freed = 0
-        while (leaf := self._lru_leaf()) is not None:
-            freed += self._trim(leaf, len(leaf.block_ids), notify=False)
+        if tenant is None:
+            while (leaf := self._lru_leaf()) is not None:
+                freed += self._trim(leaf, len(leaf.block_ids), notify=False)
+            return freed
+        for salt, root in list(self._roots.items()):
+            if salt_tenant(salt) == tenant:
+                freed += self._flush_tree(root)
+        return freed
+
+    def _flush_tree(self, root: RootNode) -> int:
+        """Drop the unlocked leaves of one tree, children before their parents (so a
+        parent left without children goes too)."""
+        order, stack = [], [root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack += node.children.values()
+        freed = 0
+        for node in reversed(order):  # every child comes after its parent in ``order``
+            if is_evictable(node):
+                freed += self._trim(node, len(node.block_ids), notify=False)
         return freed
 
     def reset(self) -> None:

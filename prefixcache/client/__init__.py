@@ -5,14 +5,16 @@ needs of an engine (limits, input processing, generation, cache control, and the
 Responses API's renderer and store) is named here.
 """
 
+from chunking.bounded import PromptTooLong
 from prefixcache.apps.conversations import (
     ConversationRenderer,
     Turn,
     new_response_id,
     stored_response,
 )
-from prefixcache.apps.response_store import ResponseStore, StoredResponse
+from prefixcache.apps.response_store import ResponseNotStored, ResponseStore, StoredResponse
 from prefixcache.cache.pins import PinHandle
+from prefixcache.cache.tenants import TENANT_SEPARATOR, salt_tenant
 from prefixcache.client.in_process import InProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
 from prefixcache.engine.errors import (
@@ -29,6 +31,7 @@ from prefixcache.sampling_params import SamplingParams
 from prefixcache.tiers.stats import TierStats
 
 __all__ = [
+    "TENANT_SEPARATOR",
     "ConversationRenderer",
     "DeviceBlocks",
     "EngineClient",
@@ -42,15 +45,18 @@ __all__ = [
     "PinHandle",
     "PinStats",
     "PrewarmResult",
+    "PromptTooLong",
     "RequestDelta",
     "RequestFailedError",
     "RequestOutput",
     "RequestTimings",
+    "ResponseNotStored",
     "ResponseStore",
     "SamplingParams",
     "StoredResponse",
     "TierStats",
     "Turn",
     "new_response_id",
+    "salt_tenant",
     "stored_response",
 ]

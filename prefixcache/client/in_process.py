@@ -69,7 +69,7 @@ class InProcessEngineClient:
     ) -> PrewarmResult:
         """Prefill as an ordinary one-token request (no other request's output is lost)."""
         if pin:
-            await self.run(lambda e: e.control.check_pinnable(len(prompt_ids), ttl))
+            await self.run(lambda e: e.control.check_pinnable(len(prompt_ids), ttl, salt))
         reused = 0
         async for delta in self.generate(prompt_ids, _PREFILL_ONLY, salt=salt):
             reused = delta.num_cached_tokens
@@ -89,9 +89,10 @@ class InProcessEngineClient:
         """Release a pin; False when it is unknown or expired."""
         return await self.run(lambda e: e.control.unpin(handle))
 
-    async def flush(self) -> int:
-        """Drop every cached entry no request or pin holds; returns the blocks freed."""
-        return await self.run(lambda e: e.control.flush())
+    async def flush(self, tenant: str | None = None) -> int:
+        """Drop every cached entry no request or pin holds (only ``tenant``'s when
+        given); returns the blocks freed."""
+        return await self.run(lambda e: e.control.flush(tenant))
 
     async def cache_info(self) -> EngineStats:
         """One snapshot of the engine's and the tiers' counters."""

@@ -92,8 +92,13 @@ class EngineClient(Protocol):
     async def unpin(self, handle: str) -> bool:
         """Release a pin; False when it is unknown or expired."""
 
-    async def flush(self) -> int:
-        """Drop every cached entry no request or pin holds; returns the blocks freed."""
+    async def flush(self, tenant: str | None = None) -> int:
+        """Drop every cached entry no request or pin holds; returns the blocks freed.
+
+        With ``tenant``, only the entries of that tenant's salts: a salt
+        ``TENANT:REST`` belongs to ``TENANT`` (``salt_tenant``), and pins are capped
+        per tenant the same way.
+        """
 
     async def cache_info(self) -> EngineStats:
         """Sizes and counters of the engine and every KV tier, as one snapshot."""

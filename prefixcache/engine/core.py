@@ -56,7 +56,9 @@ class EngineCore:
         self.tokenizer = tokenizer  # detokenizes outputs
         self.eos_token_ids = eos_token_ids
         self.device = runner.device
-        self.control = CacheControl(blocks, config.pinned_token_cap)
+        self.control = CacheControl(
+            blocks, config.pinned_token_cap, config.max_pinned_tokens_per_tenant
+        )
         self.capacity = KVCapacity(blocks, self.control.pins)
         self.scheduler = Scheduler(
             blocks, config.max_num_batched_tokens, config.max_num_seqs, self.capacity

@@ -2,17 +2,21 @@
 
 Text goes through the tokenizer, message lists through the chat template via the
 segment cache (unchanged messages are never tokenized again), token ids are checked
-against the vocabulary, and lengths against ``EngineLimits``. Every method is safe
-to call from any thread: none touches the engine.
+against the vocabulary, and lengths against ``EngineLimits``. Tokenizing stops as
+soon as a prompt passes the context limit (``PromptTooLong``), so a giant text costs
+about the limit's work. Every method is safe to call from any thread: none touches
+the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from chunking.bounded import PromptTooLong, encode_bounded
 from chunking.segments import SegmentTokenizer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.tokenizer import checked_tokens, validate_messages
@@ -28,15 +32,24 @@ class InputProcessor:
         self.limits = limits
         self.segments = SegmentTokenizer(tokenizer)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt that leaves room for one output token."""
+        return self.limits.max_context_tokens - 1
+
     def prompt_tokens(self, prompt: Prompt) -> np.ndarray:
         """Validated token ids of a text or token-id prompt, as an int32 array.
 
-        An int32 array is not copied. ValueError on an empty or out-of-vocabulary prompt.
+        An int32 array is not copied. ValueError on an empty or out-of-vocabulary prompt;
+        ``PromptTooLong`` (a ValueError) once a text passes ``max_prompt_tokens``.
         """
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            prompt = self.tokenizer.encode(prompt)
+            with self._limited():
+                prompt = encode_bounded(
+                    self.tokenizer, prompt, self.max_prompt_tokens, add_special_tokens=True
+                )
         elif not isinstance(prompt, np.ndarray):
             prompt = list(prompt)
         return checked_tokens(prompt, self.limits.vocab_size)
@@ -52,7 +65,10 @@ class InputProcessor:
         validate_messages(messages)
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate()")
-        return self.segments.encode_chat(messages, add_generation_prompt)
+        with self._limited():
+            return self.segments.encode_chat(
+                messages, add_generation_prompt, max_tokens=self.max_prompt_tokens
+            )
 
     def prewarm_tokens(self, prompt: Prompt | Sequence[dict]) -> np.ndarray:
         """What pre-warming caches: a message list without the generation prompt, or a
@@ -64,6 +80,21 @@ class InputProcessor:
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """ValueError unless the prompt plus ``max_tokens`` fits (see ``EngineLimits``)."""
         self.limits.check_fits(num_prompt_tokens, max_tokens)
+
+    @contextlib.contextmanager
+    def _limited(self) -> Iterator[None]:
+        """Name the context limit in a ``PromptTooLong`` raised inside."""
+        try:
+            yield
+        except PromptTooLong as exc:
+            raise PromptTooLong(exc.counted, exc.limit, _context(self.limits)) from None
+
+
+def _context(limits: EngineLimits) -> str:
+    """The limit a prompt runs into, as a message names it."""
+    if limits.max_context_tokens == limits.max_model_len:
+        return f"max_model_len ({limits.max_model_len})"
+    return f"the KV cache ({limits.max_context_tokens} tokens)"
 
 
 def _is_messages(prompt) -> bool:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from chunking.hashing import TOKEN_DTYPE, common_prefix_length
+from prefixcache.logs import ThrottledWarning
 from prefixcache.tiers.base import ChunkQuery, KVChunk, starts_with
 from prefixcache.tiers.kv_file import (
     PREFIX,
@@ -45,6 +46,7 @@ from prefixcache.tiers.registry import TierContext, register_kv_tier
 from prefixcache.tiers.stats import TierStats
 
 logger = logging.getLogger(__name__)
+WRITE_WARNING_INTERVAL_S = 60.0
 
 _NAME = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})\.kv$")
 _OLD_NAME = re.compile(r"^[0-9a-f]{16}\.kv$")  # an earlier naming, without the parent digest
@@ -80,6 +82,8 @@ class DiskTier:
         self.used_bytes = 0
         self.written_bytes = self.read_bytes = self.stored_blocks = 0
         self.evicted_blocks = self.failures = 0
+        # A full disk fails every write: one warning a minute, with a count, says so.
+        self._write_warning = ThrottledWarning(WRITE_WARNING_INTERVAL_S)
         self._lru: OrderedDict[tuple[bytes, int], _DiskFile] = OrderedDict()  # oldest first
         self._by_parent: dict[bytes, dict[int, _DiskFile]] = {}
         self._scan()
@@ -329,7 +333,7 @@ class DiskTier:
                     handle.write(piece)
             os.replace(temp, path)
         except OSError as exc:
-            logger.warning("could not write KV chunk file %s: %s", path, exc)
+            self._write_warning(logger, "could not write KV chunk file %s: %s", path, exc)
             self.failures += 1
             _unlink(temp)
             return False
