@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from prefixcache.client import EngineDeadError, RequestDelta, StoredResponse
+from prefixcache.client import RequestDelta, StoredResponse
 from server.chat_protocol import encode
-from server.errors import ENGINE_DEAD_MESSAGE
+from server.errors import engine_error
 from server.generation import Tally
 from server.responses_protocol import (
     IncompleteDetails,
@@ -189,14 +189,15 @@ async def response_events(
 
 
 def _error_event(ev: _Events, exc: Exception) -> bytes:
+    """The error event for ``exc``, coded as a non-streamed request's error would be."""
     rid = ev.job.prepared.request_id
-    if isinstance(exc, EngineDeadError):
-        logger.error("response stream %s failed: %s", rid, exc)
-        code, message = "engine_dead", ENGINE_DEAD_MESSAGE
-    else:
+    try:
+        error = engine_error(exc)
+    except Exception:  # not an engine failure: a bug, whose details stay in the log
         logger.error("response stream %s failed", rid, exc_info=exc)
-        code, message = "server_error", "internal server error; see the server log"
-    return _event_bytes(ev, code, message)
+        return _event_bytes(ev, "server_error", "internal server error; see the server log")
+    logger.error("response stream %s failed: %s", rid, error.message)
+    return _event_bytes(ev, error.code or "server_error", error.message)
 
 
 def _event_bytes(ev: _Events, code: str, message: str) -> bytes:

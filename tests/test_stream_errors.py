@@ -94,5 +94,5 @@ def test_response_stream_failing_mid_way_ends_with_an_error_event(served):
     assert names[-1] == "error" and "response.completed" not in names
     error = json.loads(events[-1][1])
     # The step failed, not the engine: the error is this request's, not a dead engine.
-    assert error["code"] == "server_error" and "simulated" not in error["message"]
+    assert error["code"] == "engine_error" and "simulated" not in error["message"]
     assert error["sequence_number"] == len(events) - 1
