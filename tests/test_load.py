@@ -22,13 +22,15 @@ from prefixcache.client import ResponseStore
 
 KEYS = ("key-a", "key-b", "key-flood")
 KV_TOKENS = 8192
-ROUNDS = 5
+ROUNDS = 8
 STREAMS = 48
 FLOOD = 12
 STORE_ENTRIES = 10  # the flood alone would fill the store several times over
 SMALL_REQUEST_BOUND_S = 120.0
 GIANT_BYTES = 20 << 20
-RSS_GROWTH_LIMIT = 150 << 20  # from the second round to the last
+RSS_GROWTH_LIMIT = 150 << 20  # over the second half of the rounds
+# The first rounds warm up the allocator (one arena per tokenizer thread that held a
+# giant prompt); a leak keeps growing after that, which is what is checked.
 
 
 def _rss_bytes() -> int:
@@ -144,4 +146,4 @@ def test_hostile_load_gives_no_5xx_no_leak_and_flat_memory(tiny_llama):
             again = http.get(f"/v1/responses/{kept['id']}", headers=_headers(KEYS[0]))
             assert again.status_code == 200  # the flood evicted only its own entries
         print(json.dumps({"rounds": report, "rss_mib": [round(b / 2**20) for b in rss]}))
-        assert rss[-1] - rss[1] < RSS_GROWTH_LIMIT, f"memory grew: {rss}"
+        assert rss[-1] - rss[ROUNDS // 2] < RSS_GROWTH_LIMIT, f"memory grew: {rss}"
