@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules where a wrong line loses or leaks data (mutmut 3).
+# Not run by CI: a full run takes far longer than the test suite.
+#
+#   scripts/mutation.sh                          # every module in [tool.mutmut] only_mutate
+#   scripts/mutation.sh chunking/hashing.py ...  # a subset, with only the tests that cover it
+#   MUTATION_BUDGET=30m scripts/mutation.sh      # time budget (default 60m), as for timeout(1)
+#   MUTATION_JOBS=2 scripts/mutation.sh          # parallel mutant runs (default: CPU count)
+#
+# The run happens in a scratch copy (.mutation/) so that a subset can rewrite the
+# [tool.mutmut] table without touching the checkout; the results are printed per module.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+py=$root/.venv/bin/python
+budget=${MUTATION_BUDGET:-60m}
+jobs=${MUTATION_JOBS:-$(nproc)}
+
+# The tests that cover each module: a subset run collects coverage over these only.
+declare -A tests_for=(
+    [prefixcache/cache/block_manager.py]="tests/test_block_reservation.py tests/test_block_pool.py"
+    [prefixcache/cache/radix_cache.py]="tests/test_radix_cache.py tests/test_tenant_quotas.py"
+    [prefixcache/tiers/chunk_chains.py]="tests/test_tiers.py tests/test_kv_tier_registry.py"
+    [prefixcache/tiers/tiered.py]="tests/test_tiers.py tests/test_kv_tier_registry.py tests/test_kv_tier_partial_chunks.py tests/test_disk_tier_full.py"
+    [prefixcache/cache/pins.py]="tests/test_admission_pins.py tests/test_server_cache.py"
+    [prefixcache/apps/response_store.py]="tests/test_responses.py tests/test_responses_disk_failures.py tests/test_server_responses.py"
+    [server/streaming.py]="tests/test_stream_errors.py tests/test_server_errors.py tests/test_server_responses.py"
+    [server/auth.py]="tests/test_server_boundary.py tests/test_server_errors.py"
+    [chunking/hashing.py]="tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
+)
+
+if ! "$py" -c 'import mutmut' 2>/dev/null; then
+    "$root/.venv/bin/pip" install -q -e ".[mutation]"
+fi
+
+modules=("$@")
+for m in "${modules[@]}"; do
+    [[ -n ${tests_for[$m]:-} ]] || { echo "not a configured module: $m" >&2; exit 2; }
+done
+
+work=$root/.mutation
+mkdir -p "$work"
+# Tracked and untracked-but-not-ignored files; mutmut's own state in .mutation/mutants/
+# is kept between runs so that an interrupted run resumes.
+git ls-files -z --cached --others --exclude-standard \
+    | tar -cf - --null -T - | tar -xf - -C "$work"
+
+if ((${#modules[@]})); then
+    tests=$(for m in "${modules[@]}"; do tr ' ' '\n' <<<"${tests_for[$m]}"; done | sort -u)
+    "$py" - "$work/pyproject.toml" "${modules[*]}" "$tests" <<'EOF'
+import re
+import sys
+
+path, modules, tests = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+text = open(path).read()
+for key, values in (("only_mutate", modules), ("pytest_add_cli_args_test_selection", tests)):
+    listed = ", ".join(f'"{v}"' for v in values)
+    text = re.sub(rf"^{key} = \[.*?^\]", f"{key} = [{listed}]", text, flags=re.S | re.M)
+open(path, "w").write(text)
+EOF
+fi
+
+cd "$work"
+start=$SECONDS
+status=0
+timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" || status=$?
+((status == 124)) && echo "budget of $budget spent: the counts below are partial"
+echo "ran for $((SECONDS - start)) s"
+
+"$py" - <<'EOF'
+"""Counts per module from mutmut's per-file state (mutants/<path>.meta)."""
+import json
+from collections import Counter
+from pathlib import Path
+
+from mutmut.configuration import config
+from mutmut.stats import status_by_exit_code
+
+print(f"{'module':<40} {'killed':>7} {'survived':>9} {'timeout':>8} {'other':>6} {'kill rate':>10}")
+for module in config().only_mutate:
+    meta = Path("mutants") / f"{module}.meta"
+    if not meta.exists():
+        print(f"{module:<40} not run")
+        continue
+    codes = json.loads(meta.read_text())["exit_code_by_key"].values()
+    n = Counter(status_by_exit_code[c] for c in codes)
+    done = n["killed"] + n["survived"] + n["timeout"]
+    other = sum(n.values()) - done
+    rate = f"{100 * (n['killed'] + n['timeout']) / done:.1f}%" if done else "-"
+    print(f"{module:<40} {n['killed']:>7} {n['survived']:>9} {n['timeout']:>8} {other:>6} {rate:>10}")
+print("surviving mutants: `cd .mutation && ../.venv/bin/mutmut results`; a diff: `... show NAME`")
+EOF
+exit "$status"
