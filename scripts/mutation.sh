@@ -29,8 +29,13 @@ declare -A tests_for=(
     [chunking/hashing.py]="tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
 )
 
+# The `mutation` extra's requirements alone: `pip install -e .[mutation]` would also
+# point a shared .venv's editable install at this checkout.
 if ! "$py" -c 'import mutmut' 2>/dev/null; then
-    "$root/.venv/bin/pip" install -q -e ".[mutation]"
+    mapfile -t reqs < <("$py" -c 'import tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print("\n".join(extras["mutation"]))')
+    "$py" -m pip install -q "${reqs[@]}"
 fi
 
 modules=("$@")
