@@ -20,13 +20,13 @@ jobs=${MUTATION_JOBS:-$(nproc)}
 declare -A tests_for=(
     [prefixcache/cache/block_manager.py]="tests/test_block_reservation.py tests/test_block_pool.py"
     [prefixcache/cache/radix_cache.py]="tests/test_radix_cache.py tests/test_tenant_quotas.py"
-    [prefixcache/tiers/chunk_chains.py]="tests/test_tiers.py tests/test_kv_tier_registry.py"
+    [prefixcache/tiers/chunk_chains.py]="tests/test_chunk_names.py tests/test_tiers.py tests/test_kv_tier_registry.py"
     [prefixcache/tiers/tiered.py]="tests/test_tiers.py tests/test_kv_tier_registry.py tests/test_kv_tier_partial_chunks.py tests/test_disk_tier_full.py"
     [prefixcache/cache/pins.py]="tests/test_admission_pins.py tests/test_server_cache.py"
     [prefixcache/apps/response_store.py]="tests/test_responses.py tests/test_responses_disk_failures.py tests/test_server_responses.py"
     [server/streaming.py]="tests/test_stream_errors.py tests/test_server_errors.py tests/test_server_responses.py"
     [server/auth.py]="tests/test_server_boundary.py tests/test_server_errors.py"
-    [chunking/hashing.py]="tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
+    [chunking/hashing.py]="tests/test_chunk_names.py tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
 )
 
 # The `mutation` extra's requirements alone: `pip install -e .[mutation]` would also
