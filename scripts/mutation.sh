@@ -45,8 +45,15 @@ done
 
 work=$root/.mutation
 mkdir -p "$work"
-# Tracked and untracked-but-not-ignored files; mutmut's own state in .mutation/mutants/
-# is kept between runs so that an interrupted run resumes.
+# mutmut's own state in .mutation/mutants/ is kept so that an interrupted run resumes,
+# but only for the same modules: mutmut takes a module it did not mutate last time as
+# unchanged and would never mutate it.
+wanted="${modules[*]:-all}"
+if [[ "$(cat "$work/last-modules" 2>/dev/null)" != "$wanted" ]]; then
+    rm -rf "$work/mutants"
+    echo "$wanted" >"$work/last-modules"
+fi
+# Tracked and untracked-but-not-ignored files.
 git ls-files -z --cached --others --exclude-standard \
     | tar -cf - --null -T - | tar -xf - -C "$work"
 
