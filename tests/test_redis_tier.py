@@ -16,6 +16,7 @@ from prefixcache.tiers.redis_link import WriteBehind
 
 CHUNK = 64
 PARAMS = SamplingParams(max_tokens=4, logprobs=True)
+_WAIT_S = 60.0  # a bound on waiting for a thread, never a synchronization
 LOGPROB_TOLERANCE = 1e-4  # float32 reorderings between a cached and a full prefill
 
 
@@ -187,11 +188,17 @@ def test_a_full_write_queue_drops_writes_and_never_blocks_a_step(tiny_llama, red
     tier.writer.submit(hold)
     assert entered.wait(60)
     prompts = [_prompt(10 + i, 3 * CHUNK) for i in range(4)]
-    outs = engine.generate(prompts, PARAMS)  # returns while the writer is still held
-    assert not stuck.is_set() and all(o.finish_reason == "length" for o in outs)
+    outs: list = []
+    steps = threading.Thread(target=lambda: outs.extend(engine.generate(prompts, PARAMS)))
+    steps.start()
+    steps.join(_WAIT_S)  # a bound on waiting: the engine must finish with the writer held
+    finished = not steps.is_alive()
+    stuck.set()
+    steps.join()
+    assert finished, "engine steps waited for the Redis write queue"
+    assert all(o.finish_reason == "length" for o in outs)
     assert tier.writer.dropped > 0
     assert engine.stats()["redis_dropped_writes"] == tier.writer.dropped
-    stuck.set()
     tier.drain()
     assert tier.stats().written_bytes > 0  # what was queued was written after all
 
