@@ -32,10 +32,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 # The gpu extra is triton: on CPU its interpreter runs the kernel tests. It does not
-# depend on torch, so the CPU torch stays. Triton ships Linux wheels only.
-EXTRAS=dev
+# depend on torch, so the CPU torch stays. Triton ships Linux wheels only. The cluster
+# extra (the Redis client) runs the shared KV tier's tests.
+EXTRAS=dev,cluster
 if [ "$(uname -s)" = Linux ]; then
-    EXTRAS=dev,gpu
+    EXTRAS=dev,cluster,gpu
 fi
 echo "setup: installing prefixcache[$EXTRAS]"
 "${PIP[@]}" install -e ".[$EXTRAS]"
