@@ -211,3 +211,24 @@ def test_keys_name_the_model_fingerprint(tiny_llama, redis_url, redis_server):
     keys = {k.decode() for k in redis_server.client().keys(f"{KEY_PREFIX}:*")}
     assert set(_names(a, prompt)) <= keys
     assert all(k.startswith(f"{KEY_PREFIX}:{a.limits.fingerprint}:") for k in keys)
+
+
+def test_a_full_redis_refusing_writes_counts_failures_and_still_serves_reads(
+    tiny_llama, redis_url, redis_server
+):
+    a = _engine(tiny_llama, redis_url)
+    stored = _prompt(21, 2 * CHUNK)
+    a.generate(stored, PARAMS)
+    _tier(a).drain()
+    client = redis_server.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")  # already over it: every write is refused
+    try:
+        b = _engine(tiny_llama, redis_url)
+        b.generate(_prompt(22, 2 * CHUNK), PARAMS)
+        _tier(b).drain()
+        assert b.stats()["redis_failures"] >= 1 and _tier(b).link.is_up
+        assert b.generate(stored, PARAMS)[0].num_cached_tokens == len(stored) - 16
+    finally:
+        client.config_set("maxmemory", "256mb")
+        client.config_set("maxmemory-policy", "allkeys-lru")
