@@ -232,3 +232,18 @@ def test_a_full_redis_refusing_writes_counts_failures_and_still_serves_reads(
     finally:
         client.config_set("maxmemory", "256mb")
         client.config_set("maxmemory-policy", "allkeys-lru")
+
+
+def test_chunks_only_redis_holds_are_published_as_evicted_by_the_engine(tiny_llama, redis_url):
+    engine = _engine(tiny_llama, redis_url, kv_cache_tokens=8 * CHUNK)
+    batches: list = []
+    engine.core.subscribe_cache_events(batches.append)
+    first = _prompt(23, 4 * CHUNK)
+    engine.generate(first, PARAMS)
+    engine.generate(_prompt(24, 6 * CHUNK), PARAMS)  # evicts chunks of ``first``
+    evicted = {h for batch in batches for e in batch if e.kind == "evicted" for h in e.chunk_hashes}
+    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
+    chains.extend_to(np.asarray(first, dtype=np.int32))
+    assert evicted and evicted <= {chains.chunk_hash(c) for c in range(chains.num_chunks)}
+    _tier(engine).drain()  # yet Redis holds them, for every engine
+    assert engine.generate(first, PARAMS)[0].num_cached_tokens == len(first) - 16

@@ -109,7 +109,7 @@ class RedisTier:
         name = self.name_of(query.parent, query.key)
         if not self._is_known(name):
             return False
-        self.writer.submit(lambda client: client.touch(name))
+        self.writer.submit_spare(lambda client: client.touch(name))
         return True
 
     def get(self, query: ChunkQuery) -> KVChunk | None:

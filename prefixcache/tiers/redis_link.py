@@ -166,6 +166,13 @@ class WriteBehind:
             return False
         return True
 
+    def submit_spare(self, command: Callable[[Any], Any]) -> bool:
+        """Queue ``command`` only while the queue is less than half full: for commands
+        that only help (LRU refreshes), so they never crowd out writes. Not counted."""
+        if self._queue.qsize() >= self._queue.maxsize // 2:
+            return False
+        return self.submit(command)
+
     def drain(self) -> None:
         """Block until every command queued so far has run (or been skipped)."""
         self._queue.join()
