@@ -9,6 +9,9 @@ from pathlib import Path
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 """How weights are read: from the folder (``auto``/``safetensors``) or made at random."""
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+"""How KV is stored: at the model's dtype, or quantized (``kernels.kv_quant``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -29,6 +32,7 @@ class EngineConfig:
     disk_cache_bytes: int = 16 << 30
     kv_tiers: tuple[str, ...] = ()  # registered tiers behind host and disk, in order
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8: see kernels.kv_quant
     load_format: str = "auto"
     seed: int = 0
     max_pinned_tokens: int | None = None
@@ -58,6 +62,7 @@ class EngineConfig:
             raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
         _check_backend(self.attention_backend)
+        _check_kv_cache_dtype(self.kv_cache_dtype)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
@@ -108,6 +113,13 @@ def _check_backend(name: str) -> None:
     known = ("auto", *available_backends())
     if name not in known:
         raise ValueError(f"attention_backend must be one of {', '.join(known)}, got {name!r}")
+
+
+def _check_kv_cache_dtype(name: str) -> None:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}"
+        )
 
 
 def _positive(name: str, value: int) -> None:
