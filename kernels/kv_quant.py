@@ -19,6 +19,8 @@ exactly the bytes a miss would have written.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SCALE_BYTES = 2  # one float16 scale after each row's codes
@@ -101,6 +103,13 @@ def scales(rows: torch.Tensor) -> torch.Tensor:
     """The float32 scale of each quantized row: ``[...]`` for rows ``[..., head_dim + 2]``."""
     head_dim = rows.shape[-1] - SCALE_BYTES
     return rows.view(torch.uint8)[..., head_dim:].view(torch.float16)[..., 0].float()
+
+
+@functools.cache
+def code_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The float32 value of every one-byte code of ``dtype``, indexed by the code's bits
+    (kernels that load codes as bytes look their values up here)."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float().to(device)
 
 
 def write_quantized(
