@@ -80,6 +80,10 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x = x.float()
     amax = x.abs().amax(-1, keepdim=True)
     scale = (amax / limit).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
+    # Round the scale up, not to nearest, so the largest element never clips (small
+    # rows' scales are float16 subnormals, far coarser than their 11-bit mantissa).
+    low = scale.float() * limit < amax
+    scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, _SCALE_MAX)), scale)
     # Codes are computed against the stored (rounded) scale, so the error bound holds.
     scaled = (x / scale.float()).clamp(-limit, limit)
     codes = scaled.round().to(dtype) if dtype == torch.int8 else scaled.to(dtype)
