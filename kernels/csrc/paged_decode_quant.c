@@ -61,9 +61,52 @@ static inline __attribute__((always_inline)) v16 fp8x16(const uint8_t *p)
     return (v16)((i16)mag | ((b & 0x80) << 24));
 }
 
+/* 16 float16 scales (bits in the low half of each lane) as floats, by integer
+ * arithmetic like fp8x16: a float16 conversion call per row would spill every vector
+ * register where the compiler has no native instruction for it. Scales are positive
+ * and finite; subnormal ones are m * 2^-24. */
+static inline __attribute__((always_inline)) v16 half16(i16 b)
+{
+    const i16 e = (b >> 10) & 31, normal = e > 0;
+    const i16 mant = (b & 1023) | (normal & 1024);
+    const i16 power = ((e | (~normal & 1)) + 102) << 23; /* 2^(max(e, 1) - 25) */
+    return __builtin_convertvector(mant, v16) * (v16)power;
+}
+
 static inline __attribute__((always_inline)) v16 codes16(const uint8_t *p, const int fp8)
 {
     return fp8 ? fp8x16(p) : int8x16(p);
+}
+
+/* The sum of the lanes, by shuffles (a scalar loop would be one long latency chain). */
+static inline __attribute__((always_inline)) float sum16(v16 v)
+{
+    v += __builtin_shuffle(v, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (i16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (i16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (i16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+/* acc[c] += sum over t < count of p[t] * tile[t][c], in four independent sums per
+ * chunk so the additions do not wait on one another. */
+static inline __attribute__((always_inline)) void weighted_rows(v16 *acc, const float *p,
+                                                                 const v16 *tile, int count,
+                                                                 const int chunks)
+{
+    for (int c = 0; c < chunks; c++) {
+        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        int t = 0;
+        for (; t + 3 < count; t += 4) {
+            s0 += p[t] * tile[t * chunks + c];
+            s1 += p[t + 1] * tile[(t + 1) * chunks + c];
+            s2 += p[t + 2] * tile[(t + 2) * chunks + c];
+            s3 += p[t + 3] * tile[(t + 3) * chunks + c];
+        }
+        for (; t < count; t++)
+            s0 += p[t] * tile[t * chunks + c];
+        acc[c] += (s0 + s1) + (s2 + s3);
+    }
 }
 
 /* Fold a tile's 16 scores into one head's running softmax; returns their probabilities. */
@@ -77,10 +120,7 @@ static inline __attribute__((always_inline)) v16 softmax_update(v16 scores, floa
     if (keep != 1.0f)
         for (int c = 0; c < chunks; c++)
             acc[c] *= keep;
-    float sum = 0.0f;
-    for (int t = 0; t < 16; t++)
-        sum += probs[t];
-    *l = *l * keep + sum;
+    *l = *l * keep + sum16(probs);
     *m = high;
     return probs;
 }
@@ -92,16 +132,16 @@ static inline __attribute__((always_inline)) v16 load_tile(const struct qdecode_
                                                             v16 *tile, const int chunks,
                                                             const int fp8)
 {
-    float s[16] __attribute__((aligned(64))) = {0};
+    i16 bits = {0};
     for (int t = 0; t < count; t++) {
         const uint8_t *r = rows + t * a->row;
-        s[t] = scale_at(r + a->dim);
+        uint16_t b;
+        memcpy(&b, r + a->dim, sizeof b);
+        bits[t] = b;
         for (int c = 0; c < chunks; c++)
             tile[t * chunks + c] = codes16(r + 16 * c, fp8);
     }
-    v16 scales;
-    memcpy(&scales, s, sizeof scales);
-    return scales;
+    return half16(bits);
 }
 
 /* 16 cached tokens (`count` of them real) for every query head. */
@@ -136,10 +176,7 @@ attend_tile16_q(const struct qdecode_args *a, const v16 *q, const uint8_t *keys,
             float p[16] __attribute__((aligned(64)));
             const v16 weights = probs[j] * v_scales;
             memcpy(p, &weights, sizeof p);
-            v16 *out = acc + (g * group + j) * chunks;
-            for (int t = 0; t < count; t++)
-                for (int c = 0; c < chunks; c++)
-                    out[c] += p[t] * tile[t * chunks + c];
+            weighted_rows(acc + (g * group + j) * chunks, p, tile, count, chunks);
         }
     }
 }
@@ -180,8 +217,12 @@ static inline __attribute__((always_inline)) void attend_seq16_q(const struct qd
             prefetch_bytes(a->k_cache + at, a->v_cache + at, 16 * a->row);
         }
         const long first = ((long)table[start / bs] * bs + start % bs) * a->row;
-        attend_tile16_q(a, qv, a->k_cache + first, a->v_cache + first, count, m, l, acc, chunks,
-                        fp8);
+        const uint8_t *keys = a->k_cache + first, *values = a->v_cache + first;
+        /* Whole tiles get a constant count: their loops unroll without a branch. */
+        if (count == 16)
+            attend_tile16_q(a, qv, keys, values, 16, m, l, acc, chunks, fp8);
+        else
+            attend_tile16_q(a, qv, keys, values, count, m, l, acc, chunks, fp8);
     }
     for (int h = 0; h < heads; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
