@@ -19,6 +19,10 @@
 
 #include "paged_decode.c"
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 typedef int8_t s8x16 __attribute__((vector_size(16)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
@@ -39,11 +43,38 @@ static inline float scale_at(const uint8_t *p)
     return (float)h;
 }
 
+/* 16 bytes widened to int32 lanes, sign- or zero-extended. gcc scalarizes a generic
+ * vector conversion from bytes, so the x86 widening instructions are used where the
+ * build has them. */
+static inline __attribute__((always_inline)) i16 widen16(const uint8_t *p, const int is_signed)
+{
+#if defined(__AVX512F__)
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return (i16)(is_signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw));
+#elif defined(__AVX2__)
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    const __m128i high = _mm_unpackhi_epi64(raw, raw);
+    const __m256i lo = is_signed ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
+    const __m256i hi = is_signed ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high);
+    i16 out;
+    memcpy(&out, &lo, sizeof lo);
+    memcpy((char *)&out + sizeof lo, &hi, sizeof hi);
+    return out;
+#else
+    if (is_signed) {
+        s8x16 c;
+        memcpy(&c, p, sizeof c);
+        return __builtin_convertvector(c, i16);
+    }
+    u8x16 c;
+    memcpy(&c, p, sizeof c);
+    return __builtin_convertvector(c, i16);
+#endif
+}
+
 static inline __attribute__((always_inline)) v16 int8x16(const uint8_t *p)
 {
-    s8x16 c;
-    memcpy(&c, p, sizeof c);
-    return __builtin_convertvector(c, v16);
+    return __builtin_convertvector(widen16(p, 1), v16);
 }
 
 /* 16 e4m3 codes as floats by integer arithmetic (no table gather, no denormal float
@@ -51,9 +82,7 @@ static inline __attribute__((always_inline)) v16 int8x16(const uint8_t *p)
  * to bit 31. The NaN codes (0x7f, 0xff) never occur: writes clamp to +-448. */
 static inline __attribute__((always_inline)) v16 fp8x16(const uint8_t *p)
 {
-    u8x16 raw;
-    memcpy(&raw, p, sizeof raw);
-    const i16 b = __builtin_convertvector(raw, i16);
+    const i16 b = widen16(p, 0);
     const i16 e = (b >> 3) & 15, normal = e > 0;
     const i16 mant = (b & 7) | (normal & 8);
     const i16 power = ((e | (~normal & 1)) + 117) << 23; /* 2^(max(e, 1) - 10) */
@@ -125,6 +154,31 @@ static inline __attribute__((always_inline)) v16 softmax_update(v16 scores, floa
     return probs;
 }
 
+/* The float16 bits of `count` rows' scales (0 past `count`), in int32 lanes. */
+static inline __attribute__((always_inline)) i16 scale_bits(const struct qdecode_args *a,
+                                                            const uint8_t *rows, int count)
+{
+#if defined(__AVX512F__)
+    /* One gather: the 4 bytes ending with each row's scale (the last two codes first,
+     * so nothing past the row is read), shifted down to the scale. */
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                            12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)a->row));
+    const __mmask16 live = (__mmask16)((1u << count) - 1u);
+    const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at,
+                                                      rows + a->dim - SCALE_BYTES, 1);
+    return (i16)_mm512_srli_epi32(words, 16);
+#else
+    i16 bits = {0};
+    for (int t = 0; t < count; t++) {
+        uint16_t b;
+        memcpy(&b, rows + t * a->row + a->dim, sizeof b);
+        bits[t] = b;
+    }
+    return bits;
+#endif
+}
+
 /* `count` rows of one KV head's codes as floats in `tile` ([16][chunks]); returns the
  * rows' scales (0 past `count`). */
 static inline __attribute__((always_inline)) v16 load_tile(const struct qdecode_args *a,
@@ -132,16 +186,10 @@ static inline __attribute__((always_inline)) v16 load_tile(const struct qdecode_
                                                             v16 *tile, const int chunks,
                                                             const int fp8)
 {
-    i16 bits = {0};
-    for (int t = 0; t < count; t++) {
-        const uint8_t *r = rows + t * a->row;
-        uint16_t b;
-        memcpy(&b, r + a->dim, sizeof b);
-        bits[t] = b;
+    for (int t = 0; t < count; t++)
         for (int c = 0; c < chunks; c++)
-            tile[t * chunks + c] = codes16(r + 16 * c, fp8);
-    }
-    return half16(bits);
+            tile[t * chunks + c] = codes16(rows + t * a->row + 16 * c, fp8);
+    return half16(scale_bits(a, rows, count));
 }
 
 /* 16 cached tokens (`count` of them real) for every query head. */
