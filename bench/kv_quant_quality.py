@@ -99,7 +99,14 @@ def compare(reference, tokens: list[int], logits: torch.Tensor) -> dict:
         "greedy_agreement": same / len(ref_tokens),
         "compared_steps": steps,
         "reference_logit_std": ref_logits[:steps].std().item(),  # the scale errors compare to
+        # Random weights give near-ties: a top-2 gap below the error can flip a choice.
+        "reference_median_top2_gap": _median_top2_gap(ref_logits),
     }
+
+
+def _median_top2_gap(logits: torch.Tensor) -> float:
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).median().item()
 
 
 def bench_model(args, name: str, folder: Path) -> list[dict]:
