@@ -118,7 +118,7 @@ def started_server(args: argparse.Namespace, caching: bool):
     port = _free_port()
     cmd = [sys.executable, "-m", "prefixcache.cli", "serve", "--port", str(port)]
     cmd += ["--log-level", "warning", "--kv-cache-tokens", str(args.kv_cache_tokens)]
-    cmd += ["--load-format", args.load_format]
+    cmd += ["--load-format", args.load_format, "--kv-cache-dtype", args.kv_cache_dtype]
     if args.model:
         cmd += ["--model", args.model]
     if not caching:
@@ -198,8 +198,9 @@ async def _events(url: str, path: str, body: dict):
         yield elapsed, event
 
 
-async def chat(url: str, messages: list[dict], max_tokens: int):
-    """One streamed chat completion: (text, seconds to first token, usage)."""
+async def chat(url: str, messages: list[dict], max_tokens: int, times: list | None = None):
+    """One streamed chat completion: (text, seconds to first token, usage); ``times``
+    gets the arrival time of every event that carries text."""
     body = {
         "model": _served_model(url),
         "messages": messages,
@@ -214,6 +215,8 @@ async def chat(url: str, messages: list[dict], max_tokens: int):
         for choice in chunk.get("choices", []):
             if choice["delta"].get("content") or choice.get("finish_reason"):
                 first = first or elapsed
+                if times is not None and choice["delta"].get("content"):
+                    times.append(elapsed)
                 text += choice["delta"].get("content") or ""
     return text, first, usage
 
@@ -237,17 +240,30 @@ async def respond(url: str, input, max_tokens: int, previous: str | None = None)
 async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str) -> dict:
     bar = tqdm(total=len(prompts), desc=desc, leave=False)
 
-    async def one(text: str):
-        result = await chat(url, [{"role": "user", "content": text}], max_tokens)
+    streams: list[list[float]] = [[] for _ in prompts]
+
+    async def one(text: str, times: list[float]):
+        result = await chat(url, [{"role": "user", "content": text}], max_tokens, times)
         bar.update(1)
         return result
 
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(p) for p in prompts))
+    results = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, streams, strict=True)))
     bar.close()
     cached = sum(r[2]["prompt_tokens_details"]["cached_tokens"] for r in results)
     prompt = sum(r[2]["prompt_tokens"] for r in results)
-    return {"seconds": time.perf_counter() - start, "prompt_tokens": prompt, "cached": cached}
+    # Once every request decodes, each step gives each stream one token: the gaps
+    # between a stream's tokens after the last first token are decode steps.
+    last_first = max((t[0] for t in streams if t), default=0.0)
+    gaps = [b - a for t in streams for a, b in zip(t, t[1:], strict=False) if a >= last_first]
+    info = httpx.get(url + "/v1/cache", timeout=30, trust_env=False).json()
+    return {
+        "seconds": time.perf_counter() - start,
+        "prompt_tokens": prompt,
+        "cached": cached,
+        "decode_step_ms": 1000 * _median(gaps) if gaps else None,
+        "kv_bytes_per_token": info.get("kv_bytes_per_token"),
+    }
 
 
 # ---------------------------------------------------------------- scenarios
@@ -261,15 +277,15 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     ]
     prompts = [f"Summarize this report: ```{r}```" for r in reports]
     rows, peaks = [], {}
-    for caching in (True, False):
-        name = "prefix cache on" if caching else "prefix cache off"
+    for name, caching, kv_dtype in _tgi_sides(args.kv_cache_dtype):
+        side = argparse.Namespace(**{**vars(args), "kv_cache_dtype": kv_dtype})
         if args.backend == "sdk":
             results, peaks[name] = sdk_backend.in_own_process(
-                args, caching, _sdk_send_twice, prompts, args.max_tokens
+                side, caching, _sdk_send_twice, prompts, args.max_tokens
             )
             rows += [{"server": name, "run": run, **r} for run, r in enumerate(results, 1)]
             continue
-        with server_for(args, caching) as (url, proc):
+        with server_for(side, caching) as (url, proc):
             for run in (1, 2):
                 result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
                 rows.append({"server": name, "run": run, **result})
@@ -285,8 +301,40 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
         "speedup": cold / warm,
         "cached_tokens_second_run": rows[1]["cached"],
         "peak_rss_mib": peaks,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_bytes_per_token": rows[1]["kv_bytes_per_token"],
+        "decode_step_ms_cache_on": rows[1]["decode_step_ms"],
     }
+    if len(rows) > 4:
+        summary.update(_kv_dtype_summary(args, rows[1], rows[5]))
     return summary, rows
+
+
+def _tgi_sides(kv_cache_dtype: str) -> list[tuple[str, bool, str]]:
+    """(name, prefix caching, KV dtype) of each side: cache on and off at the KV dtype
+    asked for, and, for a quantized one, cache on at the model's dtype as its baseline."""
+    sides = [("prefix cache on", True, kv_cache_dtype), ("prefix cache off", False, kv_cache_dtype)]
+    if kv_cache_dtype != "auto":
+        sides.append(("prefix cache on, KV auto", True, "auto"))
+    return sides
+
+
+def _kv_dtype_summary(args: argparse.Namespace, quantized: dict, full: dict) -> dict:
+    """The quantized cache against the full-precision one, both warm (second runs)."""
+    budget = args.kv_memory_budget
+    per_token = {args.kv_cache_dtype: quantized["kv_bytes_per_token"]}
+    per_token["auto"] = full["kv_bytes_per_token"]
+    decode = (quantized["decode_step_ms"], full["decode_step_ms"])
+    return {
+        "kv_bytes_per_token_auto": full["kv_bytes_per_token"],
+        "kv_bytes_ratio_vs_auto": full["kv_bytes_per_token"] / quantized["kv_bytes_per_token"],
+        "kv_memory_budget_bytes": budget,
+        "tokens_in_budget": {dtype: budget // n for dtype, n in per_token.items()},
+        "second_run_s_kv_auto": full["seconds"],
+        "warm_run_speedup_vs_kv_auto": full["seconds"] / quantized["seconds"],
+        "decode_step_ms_kv_auto": decode[1],
+        "decode_speedup_vs_kv_auto": decode[1] / decode[0] if all(decode) else None,
+    }
 
 
 def _sdk_send_twice(engine, prompts: list[str], max_tokens: int) -> list[dict]:
@@ -555,6 +603,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=200000)
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144)
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8", "fp8"],
+        default="auto",
+        help="KV storage; tgi-long with int8/fp8 also runs a cache-on side at auto, the "
+        "baseline for KV bytes per token, warm run time and decode step time",
+    )
+    parser.add_argument(
+        "--kv-memory-budget",
+        type=int,
+        default=1 << 30,
+        help="tgi-long: the byte budget whose token capacity is reported per KV dtype",
+    )
     parser.add_argument(
         "--rounds",
         type=int,

@@ -11,6 +11,7 @@ import argparse
 import gc
 import multiprocessing
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +35,7 @@ def started_engine(args: argparse.Namespace, caching: bool) -> Iterator[Engine]:
     engine = Engine.from_pretrained(
         args.model or str(default_model_path()),
         kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         enable_prefix_caching=caching,
         load_format=args.load_format,
     )
@@ -73,16 +75,30 @@ def _run_with_engine(args: argparse.Namespace, caching: bool, fn, fn_args) -> tu
 
 
 def send_all(engine: Engine, prompts: list[str], max_tokens: int) -> dict:
-    """All prompts at once as single-message chats: total seconds and token counts."""
+    """All prompts at once as single-message chats: total seconds, token counts, and
+    the median time of a decode step (a step after every request has its first token)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    chats = [[{"role": "user", "content": p}] for p in prompts]
     start = time.perf_counter()
-    outputs = engine.chat(chats, params, use_tqdm=True)
-    seconds = time.perf_counter() - start
+    lengths, started, last = {}, set(), {}
+    for p in prompts:
+        tokens = engine.inputs.chat_tokens([{"role": "user", "content": p}])
+        lengths[engine.add_request(tokens, params)] = len(tokens)
+    decode_steps = []
+    while len(last) < len(lengths):
+        step_start = time.perf_counter()
+        deltas = engine.step()
+        if len(started) == len(lengths) and deltas:
+            decode_steps.append(time.perf_counter() - step_start)
+        for delta in deltas:
+            started.add(delta.request_id)
+            if delta.finish_reason is not None:
+                last[delta.request_id] = delta
     return {
-        "seconds": seconds,
-        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
-        "cached": sum(o.num_cached_tokens for o in outputs),
+        "seconds": time.perf_counter() - start,
+        "prompt_tokens": sum(lengths.values()),
+        "cached": sum(d.num_cached_tokens for d in last.values()),
+        "decode_step_ms": 1000 * statistics.median(decode_steps) if decode_steps else None,
+        "kv_bytes_per_token": engine.stats()["kv_bytes_per_token"],
     }
 
 

@@ -45,16 +45,8 @@ def cache_dir() -> Path:
 @functools.cache
 def paged_decode():
     """The C ``paged_decode_f32`` function, or None when native kernels are unavailable."""
-    if os.environ.get("PREFIXCACHE_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        logger.info("no C compiler found: decode attention stays on torch ops")
-        return None
-    try:
-        library = ctypes.CDLL(str(_built(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:  # a failed or hung build
-        logger.warning("native decode kernel unavailable, using torch ops: %s", exc)
+    library = load_library(_SOURCE)
+    if library is None:
         return None
     function = library.paged_decode_f32
     function.restype = ctypes.c_int
@@ -63,19 +55,39 @@ def paged_decode():
     return function
 
 
-def _built(compiler: str) -> Path:
-    """The shared library for this machine, compiled first if it is not cached yet."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source)
+def load_library(source_path: Path) -> ctypes.CDLL | None:
+    """The built library of a source in ``csrc``, or None when native kernels are off,
+    there is no compiler, or the build fails."""
+    if os.environ.get("PREFIXCACHE_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.info("no C compiler found: decode attention stays on torch ops")
+        return None
+    try:
+        return ctypes.CDLL(str(_built(compiler, source_path)))
+    except (OSError, subprocess.SubprocessError) as exc:  # a failed or hung build
+        logger.warning(
+            "native decode kernel %s unavailable, using torch ops: %s", source_path.name, exc
+        )
+        return None
+
+
+def _built(compiler: str, source_path: Path = _SOURCE) -> Path:
+    """The shared library of ``source_path`` for this machine, compiled first if it is not
+    cached yet. Its key covers every source in ``csrc`` (one may include another)."""
+    key = hashlib.sha256(source_path.read_bytes())
+    for other in sorted(_SOURCE.parent.glob("*.[ch]")):
+        key.update(other.read_bytes())
     for part in (*_COMPILE_FLAGS, *_LINK_FLAGS, compiler, _compiler_version(compiler), _cpu()):
         key.update(part.encode())
-    target = cache_dir() / f"{_SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"{source_path.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         obj, lib = Path(work) / "kernel.o", Path(work) / "kernel.so"
-        _run([compiler, *_COMPILE_FLAGS, str(_SOURCE), "-o", str(obj)])
+        _run([compiler, *_COMPILE_FLAGS, str(source_path), "-o", str(obj)])
         _run([compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), *_LIBS])
         os.replace(lib, target)  # atomic: a concurrent build ends with one of the two
     logger.info("built native decode kernel %s", target)

@@ -9,6 +9,10 @@ a 200k-token context fits in memory and a long decode step copies no KV.
 Decode steps in float32 go to a small C kernel (``kernels.cpu_native``) when the
 machine can build it: one call for the whole batch, each sequence's blocks streamed
 in place. Everything else, and every step without that kernel, is torch ops.
+
+Quantized pools (int8/fp8 rows with scales, ``kernels.kv_quant``) take the same paths:
+decode steps go to the C kernel's int8/fp8 variant (``kernels.cpu_quant``), which
+dequantizes inside its dot products; the torch ops dequantize each piece as it is read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 
 from kernels.backend import AttentionBackend, register_backend
 from kernels.cpu_native import decode_attention
+from kernels.cpu_quant import decode_attention_quant
+from kernels.kv_quant import dequantize, is_quantized, write_quantized
 from kernels.metadata import AttentionMetadata
 
 QUERY_TILE = 512
@@ -37,7 +43,10 @@ class TorchReferenceBackend(AttentionBackend):
     """Paged attention written with torch ops; GQA without repeating cached K/V."""
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        """Scatter new K/V rows into their slots."""
+        """Scatter new K/V rows into their slots (quantized first for int8/fp8 pools)."""
+        if is_quantized(k_cache):
+            write_quantized(key, value, k_cache, v_cache, meta.slot_mapping)
+            return
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(
             0, meta.slot_mapping, key.to(k_cache.dtype)
         )
@@ -47,16 +56,19 @@ class TorchReferenceBackend(AttentionBackend):
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """Attention of each sequence's new queries over its cached and new keys."""
+        quantized = is_quantized(k_cache)
         if meta.is_decode_only:
-            out = _native_decode(query, k_cache, v_cache, meta, scale)
+            native = _native_decode_quant if quantized else _native_decode
+            out = native(query, k_cache, v_cache, meta, scale)
             if out is not None:
                 return out
         if meta.is_decode_only and max(meta.seq_lens_cpu) <= BATCHED_DECODE_MAX_LEN:
             return _batched_decode(query, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
         start = 0
+        context_type = _QuantContext if quantized else _Context
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-            context = _Context(k_cache, v_cache, meta, i)
+            context = context_type(k_cache, v_cache, meta, i)
             out[start : start + n] = _attend_sequence(
                 query[start : start + n], context, total, scale
             )
@@ -74,12 +86,27 @@ def _native_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: floa
     return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
 
 
+def _native_decode_quant(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """The C kernel for int8/fp8 pools (``kernels.cpu_quant``), else None."""
+    on_cpu = query.device.type == "cpu" and k_cache.device.type == "cpu"
+    if not on_cpu or query.dtype != torch.float32:
+        return None
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    return decode_attention_quant(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+
+
+def _values(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V rows as values: dequantized if the pool is quantized, else as they are."""
+    return dequantize(rows, dtype) if is_quantized(rows) else rows
+
+
 def _batched_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     """One query per short sequence: gather padded contexts and attend in a single op."""
     num_seqs, heads, dim = query.shape
     tables = meta.block_tables.long()
-    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, S, d]
-    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    keys = _values(k_cache[tables], query.dtype).flatten(1, 2).transpose(1, 2)  # [B, kvh, S, d]
+    values = _values(v_cache[tables], query.dtype).flatten(1, 2).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=query.device)
     visible = positions[None, :] < meta.seq_lens[:, None].to(query.device)
     out = F.scaled_dot_product_attention(
@@ -159,6 +186,25 @@ class _Context:
             .unsqueeze(0)
             for c in self._caches
         )
+
+
+class _QuantContext(_Context):
+    """A context over int8/fp8 pools: each piece is dequantized as it is read, at most
+    ``KEY_TILE`` tokens at a time, so no full-precision copy of the context is made."""
+
+    def __init__(self, k_cache, v_cache, meta: AttentionMetadata, seq: int) -> None:
+        super().__init__(k_cache, v_cache, meta, seq)
+        self.view_tile = KEY_TILE
+
+    def _take(self, slots: torch.Tensor):
+        return tuple(dequantize(rows) for rows in super()._take(slots))
+
+    def _view(self, first_block: int, offset: int, length: int):
+        return tuple(dequantize(rows) for rows in super()._view(first_block, offset, length))
+
+    def gather(self, k0: int, k1: int):
+        """Keys and values of positions ``k0..k1``, dequantized."""
+        return tuple(dequantize(rows) for rows in super().gather(k0, k1))
 
 
 def _slot_ranges(ranges: list[tuple[int, int]]) -> torch.Tensor:

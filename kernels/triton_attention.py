@@ -74,14 +74,25 @@ def _load_queries(q_ptr, first_row, rows_left, kvh, stride_qt, stride_qh, dims, 
 
 
 @triton.jit
+def _dequantize(codes, lut_ptr, scale_base, row_offs, HEAD_DIM: tl.constexpr):
+    """Quantized rows' codes (bytes) as floats: the code's value from the 256-entry
+    table, times the row's float16 scale stored after its ``HEAD_DIM`` codes."""
+    scale = tl.load(scale_base + (row_offs + HEAD_DIM) // 2).to(tl.float32)
+    return tl.load(lut_ptr + codes.to(tl.int32)) * scale[:, None]
+
+
+@triton.jit
 def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_end, q_pos, scale_log2,
                  stride_kb, stride_ks, stride_vb, stride_vs, dims, d_ok,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+                 lut_ptr, k_scale_base, v_scale_base, QUANT: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):  # fmt: skip
     """Fold keys ``start..start+BLOCK_N`` (paged) into the running softmax state.
 
     Unmasked tiles lie wholly inside every row's visible range; masked tiles apply
-    ``key <= q_pos`` and ``key < kv_end``.
+    ``key <= q_pos`` and ``key < kv_end``. With ``QUANT`` the pools hold quantized
+    rows (bytes; ``kernels.kv_quant``), dequantized here as they are loaded.
     """
     k_pos = start + tl.arange(0, BLOCK_N)
     kv_ok = k_pos < kv_end
@@ -101,6 +112,9 @@ def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_end, q_p
     else:
         k = tl.load(k_base + k_offs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + v_offs, mask=d_ok[None, :], other=0.0)
+    if QUANT:
+        k = _dequantize(k, lut_ptr, k_scale_base, block * stride_kb + slot * stride_ks, HEAD_DIM)
+        v = _dequantize(v, lut_ptr, v_scale_base, block * stride_vb + slot * stride_vs, HEAD_DIM)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
@@ -144,6 +158,10 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    lut_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    QUANT: tl.constexpr,
 ):
     """Grid ``(query tiles, seqs, kv_heads)``: a tile of new tokens over prefix + new keys."""
     tile, seq, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -167,6 +185,9 @@ def _prefill_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh * stride_kh
     v_base = v_cache_ptr + kvh * stride_vh
+    # Quantized pools: the same rows read as float16, where each row's scale lives.
+    k_scale_base = k_scale_ptr + kvh * stride_kh // 2
+    v_scale_base = v_scale_ptr + kvh * stride_vh // 2
     # Keys up to first_pos are visible to every row: no causal mask there.
     open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
@@ -174,12 +195,14 @@ def _prefill_kernel(
         m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
                                  scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
                                  d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION)  # fmt: skip
+                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                 HEAD_DIM)  # fmt: skip
     for start in range(open_end, kv_end, BLOCK_N):
         m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
                                  scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
                                  d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION)  # fmt: skip
+                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                 HEAD_DIM)  # fmt: skip
     out = acc / denom[:, None]
     offs = (q_start + tile * BLOCK_Q + tok).to(tl.int64)[:, None] * stride_ot
     offs = offs + (head * stride_oh)[:, None] + dims[None, :]
@@ -217,6 +240,10 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    lut_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    QUANT: tl.constexpr,
 ):
     """Grid ``(seqs, kv_heads, partitions)``: one query per head over one KV partition.
 
@@ -243,17 +270,22 @@ def _decode_partial_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh * stride_kh
     v_base = v_cache_ptr + kvh * stride_vh
+    # Quantized pools: the same rows read as float16, where each row's scale lives.
+    k_scale_base = k_scale_ptr + kvh * stride_kh // 2
+    v_scale_base = v_scale_ptr + kvh * stride_vh // 2
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for t0 in range(start, full_end, BLOCK_N):
         m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, t0, end, q_pos,
                                  scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
                                  d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION)  # fmt: skip
+                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                 HEAD_DIM)  # fmt: skip
     if full_end < end:
         m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, full_end, end, q_pos,
                                  scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
                                  d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION)  # fmt: skip
+                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                 HEAD_DIM)  # fmt: skip
     base = seq.to(tl.int64) * stride_ps + head * stride_ph + part * stride_pp
     tl.store(part_lse_ptr + base // BLOCK_D, m + tl.log2(denom), mask=row_ok)
     tl.store(part_out_ptr + base[:, None] + dims[None, :], acc / denom[:, None],

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.backend import AttentionBackend, register_backend
+from kernels.kv_quant import code_values, is_quantized, write_quantized
 from kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -127,14 +128,15 @@ def prefill_attention(
     block_m = max(tiles.block_m, group_pad, 16)
     block_q = block_m // group_pad  # new tokens per tile
     grid = (_cdiv(max(meta.query_lens_cpu), block_q), meta.num_seqs, kv_heads)
+    k_pool, v_pool, quant = _quant_args(k_cache, v_cache)
     _kernels()._prefill_kernel[grid](
-        query, k_cache, v_cache, out,
+        query, k_pool, v_pool, out,
         meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         SKIP_DECODE=skip_decode, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
-        BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype),
+        BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype), **quant,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
@@ -163,14 +165,15 @@ def decode_attention(
     part_out = query.new_empty((meta.num_seqs, heads, num_parts, block_d), dtype=torch.float32)
     part_lse = query.new_empty((meta.num_seqs, heads, num_parts), dtype=torch.float32)
     kernels = _kernels()
+    k_pool, v_pool, quant = _quant_args(k_cache, v_cache)
     kernels._decode_partial_kernel[(meta.num_seqs, kv_heads, num_parts)](
-        query, k_cache, v_cache, part_out, part_lse,
+        query, k_pool, v_pool, part_out, part_lse,
         meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E, partition,
         query.stride(0), query.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         meta.block_tables.stride(0), *part_out.stride()[:3],
         GROUP=group, GROUP_PAD=max(_pow2(group), 16), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=tiles.block_n, BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **quant, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     kernels._decode_reduce_kernel[(meta.num_seqs, heads)](
         part_out, part_lse, out, meta.query_start_loc, meta.seq_lens, partition,
@@ -204,7 +207,11 @@ class TritonBackend(AttentionBackend):
         return device.type == "cpu" and interpreter_enabled()
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        """One launch stores all the step's new K/V rows of this layer."""
+        """One launch stores all the step's new K/V rows of this layer; int8/fp8 pools
+        get their rows quantized by torch ops (``kernels.kv_quant``)."""
+        if is_quantized(k_cache):
+            write_quantized(key, value, k_cache, v_cache, meta.slot_mapping)
+            return
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping, meta.block_size)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -241,6 +248,26 @@ def _kernels() -> ModuleType:
     if interpreter_enabled() != module.INTERPRETED:
         module = importlib.reload(module)
     return module
+
+
+def _quant_args(k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The pools as the kernels read them, and the kernels' quantization arguments.
+
+    Quantized pools go in as bytes, with float16 views of the same memory for the
+    scales and the 256-entry table of code values; plain pools stand in for the unused
+    pointers.
+    """
+    if not is_quantized(k_cache):
+        unused = {"lut_ptr": k_cache, "k_scale_ptr": k_cache, "v_scale_ptr": v_cache}
+        return k_cache, v_cache, {**unused, "QUANT": False}
+    k_bytes, v_bytes = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    quant = {
+        "lut_ptr": code_values(k_cache.dtype, k_cache.device),
+        "k_scale_ptr": k_bytes.view(torch.float16),
+        "v_scale_ptr": v_bytes.view(torch.float16),
+        "QUANT": True,
+    }
+    return k_bytes, v_bytes, quant
 
 
 def _decode_partition(lens: list[int], kv_heads: int, tiles: DecodeTiles, device) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from prefixcache.config import LOAD_FORMATS
+from prefixcache.config import KV_CACHE_DTYPES, LOAD_FORMATS
 
 DEFAULT_PROMPT = "Tell me about prefix caching."
 DEFAULT_SERVED_NAME = "prefixcache/tiny-random"
@@ -107,6 +107,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-tokens", type=int, default=None)
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=None,
+        help="device KV pool budget in bytes, instead of --kv-cache-tokens",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="store KV at the model's dtype (auto) or quantized: int8, fp8 (e4m3)",
+    )
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--no-prefix-caching", action="store_true")
@@ -131,6 +143,8 @@ def _load_engine(args: argparse.Namespace, **options):
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,

@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 """How weights are read: from the folder (``auto``/``safetensors``) or made at random."""
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+"""How KV is stored: at the model's dtype, or quantized (``kernels.kv_quant``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -31,6 +34,7 @@ class EngineConfig:
     kv_tiers: tuple[str, ...] = ()  # registered tiers behind host and disk, in order
     kv_store: str | None = None  # a shared Redis, "redis://host:port/db", matched last
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8: see kernels.kv_quant
     load_format: str = "auto"
     seed: int = 0
     max_pinned_tokens: int | None = None
@@ -61,6 +65,7 @@ class EngineConfig:
         _check_tiers(self)
         _check_kv_store(self.kv_store)
         _check_backend(self.attention_backend)
+        _check_kv_cache_dtype(self.kv_cache_dtype)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
@@ -134,6 +139,13 @@ def _check_backend(name: str) -> None:
     known = ("auto", *available_backends())
     if name not in known:
         raise ValueError(f"attention_backend must be one of {', '.join(known)}, got {name!r}")
+
+
+def _check_kv_cache_dtype(name: str) -> None:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}"
+        )
 
 
 def _positive(name: str, value: int) -> None:

@@ -108,6 +108,7 @@ class CacheInfo(Struct, kw_only=True):
     object: str = "cache"
     block_size: int
     prefix_caching: bool
+    kv_bytes_per_token: int = 0  # device KV bytes per cached token, scales included
     tiers: list[CacheTier]
     counters: CacheCounters
     pins: CachePins

@@ -165,6 +165,7 @@ def _info(stats: EngineStats) -> CacheInfo:
     return CacheInfo(
         block_size=stats.block_size,
         prefix_caching=stats.prefix_caching,
+        kv_bytes_per_token=stats.kv_bytes_per_token,
         tiers=tiers,
         counters=counters,
         pins=CachePins(

@@ -160,6 +160,8 @@ def print_banner(
         f"  context     max_model_len {config.max_model_len} tokens",
         f"  KV cache    {config.kv_cache_tokens} tokens ({num_blocks} blocks of "
         f"{config.block_size}), prefix caching {caching}",
+        f"  KV dtype    {config.kv_cache_dtype}, {config.kv_bytes_per_token} bytes per token "
+        "(all layers, scales included)",
         f"  host cache  {config.host_cache_tokens} tokens; disk cache {disk}",
         f"  batching    max_num_seqs {config.max_num_seqs}, "
         f"max_num_batched_tokens {config.max_num_batched_tokens}",

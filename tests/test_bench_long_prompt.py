@@ -36,6 +36,27 @@ def test_tgi_long_second_run_reuses_the_reports(tiny_llama, tmp_path):
     assert (tmp_path / "long_prompt_tgi-long.png").exists()
 
 
+def test_tgi_long_with_a_quantized_cache_reports_it_against_full_precision(tiny_llama, tmp_path):
+    args = ["--scenario", "tgi-long", "--num-reports", "2", "--report-tokens", "300"]
+    args += ["--kv-cache-dtype", "int8", "--kv-memory-budget", "1000000"]
+    long_prompt.main(args + SMALL + ["--model", str(tiny_llama), "--out", str(tmp_path)])
+    summary, rows = _report(tmp_path, "long_prompt_tgi-long")
+    sides = {row["server"] for row in rows}
+    assert sides == {"prefix cache on", "prefix cache off", "prefix cache on, KV auto"}
+    quantized, full = rows[1], rows[5]
+    assert (quantized["server"], full["server"]) == ("prefix cache on", "prefix cache on, KV auto")
+    assert full["kv_bytes_per_token"] / quantized["kv_bytes_per_token"] >= 3.5
+    assert summary["tokens_in_budget"] == {
+        "int8": 1000000 // quantized["kv_bytes_per_token"],
+        "auto": 1000000 // full["kv_bytes_per_token"],
+    }
+    assert quantized["decode_step_ms"] > 0 and full["decode_step_ms"] > 0
+    assert summary["decode_speedup_vs_kv_auto"] == pytest.approx(
+        full["decode_step_ms"] / quantized["decode_step_ms"]
+    )
+    assert quantized["cached"] >= summary["prompt_tokens"] - 2 * 16
+
+
 def test_conversation_turn_two_is_served_from_the_cache(tiny_llama, tmp_path):
     args = ["--scenario", "conversation", "--context-tokens", "1500"]
     long_prompt.main(args + SMALL + ["--model", str(tiny_llama), "--out", str(tmp_path)])

@@ -21,6 +21,7 @@ import torch
 
 from kernels import AttentionMetadata
 from kernels.flash_attn_backend import FlashAttnBackend
+from kernels.kv_quant import quantize
 from kernels.torch_ref import TorchReferenceBackend
 from prefixcache import Engine, SamplingParams
 
@@ -38,7 +39,7 @@ SMALL_PREFILL = PrefillTiles(block_m=16, block_n=16)
 SMALL_DECODE = DecodeTiles(block_n=16, partition=32, block_p=4)
 needs_cuda = pytest.mark.skipif(not COMPILED_CUDA, reason="needs a CUDA GPU (compiled kernels)")
 # Fewer cases than this passing in the interpreter child means cases were skipped.
-MIN_INTERPRETED_CASES = 15
+MIN_INTERPRETED_CASES = 19
 
 
 @pytest.fixture
@@ -160,6 +161,24 @@ def test_default_tiles_match_reference(device):
 def test_float16_pools_match_reference_within_half_precision(device):
     case = paged_case([1, 12], [60, 40], 4, 2, 64, dtype=torch.float16, device=device)
     assert_matches_reference(TritonBackend(SMALL_PREFILL, SMALL_DECODE), case, 2e-3, 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize(
+    ("query_lens", "seq_lens", "head_dim"),
+    [([1, 20, 1, 7], [90, 20, 333, 70], 16), ([5, 1], [133, 150], 80)],
+)
+def test_quantized_pools_match_reference(device, dtype, query_lens, seq_lens, head_dim):
+    q, k, v, k_cache, v_cache, meta = paged_case(query_lens, seq_lens, 4, 2, head_dim,
+                                                 device=device)  # fmt: skip
+    k_pool, v_pool = quantize(k_cache, dtype), quantize(v_cache, dtype)
+    ref_k, ref_v = k_pool.clone(), v_pool.clone()
+    scale = head_dim**-0.5
+    out = TritonBackend(SMALL_PREFILL, SMALL_DECODE).forward(q, k, v, k_pool, v_pool, meta, scale)
+    expected = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, meta, scale)
+    assert torch.equal(k_pool.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(v_pool.view(torch.uint8), ref_v.view(torch.uint8))
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_is_refused_under_the_interpreter(device):

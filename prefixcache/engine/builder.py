@@ -6,11 +6,13 @@ input processor and the limits it returns know nothing of how they were made.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from kernels import get_backend
+from kernels.kv_quant import check_kv_cache_dtype
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.kv_cache import KVCache, bytes_per_token
@@ -48,16 +50,24 @@ def resolve_config(
     max_model_len: int | None = None,
     kv_cache_tokens: int | None = None,
     max_num_batched_tokens: int | None = None,
+    kv_cache_memory: int | None = None,
     **options,
 ) -> EngineConfig:
-    """An ``EngineConfig`` with every default resolved for ``model`` and the device."""
+    """An ``EngineConfig`` with every default resolved for ``model`` and the device.
+
+    ``kv_cache_memory``: a byte budget for the device KV pools instead of
+    ``kv_cache_tokens``; the tokens it holds depend on ``kv_cache_dtype``.
+    """
     folder = resolve_model_path(model)
     model_config = ModelConfig.from_folder(folder)
     device = torch.device(device or default_device())
     torch_dtype = resolve_dtype(dtype, device, model_config)
     max_len = resolve_max_model_len(model_config, max_model_len)
+    kv_dtype = options.get("kv_cache_dtype", "auto")
+    check_kv_cache_dtype(kv_dtype)
+    per_token = bytes_per_token(model_config, torch_dtype, kv_dtype)
     kv_tokens = resolve_kv_cache_tokens(
-        kv_cache_tokens, bytes_per_token(model_config, torch_dtype), max_len, device
+        kv_cache_tokens, per_token, max_len, device, memory=kv_cache_memory
     )
     return EngineConfig(
         model=str(folder),
@@ -78,10 +88,12 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     dtype = resolve_dtype(config.dtype, device, model_config)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, model_config, dtype, device, config.load_format)
-    kv_cache = KVCache(model_config, config.num_kv_blocks, config.block_size, dtype, device)
+    kv_cache = KVCache(
+        model_config, config.num_kv_blocks, config.block_size, dtype, device, config.kv_cache_dtype
+    )
     runner = ModelRunner(model, kv_cache, get_backend(config.attention_backend, device), device)
     fingerprint = model_fingerprint(
-        folder, model_config.architecture, str(dtype), config.load_format
+        folder, model_config.architecture, str(dtype), config.load_format, config.kv_cache_dtype
     )
     events = CacheEvents()  # one log for the device cache and the tiers
     blocks = BlockManager(
@@ -96,6 +108,7 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
     core = EngineCore(config, runner, blocks, tokenizer, eos)
     limits = _limits(config, model_config, fingerprint, str(dtype), runner.backend.name)
+    limits = replace(limits, kv_bytes_per_token=kv_cache.bytes_per_token)
     return BuiltEngine(core, InputProcessor(tokenizer, limits), limits, model_config)
 
 
@@ -119,4 +132,5 @@ def _limits(
         attention_backend=backend,
         host_cache_tokens=config.host_cache_tokens,
         disk_cache_dir=None if disk is None else str(disk),
+        kv_cache_dtype=config.kv_cache_dtype,
     )

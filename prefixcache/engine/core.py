@@ -217,6 +217,7 @@ class EngineCore:
             waiting=len(self.scheduler.waiting),
             offloaded_bytes=tiers.counters.offloaded_bytes if tiers is not None else 0,
             onloaded_bytes=tiers.counters.onloaded_bytes if tiers is not None else 0,
+            kv_bytes_per_token=self.runner.kv_cache.bytes_per_token,
         )
 
     def check_integrity(self) -> None:

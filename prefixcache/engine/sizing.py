@@ -34,11 +34,23 @@ def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
 
 
 def resolve_kv_cache_tokens(
-    requested: int | None, bytes_per_token: int, max_model_len: int, device: torch.device
+    requested: int | None,
+    bytes_per_token: int,
+    max_model_len: int,
+    device: torch.device,
+    memory: int | None = None,
 ) -> int:
-    """KV pool size in tokens: the request, else a share of the device's free memory."""
+    """KV pool size in tokens: the request, else what ``memory`` bytes hold (so a
+    quantized cache fits more tokens in the same budget), else a share of the device's
+    free memory."""
+    if requested is not None and memory is not None:
+        raise ValueError("give kv_cache_tokens or kv_cache_memory, not both")
     if requested is not None:
         return requested
+    if memory is not None:
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {memory!r}")
+        return memory // bytes_per_token
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * _GPU_KV_FRACTION)

@@ -45,6 +45,7 @@ class EngineStats:
     waiting: int
     offloaded_bytes: int = 0
     onloaded_bytes: int = 0
+    kv_bytes_per_token: int = 0  # device KV bytes per cached token, scales included
 
     @property
     def hit_tokens(self) -> int:
@@ -69,6 +70,7 @@ class EngineStats:
             "offloaded_bytes": self.offloaded_bytes,
             "onloaded_bytes": self.onloaded_bytes,
             "pinned_tokens": self.pins.pinned_tokens,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
         }
         for tier in self.tiers[1:]:
             result.update({f"{tier.name}_{k}": v for k, v in tier.counters().items()})

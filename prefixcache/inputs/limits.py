@@ -28,6 +28,8 @@ class EngineLimits:
     attention_backend: str  # the backend actually running, not the one asked for
     host_cache_tokens: int = 0
     disk_cache_dir: str | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8
+    kv_bytes_per_token: int = 0  # device KV bytes per token over all layers, scales included
 
     @property
     def max_context_tokens(self) -> int:

@@ -12,8 +12,11 @@ from prefixcache.models.loader import safetensors_files
 _SAMPLE_BYTES = 1 << 16
 
 
-def model_fingerprint(folder: Path, architecture: str, dtype: str, load_format: str) -> str:
-    """Hex digest over architecture, dtype, tokenizer files and the weights' identity.
+def model_fingerprint(
+    folder: Path, architecture: str, dtype: str, load_format: str, kv_cache_dtype: str = "auto"
+) -> str:
+    """Hex digest over architecture, dtype, KV cache dtype, tokenizer files and the
+    weights' identity: KV stored at one KV dtype is never read at another.
 
     Weights are identified by each file's safetensors header (names, shapes, offsets),
     its size and samples of its bytes, so a multi-GB checkpoint is not read whole.
@@ -21,6 +24,8 @@ def model_fingerprint(folder: Path, architecture: str, dtype: str, load_format: 
     digest = xxhash.xxh3_128()
     for part in (architecture, dtype, load_format):
         digest.update(part.encode() + b"\0")
+    if kv_cache_dtype != "auto":  # left out for auto: existing disk caches stay valid
+        digest.update(b"kv_cache_dtype=" + kv_cache_dtype.encode() + b"\0")
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         path = folder / name
         if path.is_file():

@@ -5,7 +5,10 @@ fingerprint, chunk key, digest of the prefix before the chunk, start position, d
 shape, payload size, and an xxh3 checksum of tokens and payload); the chunk's token ids
 as little-endian int32; then the KV payload ``[layers, 2, num_blocks, block_size,
 kv_heads, head_dim]`` in the header's dtype, where ``num_blocks`` is the whole chunk or
-its first blocks. ``decode`` checks every part against what the reader expects, so a
+its first blocks. A quantized KV cache (header ``kv_cache_dtype`` int8 or fp8, dtype
+int8 or float8_e4m3fn) stores rows of ``head_dim`` codes followed by their float16
+scale, so the last dimension is ``head_dim + 2`` and the scales travel with the bytes
+(``kernels.kv_quant``). ``decode`` checks every part against what the reader expects, so a
 file that is truncated, corrupt or written by another model or layout raises
 ``ChunkFileError``. ``decode_head`` reads the names and tokens alone, to choose among
 files before reading one whole."""
@@ -22,6 +25,7 @@ import torch
 import xxhash
 
 from chunking.hashing import TOKEN_DTYPE
+from kernels.kv_quant import kv_format
 from prefixcache.tiers.base import KVChunk
 
 MAGIC = b"PCKVCHNK"
@@ -93,6 +97,7 @@ def encode(layout: ChunkLayout, chunk: KVChunk) -> list[bytes | memoryview]:
             "parent": chunk.parent.hex(),
             "start": chunk.start,
             "dtype": _dtype_name(layout.dtype),
+            "kv_cache_dtype": kv_format(layout.dtype),
             "shape": list(data.shape),
             "payload_bytes": len(payload),
             "xxh3": _checksum(memoryview(tokens), payload),
@@ -168,6 +173,9 @@ def _check_header(layout: ChunkLayout, header: dict) -> int:
     for key, value in (("fingerprint", layout.fingerprint), ("dtype", _dtype_name(layout.dtype))):
         if header.get(key) != value:
             raise ChunkFileError(f"{key} is {header.get(key)!r}, expected {value!r}")
+    stored = header.get("kv_cache_dtype", "auto")  # files from before quantization: auto
+    if stored != kv_format(layout.dtype):
+        raise ChunkFileError(f"kv_cache_dtype is {stored!r}, expected {kv_format(layout.dtype)!r}")
     shape = header.get("shape")
     num_blocks = shape[2] if isinstance(shape, list) and len(shape) == len(layout.shape) else 0
     if not isinstance(num_blocks, int) or not 0 < num_blocks <= layout.shape[2]:

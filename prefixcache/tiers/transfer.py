@@ -67,8 +67,8 @@ class KVTransfer:
         moved = data.to(self.device, non_blocking=True)
         dst = _index(block_ids, self.device)
         for layer, (k, v) in enumerate(self.device_layers):
-            k.index_copy_(0, dst, moved[layer, 0])
-            v.index_copy_(0, dst, moved[layer, 1])
+            _bytes(k).index_copy_(0, dst, _bytes(moved[layer, 0]))
+            _bytes(v).index_copy_(0, dst, _bytes(moved[layer, 1]))
 
     def copying(self) -> contextlib.AbstractContextManager:
         """The scope copies run in: the side stream on CUDA, nothing special on CPU."""
@@ -94,6 +94,11 @@ class _SideStream:
         done = torch.cuda.Event()
         done.record(self.stream)
         self.compute.wait_event(done)
+
+
+def _bytes(pool: torch.Tensor) -> torch.Tensor:
+    """One-byte pools (int8/fp8 KV) as bytes: torch has no ``index_copy_`` for float8."""
+    return pool.view(torch.uint8) if pool.element_size() == 1 else pool
 
 
 def _index(ids: Sequence[int], device) -> torch.Tensor:
