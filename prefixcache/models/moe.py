@@ -43,7 +43,7 @@ def parse_moe(raw: dict[str, Any], architecture: str) -> MoeConfig | None:
         num_experts=_count(num_experts, architecture, "num_experts"),
         top_k=_count(raw.get("num_experts_per_tok", 2), architecture, "num_experts_per_tok"),
         intermediate_size=_count(
-            raw.get("moe_intermediate_size") or raw["intermediate_size"],
+            raw.get("moe_intermediate_size", raw["intermediate_size"]),
             architecture,
             "moe_intermediate_size",
         ),
@@ -57,7 +57,7 @@ def parse_moe(raw: dict[str, Any], architecture: str) -> MoeConfig | None:
         decoder_sparse_step=_count(
             raw.get("decoder_sparse_step", 1), architecture, "decoder_sparse_step"
         ),
-        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+        mlp_only_layers=_layers(raw.get("mlp_only_layers") or [], raw, architecture),
     )
     if moe.top_k > moe.num_experts:
         raise ValueError(
@@ -65,6 +65,19 @@ def parse_moe(raw: dict[str, Any], architecture: str) -> MoeConfig | None:
             f"num_experts ({moe.num_experts})"
         )
     return moe
+
+
+def _layers(value: Any, raw: dict[str, Any], architecture: str) -> tuple[int, ...]:
+    num_layers = raw.get("num_hidden_layers", 0)
+    ok = isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value
+    )
+    if not ok:
+        raise ValueError(
+            f"{architecture}: mlp_only_layers must list layer indices below "
+            f"num_hidden_layers ({num_layers}), got {value!r}"
+        )
+    return tuple(value)
 
 
 def _count(value: Any, architecture: str, key: str, minimum: int = 1) -> int:

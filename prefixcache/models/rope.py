@@ -171,7 +171,13 @@ def _optional_positive(params: dict[str, Any], key: str, where: str) -> float | 
 
 
 def rope_frequencies(head_dim: int, rope: RopeConfig) -> RopeFrequencies:
-    """The inverse frequencies and attention scaling for ``rope.rope_type``."""
+    """The inverse frequencies and attention scaling for ``rope.rope_type`` (on the CPU,
+    also while a model is built on the meta device)."""
+    with torch.device("cpu"):
+        return _frequencies(head_dim, rope)
+
+
+def _frequencies(head_dim: int, rope: RopeConfig) -> RopeFrequencies:
     inv_freq = _base_inv_freq(head_dim, rope.theta)
     if rope.rope_type == "linear":
         return RopeFrequencies(inv_freq / rope.factor)
@@ -209,6 +215,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 def dynamic_ntk_length(rope: RopeConfig) -> int:
     """The sequence length whose NTK base we pin: ``factor * max_position_embeddings``."""
     return int(rope.factor * rope.max_position_embeddings)
+
+
+def scaled_context_length(rope: RopeConfig) -> int:
+    """The context a scaling is made for, beyond ``max_position_embeddings`` (0 if none).
+
+    YaRN stretches the pretraining length by ``factor``; dynamic NTK is pinned at
+    ``factor * max_position_embeddings``. Other types state their reach in
+    ``max_position_embeddings`` itself.
+    """
+    if rope.rope_type == "yarn":
+        return int(rope.factor * rope.original_max_position_embeddings)
+    if rope.rope_type == "dynamic":
+        return dynamic_ntk_length(rope)
+    return 0
 
 
 def _dynamic_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
