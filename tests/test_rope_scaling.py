@@ -56,10 +56,11 @@ def _configs(case: str, theta: float = 1e6):
     return ModelConfig.from_dict(raw), hf
 
 
-def _positions(limit: int) -> torch.Tensor:
-    """Every position near 0 and near ``limit``, and a spread between."""
+def _positions(limit: int, boundary: int = 64) -> torch.Tensor:
+    """Every position near 0, ``boundary`` and ``limit``, and a spread between."""
     spread = torch.linspace(0, limit, 4099).long()
-    return torch.cat([torch.arange(64), spread, torch.arange(limit - 64, limit + 1)]).unique()
+    near = [torch.arange(64), torch.arange(boundary - 8, boundary + 8), spread]
+    return torch.cat([*near, torch.arange(limit - 64, limit + 1)]).unique()
 
 
 def _hf_cos_sin(hf_config, positions: torch.Tensor):
@@ -106,7 +107,7 @@ def test_dynamic_ntk_is_pinned_at_the_full_scaled_length():
 def test_longrope_uses_short_factors_before_the_original_length_and_long_after():
     ours_config, hf = _configs("longrope-phi3")
     original = ours_config.rope.original_max_position_embeddings
-    positions = _positions(MAX_POSITION)
+    positions = _positions(MAX_POSITION, boundary=original)
     cos, sin = RotaryEmbedding(ours_config.head_dim, ours_config.rope).cos_sin(positions)
     short, long = positions < original, positions >= original
     # transformers picks short factors while the sequence fits the original length...
