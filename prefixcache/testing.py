@@ -69,6 +69,9 @@ ARCHITECTURES: dict[str, TinyArch] = {
     "qwen3": TinyArch("Qwen3Config", "Qwen3ForCausalLM", {}),
 }
 
+# Phi-3 ships its projections fused; like Qwen2, its configs carry no head_dim.
+ARCHITECTURES["phi3"] = TinyArch("Phi3Config", "Phi3ForCausalLM", {}, head_dim_in_config=False)
+
 # Mixture-of-experts models: four small experts, two per token.
 _TINY_EXPERTS: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 48}
 ARCHITECTURES |= {

@@ -25,6 +25,14 @@ VARIANTS = {
     "yarn": ("qwen3", {"rope_parameters": YARN}),
     "dynamic": ("llama", {"rope_parameters": DYNAMIC, "max_position_embeddings": 64}),
     "longrope": ("llama", {"rope_parameters": LONGROPE}),
+    # Phi-3 keeps its pretraining length beside rope_parameters, and it takes precedence.
+    "phi3-longrope": (
+        "phi3",
+        {
+            "rope_parameters": {**LONGROPE, "original_max_position_embeddings": 4096},
+            "original_max_position_embeddings": 32,
+        },
+    ),
 }
 
 

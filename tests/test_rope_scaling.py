@@ -8,9 +8,10 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from prefixcache.cache.tenants import salt_tenant
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.layers import RotaryEmbedding
-from prefixcache.models.rope import dynamic_ntk_length, rope_frequencies
+from prefixcache.models.rope import dynamic_ntk_length, longrope_salt, rope_frequencies
 
 MAX_POSITION = 262143  # 256k positions: 0 .. 262143
 
@@ -118,3 +119,24 @@ def test_longrope_uses_short_factors_before_the_original_length_and_long_after()
     hf_cos, hf_sin = _hf_cos_sin(hf, positions[long])
     torch.testing.assert_close(cos[long], hf_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin[long], hf_sin, rtol=0, atol=1e-6)
+
+
+def test_longrope_request_past_the_original_length_uses_long_factors_everywhere():
+    ours_config, hf = _configs("longrope-phi3")
+    positions = _positions(MAX_POSITION, boundary=4096)
+    all_long = torch.ones_like(positions, dtype=torch.bool)
+    rotary = RotaryEmbedding(ours_config.head_dim, ours_config.rope)
+    cos, sin = rotary.cos_sin(positions, all_long)
+    hf_cos, hf_sin = _hf_cos_sin(hf, positions)  # one call longer than 4096: all long
+    torch.testing.assert_close(cos, hf_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, hf_sin, rtol=0, atol=1e-6)
+
+
+def test_longrope_requests_longer_than_the_original_length_are_cached_apart():
+    rope = _configs("longrope-phi3")[0].rope
+    assert longrope_salt(rope, 4096, None) is None
+    assert longrope_salt(rope, 4096, "acme:docs") == "acme:docs"
+    long_salt = longrope_salt(rope, 4097, "acme:docs")
+    assert long_salt != "acme:docs" and salt_tenant(long_salt) == "acme"
+    assert salt_tenant(longrope_salt(rope, 4097, None)) == ""  # the shared tenant's
+    assert longrope_salt(_configs("yarn-qwen3")[0].rope, 10**6, "acme") == "acme"

@@ -14,9 +14,21 @@ from prefixcache.engine.model_runner import SequenceChunk
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.rope import dynamic_ntk_length
 
-# Prompt lengths for the whole-prompt comparison: dynamic NTK equals transformers' at its
-# pinned length; LongRoPE's prompt fits the original length (generation goes past it).
-PROMPT_LEN = {"dynamic": 256, "longrope": 32}
+# (variant, prompt length) for the whole-prompt comparison: dynamic NTK equals
+# transformers' at its pinned length; LongRoPE prompts that fit the original length (32)
+# run the short factors, longer ones the long factors at every position.
+PROMPTS = [(name, 70) for name in sorted(VARIANTS) if name != "dynamic"] + [
+    ("dynamic", 256),
+    ("longrope", 32),
+    ("phi3-longrope", 32),
+]
+# (variant, prompt length) for generation: a 24-token LongRoPE prompt generates past the
+# original length, as transformers' generic decode does; Phi-3's transformers code
+# recomputes everything at that step (we do not), so its prompt starts past it.
+GREEDY = [(name, 24) for name in sorted(VARIANTS) if name != "phi3-longrope"] + [
+    ("longrope", 40),
+    ("phi3-longrope", 40),
+]
 
 
 def _hf_model(folder):
@@ -36,24 +48,23 @@ def _pin_dynamic(hf) -> None:
     rotary.inv_freq, rotary.original_inv_freq, rotary.rope_type = inv_freq, inv_freq, "default"
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_prompt_in_three_chunks_matches_hf(tiny_model_factory, name):
+@pytest.mark.parametrize(("name", "length"), PROMPTS)
+def test_prompt_in_three_chunks_matches_hf(tiny_model_factory, name, length):
     folder = variant_folder(tiny_model_factory, name)
-    length = PROMPT_LEN.get(name, 70)
     ids = _prompt(length, 300, seed=7)
     runner, blocks = _runner(folder), [7, 3, 11, 2, 9, 0, 4, 12, 5, 13, 6, 14, 8, 15, 1, 10]
-    cuts = [0, length // 4, length // 2 + 3, length]
+    cuts, long_rope = [0, length // 4, length // 2 + 3, length], runner.uses_long_rope(length)
     parts = [
-        runner.run([SequenceChunk(ids[a:b], a, blocks)], all_logits=True)
+        runner.run([SequenceChunk(ids[a:b], a, blocks, long_rope)], all_logits=True)
         for a, b in zip(cuts, cuts[1:], strict=False)
     ]
     _assert_close(torch.cat(parts), _hf_logits(folder, ids))
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_greedy_generation_matches_hf_token_for_token(tiny_model_factory, name):
+@pytest.mark.parametrize(("name", "length"), GREEDY)
+def test_greedy_generation_matches_hf_token_for_token(tiny_model_factory, name, length):
     folder = variant_folder(tiny_model_factory, name)
-    prompt, steps = _prompt(24, 300, seed=8), 20
+    prompt, steps = _prompt(length, 300, seed=8), 20
     with torch.no_grad():
         hf = _hf_model(folder).generate(
             torch.tensor([prompt]),

@@ -35,21 +35,34 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq, self.long_inv_freq = tables.inv_freq, tables.long_inv_freq
         self.long_from, self.attention_scaling = tables.long_from, tables.attention_scaling
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate ``q`` ``[tokens, heads, d]`` and ``k`` by their token positions."""
-        cos, sin = self.cos_sin(positions)
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        long_rope: torch.Tensor | None = None,
+    ):
+        """Rotate ``q`` ``[tokens, heads, d]`` and ``k`` by their token positions;
+        ``long_rope`` marks tokens that take LongRoPE's long factors at any position."""
+        cos, sin = self.cos_sin(positions, long_rope)
         cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, long_rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 ``cos`` and ``sin`` ``[tokens, d]``, attention scaling included."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         inv_freq = self.inv_freq[None, :]
         if self.long_inv_freq is not None:
-            # LongRoPE: each position picks its factors by itself, so cached K stays valid.
+            # LongRoPE: past the original length, or for a request run long throughout
+            # (see models.rope), the long factors.
             self.long_inv_freq = self.long_inv_freq.to(positions.device)
-            is_long = (positions >= self.long_from)[:, None]
+            is_long = positions >= self.long_from
+            if long_rope is not None:
+                is_long = is_long | long_rope
+            is_long = is_long[:, None]
             inv_freq = torch.where(is_long, self.long_inv_freq[None, :], inv_freq)
         freqs = positions.float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)

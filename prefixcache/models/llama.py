@@ -56,7 +56,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, ctx.long_rope)
         out = ctx.attention(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 

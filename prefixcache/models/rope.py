@@ -9,13 +9,16 @@ any later request that shares the prefix (hit == miss):
   they were), so its KV depends on how the sequence was split into calls. We pin the
   base at ``factor * max_position_embeddings`` tokens, the value transformers reaches at
   the full scaled length (vLLM makes the same choice).
-- ``longrope``: transformers takes the long factors for a whole forward call once the
-  sequence passes ``original_max_position_embeddings``, the short ones before. We
-  choose per position: positions past the original length use the long factors,
-  earlier ones the short factors. That is what transformers computes when the prompt
-  fits the original length and generation runs past it (each decode step is its own
-  call); a single call over a longer prompt differs (it rotates the early positions
-  with the long factors too).
+- ``longrope``: transformers takes the long factors for every position of a forward
+  call once the sequence is longer than ``original_max_position_embeddings``, the
+  short ones before. We choose per request, by its prompt: a prompt longer than the
+  original length runs with the long factors at every position (as transformers
+  computes it), and its KV is cached apart from short-factor KV, under its own cache
+  salt (``longrope_salt``), so neither is ever reused for the other. A shorter prompt
+  uses the short factors, and the long ones from the original length on, which is what
+  transformers' generic decode computes (each step is its own call, earlier keys are
+  kept). Phi-3 in transformers instead recomputes the whole sequence with the long
+  factors at that step; we do not, so such a generation differs from it past there.
 - ``yarn``: static frequencies and an attention factor that scales cos and sin.
 """
 
@@ -229,6 +232,24 @@ def scaled_context_length(rope: RopeConfig) -> int:
     if rope.rope_type == "dynamic":
         return dynamic_ntk_length(rope)
     return 0
+
+
+LONGROPE_SALT = "longrope-long"
+
+
+def uses_long_factors(rope: RopeConfig, num_prompt_tokens: int) -> bool:
+    """Whether a request with this prompt runs LongRoPE's long factors at every position."""
+    return (
+        rope.rope_type == "longrope" and num_prompt_tokens > rope.original_max_position_embeddings
+    )
+
+
+def longrope_salt(rope: RopeConfig, num_prompt_tokens: int, salt: str | None) -> str | None:
+    """The cache salt of a request: ``salt`` itself, or for a long-factor LongRoPE prompt
+    a salt of the same tenant (``TENANT:...``) that keeps its KV apart."""
+    if not uses_long_factors(rope, num_prompt_tokens):
+        return salt
+    return f"{salt or ''}:{LONGROPE_SALT}"
 
 
 def _dynamic_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
