@@ -71,3 +71,33 @@ def test_twenty_conversations_with_eviction_equal_cache_off(tiny_model_factory, 
     stats = on.stats()
     assert stats["hit_tokens"] > 0 and stats["evicted_blocks"] > 0
     on.check_integrity()
+
+
+def _grow(engine: Engine, first: list[int], additions: list[list[int]]):
+    """One conversation turn by turn: (output, num_cached_tokens) per turn."""
+    prompt, turns = first, []
+    for added in [None, *additions]:
+        if added is not None:
+            prompt = prompt + turns[-1][0].token_ids + added
+        out = engine.generate(prompt, PARAMS)[0]
+        turns.append((out, out.num_cached_tokens))
+    return turns
+
+
+@pytest.mark.parametrize("name", ["longrope", "phi3-longrope"])
+def test_longrope_turn_past_the_original_length_recomputes_short_factor_kv(
+    tiny_model_factory, name
+):
+    folder = variant_folder(tiny_model_factory, name)
+    on, off = _engine(folder, True), _engine(folder, False)
+    rng = random.Random(5)
+    for _ in range(4):
+        first = [rng.randrange(3, 700) for _ in range(rng.randint(18, 26))]  # fits in 32
+        additions = [[rng.randrange(3, 700) for _ in range(8)] for _ in range(2)]
+        turns_on, turns_off = _grow(on, first, additions), _grow(off, first, additions)
+        for (a, _), (b, _) in zip(turns_on, turns_off, strict=True):
+            assert a.token_ids == b.token_ids
+            assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOLERANCE)
+        # Turn 2 is past 32 tokens: turn 1's short-factor blocks are not reused; turn 3
+        # reuses turn 2's long-factor ones.
+        assert [cached for _, cached in turns_on] == [0, 0, 32]
