@@ -101,3 +101,13 @@ def test_longrope_turn_past_the_original_length_recomputes_short_factor_kv(
         # Turn 2 is past 32 tokens: turn 1's short-factor blocks are not reused; turn 3
         # reuses turn 2's long-factor ones.
         assert [cached for _, cached in turns_on] == [0, 0, 32]
+
+
+def test_longrope_prefix_past_the_original_length_can_be_pinned_and_reused(tiny_model_factory):
+    engine = _engine(variant_folder(tiny_model_factory, "phi3-longrope"), True)
+    document = [random.Random(6).randrange(3, 700) for _ in range(50)]
+    handle = engine.prewarm(document, pin=True, salt="acme:docs")
+    assert handle.pinned and handle.num_cached_tokens == 48
+    later = engine.generate(document + [5, 6, 7], PARAMS, salt="acme:docs")[0]
+    assert later.num_cached_tokens == 48
+    assert engine.unpin(handle)
