@@ -133,6 +133,15 @@ def test_expert_beyond_the_config_is_named(tiny_model_factory, tmp_path):
         load()
 
 
+def test_phi3_older_longrope_names_are_read_as_longrope():
+    for old_name in ("su", "yarn"):
+        raw = _raw("Phi3ForCausalLM", **_rope(**{**LONG, "type": old_name}))
+        del raw["rope_parameters"]["rope_type"]
+        assert ModelConfig.from_dict(raw).rope.rope_type == "longrope"
+    with pytest.raises(ValueError, match="rope_type 'su' is not supported"):
+        ModelConfig.from_dict(_raw(**_rope(**{**LONG, "rope_type": "su"})))
+
+
 def test_config_with_experts_loads_and_keeps_its_expert_layout(tiny_model_factory):
     folder = tiny_model_factory("qwen2_moe")
     raw = json.loads((folder / "config.json").read_text())

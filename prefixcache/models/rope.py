@@ -70,6 +70,8 @@ def parse_rope(raw: dict[str, Any], head_dim: int, architecture: str) -> RopeCon
     """Read the RoPE parameters of a config.json dict; ValueError naming a bad field."""
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if architecture == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # transformers' Phi-3 reads both older names as LongRoPE
     where = f"{architecture}: rope_parameters"
     if rope_type not in ROPE_TYPES:
         raise ValueError(
