@@ -45,6 +45,9 @@ _SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LOGIT_SCALE = 20.0
+# Router logits are scaled up likewise, so that no token sits on a near-tie between two
+# experts, where rounding noise alone could flip its routing.
+_ROUTER_SCALE = 25.0
 _MAX_POSITIONS = 262144
 
 
@@ -64,6 +67,30 @@ ARCHITECTURES: dict[str, TinyArch] = {
     # head_dim: the engine must derive both from the architecture, as for real models.
     "qwen2": TinyArch("Qwen2Config", "Qwen2ForCausalLM", {}, head_dim_in_config=False),
     "qwen3": TinyArch("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+
+# Phi-3 ships its projections fused; like Qwen2, its configs carry no head_dim.
+ARCHITECTURES["phi3"] = TinyArch("Phi3Config", "Phi3ForCausalLM", {}, head_dim_in_config=False)
+
+# Mixture-of-experts models: four small experts, two per token.
+_TINY_EXPERTS: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 48}
+ARCHITECTURES |= {
+    "mixtral": TinyArch(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    ),
+    "qwen2_moe": TinyArch(
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {"num_experts": 4, "shared_expert_intermediate_size": 96, **_TINY_EXPERTS},
+        head_dim_in_config=False,
+    ),
+    "qwen3_moe": TinyArch(
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "norm_topk_prob": True, **_TINY_EXPERTS},
+    ),
 }
 
 _BASE_CONFIG: dict[str, Any] = {
@@ -211,6 +238,9 @@ def _spread_logits(model: Any) -> None:
 
     with torch.no_grad():
         model.model.norm.weight.mul_(_LOGIT_SCALE)
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                param.mul_(_ROUTER_SCALE)
 
 
 def _save_tokenizer(folder: Path) -> dict[str, int]:

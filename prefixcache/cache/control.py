@@ -7,6 +7,7 @@ the thread that steps the engine (the SDK's, or the engine loop's).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.cache.pins import PinHandle, PinRegistry
@@ -21,8 +22,11 @@ class CacheControl:
         blocks: BlockManager,
         max_pinned_tokens: int,
         max_pinned_tokens_per_tenant: int | None = None,
+        cache_salt: Callable[[int, str | None], str | None] | None = None,
     ) -> None:
         self.blocks = blocks
+        # (prompt length, salt) -> the salt a request of that prompt is cached under.
+        self._cache_salt = cache_salt or (lambda _num_tokens, salt: salt)
         cache = blocks.cache
         self.pins = (
             PinRegistry(
@@ -52,7 +56,7 @@ class CacheControl:
     def pin(self, token_ids, salt: str | None, ttl: float | None) -> PinHandle:
         """Pin the cached prefix of ``token_ids``; ``expires_at`` is Unix time (or None)."""
         pins = self._pins()
-        handle, pinned = pins.pin(token_ids, salt, ttl)
+        handle, pinned = pins.pin(token_ids, self._cache_salt(len(token_ids), salt), ttl)
         deadline = pins.expires_at(handle)
         expires_at = None if deadline is None else time.time() + (deadline - pins.clock())
         return PinHandle(handle, len(token_ids), pinned, True, expires_at)
@@ -60,7 +64,9 @@ class CacheControl:
     def peek(self, token_ids, salt: str | None) -> int:
         """Tokens of ``token_ids`` the device cache holds now (changes nothing)."""
         cache = self.blocks.cache
-        return cache.peek(token_ids, salt) if cache is not None else 0
+        if cache is None:
+            return 0
+        return cache.peek(token_ids, self._cache_salt(len(token_ids), salt))
 
     def unpin(self, handle: str | PinHandle) -> bool:
         """Release a pin; False if it is unknown or expired."""

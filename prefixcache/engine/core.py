@@ -59,7 +59,10 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.device = runner.device
         self.control = CacheControl(
-            blocks, config.pinned_token_cap, config.max_pinned_tokens_per_tenant
+            blocks,
+            config.pinned_token_cap,
+            config.max_pinned_tokens_per_tenant,
+            cache_salt=runner.cache_salt,
         )
         self.capacity = KVCapacity(blocks, self.control.pins)
         self.scheduler = Scheduler(
@@ -85,6 +88,7 @@ class EngineCore:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        salt = self.runner.cache_salt(len(tokens), salt)
         self.capacity.check_prompt(tokens, params.max_tokens, salt)
         seq = Sequence(
             request_id=request_id,
@@ -140,7 +144,7 @@ class EngineCore:
         completing = [i for i, s in enumerate(scheduled) if s.completes]  # before advancing
         seqs = [scheduled[i].seq for i in completing]
         try:
-            logits = self.runner.run([_chunk(s) for s in scheduled])
+            logits = self.runner.run([self._chunk(s) for s in scheduled])
             sampled = self._sample(seqs, logits[completing]) if seqs else None
         except Exception as exc:
             # Nothing was advanced: the KV written went to blocks the failed requests
@@ -157,6 +161,9 @@ class EngineCore:
         if sampled is not None:
             deltas += self._append_sampled(seqs, sampled)
         return deltas
+
+    def _chunk(self, s: ScheduledSeq) -> SequenceChunk:
+        return _chunk(s, self.runner.uses_long_rope(s.seq.num_prompt_tokens))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         return self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -236,7 +243,8 @@ class EngineCore:
         )
 
 
-def _chunk(s: ScheduledSeq) -> SequenceChunk:
+def _chunk(s: ScheduledSeq, long_rope: bool) -> SequenceChunk:
     """The tokens ``s`` computes this step, where they start, and its blocks."""
     start = s.seq.num_computed_tokens
-    return SequenceChunk(s.seq.token_slice(start, start + s.num_tokens), start, s.seq.block_ids)
+    tokens = s.seq.token_slice(start, start + s.num_tokens)
+    return SequenceChunk(tokens, start, s.seq.block_ids, long_rope)

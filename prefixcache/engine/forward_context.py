@@ -16,6 +16,9 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     backend: AttentionBackend
+    # Per token: run LongRoPE's long factors at every position (``models.rope``); None
+    # when no sequence of the step does.
+    long_rope: torch.Tensor | None = None
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

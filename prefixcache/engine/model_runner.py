@@ -11,6 +11,7 @@ from torch import nn
 from kernels import AttentionBackend, AttentionMetadata
 from prefixcache.cache.kv_cache import KVCache
 from prefixcache.engine.forward_context import ForwardContext
+from prefixcache.models.rope import longrope_salt, uses_long_factors
 
 
 class SequenceChunk(NamedTuple):
@@ -19,6 +20,7 @@ class SequenceChunk(NamedTuple):
     token_ids: Sequence[int]
     num_computed: int
     block_ids: Sequence[int]
+    long_rope: bool = False  # LongRoPE's long factors at every position (models.rope)
 
 
 class ModelRunner:
@@ -28,6 +30,15 @@ class ModelRunner:
         self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, device: torch.device
     ) -> None:
         self.model, self.kv_cache, self.backend, self.device = model, kv_cache, backend, device
+
+    def uses_long_rope(self, num_prompt_tokens: int) -> bool:
+        """Whether a request with this prompt runs LongRoPE's long factors throughout."""
+        return uses_long_factors(self.model.config.rope, num_prompt_tokens)
+
+    def cache_salt(self, num_prompt_tokens: int, salt: str | None) -> str | None:
+        """The prefix-cache salt of a request: KV computed with other RoPE factors for
+        the same tokens is kept apart (``models.rope.longrope_salt``)."""
+        return longrope_salt(self.model.config.rope, num_prompt_tokens, salt)
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
@@ -52,8 +63,17 @@ class ModelRunner:
             block_size=self.kv_cache.block_size,
             device=self.device,
         )
-        ctx = ForwardContext(meta, self.kv_cache.layers, self.backend)
+        ctx = ForwardContext(
+            meta, self.kv_cache.layers, self.backend, _long_rope(chunks, self.device)
+        )
         return _long_tensor(ids, self.device), _long_tensor(positions, self.device), ctx
+
+
+def _long_rope(chunks: Sequence[SequenceChunk], device: torch.device) -> torch.Tensor | None:
+    if not any(chunk.long_rope for chunk in chunks):
+        return None
+    flags = [chunk.long_rope for chunk in chunks for _ in chunk.token_ids]
+    return torch.tensor(flags, dtype=torch.bool, device=device)
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from prefixcache.models.config import ModelConfig
+from prefixcache.models.rope import scaled_context_length
 
 _CPU_KV_FRACTION = 0.2
 _CPU_KV_CAP_BYTES = 8 << 30
@@ -20,7 +21,7 @@ def default_device() -> str:
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     """The longest prompt plus output the engine accepts."""
-    limit = config.max_position_embeddings
+    limit = max(config.max_position_embeddings, scaled_context_length(config.rope))
     if config.sliding_window:
         # Full attention equals sliding-window attention while contexts fit the window.
         limit = min(limit, config.sliding_window)

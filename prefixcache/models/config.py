@@ -7,17 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcache.models.moe import MoeConfig, parse_moe
+from prefixcache.models.rope import RopeConfig, parse_rope
 
-@dataclass(frozen=True, slots=True)
-class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` is one of default, linear, llama3)."""
-
-    theta: float = 10000.0
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+__all__ = ["ModelConfig", "MoeConfig", "RopeConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +34,7 @@ class ModelConfig:
     sliding_window: int | None = None
     torch_dtype: str | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -56,6 +50,7 @@ class ModelConfig:
         try:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
+            head_dim = int(raw.get("head_dim") or hidden // num_heads)
             return cls(
                 architecture=archs[0],
                 vocab_size=int(raw["vocab_size"]),
@@ -64,15 +59,16 @@ class ModelConfig:
                 num_layers=int(raw["num_hidden_layers"]),
                 num_heads=num_heads,
                 num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-                head_dim=int(raw.get("head_dim") or hidden // num_heads),
+                head_dim=head_dim,
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-                rope=_parse_rope(raw),
+                rope=parse_rope(raw, head_dim, archs[0]),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 sliding_window=_sliding_window(raw),
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
                 eos_token_ids=_as_tuple(raw.get("eos_token_id")),
+                moe=parse_moe(raw, archs[0]),
             )
         except KeyError as exc:
             raise ValueError(f"config.json is missing the field {exc.args[0]!r}") from None
@@ -84,23 +80,6 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in model folder {folder}")
         return cls.from_dict(json.loads(path.read_text()))
-
-
-def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        supported = "default, linear, llama3"
-        raise ValueError(f"unsupported rope type {rope_type!r} (supported: {supported})")
-    return RopeConfig(
-        theta=theta,
-        rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
-    )
 
 
 def _sliding_window(raw: dict[str, Any]) -> int | None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from prefixcache.models.config import RopeConfig
+from prefixcache.models.rope import RopeConfig, rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -27,55 +25,54 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout) with Llama 3 and linear scaling."""
+    """Rotary position embedding (rotate-half layout) with the scalings of ``models.rope``."""
 
     def __init__(self, head_dim: int, rope: RopeConfig) -> None:
         super().__init__()
-        # A plain attribute, not a buffer: it is derived from the config, never loaded,
-        # and must survive models built on the meta device.
-        self.inv_freq = rope_inv_freq(head_dim, rope)
+        # Plain attributes, not buffers: derived from the config, never loaded, and they
+        # must survive models built on the meta device.
+        tables = rope_frequencies(head_dim, rope)
+        self.inv_freq, self.long_inv_freq = tables.inv_freq, tables.long_inv_freq
+        self.long_from, self.attention_scaling = tables.long_from, tables.attention_scaling
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate ``q`` ``[tokens, heads, d]`` and ``k`` by their token positions."""
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        long_rope: torch.Tensor | None = None,
+    ):
+        """Rotate ``q`` ``[tokens, heads, d]`` and ``k`` by their token positions;
+        ``long_rope`` marks tokens that take LongRoPE's long factors at any position."""
+        cos, sin = self.cos_sin(positions, long_rope)
+        cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def cos_sin(
+        self, positions: torch.Tensor, long_rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 ``cos`` and ``sin`` ``[tokens, d]``, attention scaling included."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        inv_freq = self.inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            # LongRoPE: past the original length, or for a request run long throughout
+            # (see models.rope), the long factors.
+            self.long_inv_freq = self.long_inv_freq.to(positions.device)
+            is_long = positions >= self.long_from
+            if long_rope is not None:
+                is_long = is_long | long_rope
+            is_long = is_long[:, None]
+            inv_freq = torch.where(is_long, self.long_inv_freq[None, :], inv_freq)
+        freqs = positions.float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos()[:, None, :].to(q.dtype)
-        sin = emb.sin()[:, None, :].to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies for ``rope.rope_type``."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    inv_freq = 1.0 / (rope.theta**exponents)
-    if rope.rope_type == "linear":
-        return inv_freq / rope.factor
-    if rope.rope_type == "llama3":
-        return _llama3_inv_freq(inv_freq, rope)
-    return inv_freq
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """Llama 3.x scaling: long wavelengths slowed by ``factor``, short ones kept, smooth between."""
-    old_len = rope.original_max_position_embeddings
-    low_wavelen = old_len / rope.low_freq_factor
-    high_wavelen = old_len / rope.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (
-        rope.high_freq_factor - rope.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 class GatedMLP(nn.Module):

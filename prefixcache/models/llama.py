@@ -9,7 +9,8 @@ from torch import nn
 
 from prefixcache.engine.forward_context import ForwardContext
 from prefixcache.models.config import ModelConfig
-from prefixcache.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from prefixcache.models.layers import RMSNorm, RotaryEmbedding
+from prefixcache.models.moe import feed_forward
 from prefixcache.models.registry import register_model
 
 # Checkpoint names that load into a slice of one of our fused parameters.
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, ctx.long_rope)
         out = ctx.attention(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -66,7 +67,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = feed_forward(config.hidden_size, config.intermediate_size, config.moe, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
