@@ -45,6 +45,32 @@ def cache_dir() -> Path:
 @functools.cache
 def paged_decode():
     """The C ``paged_decode_f32`` function, or None when native kernels are unavailable."""
+    library = _library()
+    if library is None:
+        return None
+    function = library.paged_decode_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
+    function.argtypes += [ctypes.c_float, ctypes.c_int]
+    return function
+
+
+@functools.cache
+def paged_decode_window():
+    """The C ``paged_decode_window_f32`` function (sliding window, score cap), or None."""
+    library = _library()
+    if library is None:
+        return None
+    function = library.paged_decode_window_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
+    function.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    return function
+
+
+@functools.cache
+def _library():
+    """The built shared library, or None when native kernels are unavailable."""
     if os.environ.get("PREFIXCACHE_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -52,15 +78,10 @@ def paged_decode():
         logger.info("no C compiler found: decode attention stays on torch ops")
         return None
     try:
-        library = ctypes.CDLL(str(_built(compiler)))
+        return ctypes.CDLL(str(_built(compiler)))
     except (OSError, subprocess.SubprocessError) as exc:  # a failed or hung build
         logger.warning("native decode kernel unavailable, using torch ops: %s", exc)
         return None
-    function = library.paged_decode_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
-    function.argtypes += [ctypes.c_float, ctypes.c_int]
-    return function
 
 
 def _built(compiler: str) -> Path:
@@ -105,15 +126,26 @@ def _cpu() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)}))
 
 
-def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: float):
+def decode_attention(
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+):
     """Attention of one new token per sequence over its paged context, in float32.
 
     ``query`` [seqs, heads, dim]; caches [blocks, block_size, kv_heads, dim];
-    ``block_tables`` [seqs, max_blocks] and ``seq_lens`` [seqs] int32 (keys visible to
-    each query, its own included). Returns None when the native kernel is unavailable
-    or cannot take these shapes.
+    ``block_tables`` [seqs, max_blocks] and ``seq_lens`` [seqs] int32 (keys in each
+    context, the query's own included). ``sliding_window`` keeps each query to its last
+    that many keys; ``softcap`` caps scores to ``softcap * tanh(s / softcap)``. Returns
+    None when the native kernel is unavailable or cannot take these shapes.
     """
-    function = paged_decode()
+    function = paged_decode_window()
     if function is None:
         return None
     query = query.contiguous()
@@ -135,6 +167,8 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
         block_size,
         tables.shape[1],
         scale,
+        sliding_window or 0,
+        softcap or 0.0,
         torch.get_num_threads(),
     )
     return out if status == 0 else None

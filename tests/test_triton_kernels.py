@@ -38,7 +38,7 @@ SMALL_PREFILL = PrefillTiles(block_m=16, block_n=16)
 SMALL_DECODE = DecodeTiles(block_n=16, partition=32, block_p=4)
 needs_cuda = pytest.mark.skipif(not COMPILED_CUDA, reason="needs a CUDA GPU (compiled kernels)")
 # Fewer cases than this passing in the interpreter child means cases were skipped.
-MIN_INTERPRETED_CASES = 15
+MIN_INTERPRETED_CASES = 19
 
 
 @pytest.fixture
@@ -212,3 +212,21 @@ def test_flash_attn_matches_reference_on_cuda():
     for query_lens, seq_lens in (([1, 1], [3000, 17]), ([300, 64], [5000, 64])):
         case = paged_case(query_lens, seq_lens, 32, 8, 128, 256, torch.bfloat16, "cuda")
         assert_matches_reference(FlashAttnBackend(), case, 2e-3, 2e-2)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(5, None), (37, None), (None, 2.0), (7, 1.5)])
+def test_windowed_and_capped_attention_matches_dense(device, window, softcap):
+    from test_sliding_window_kernels import windowed_case
+
+    specs = [(37, 11), (50, 1), (23, 1), (64, 30), (130, 1)]
+    q, k_cache, v_cache, meta, expected = windowed_case(specs, 4, 2, 16, 16, window, softcap)
+    to = {"device": device}
+    meta = AttentionMetadata.build(
+        meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_tables_cpu, 16, **to
+    )
+    backend = TritonBackend(SMALL_PREFILL, SMALL_DECODE)
+    out = backend.attend(
+        q.to(**to), k_cache.to(**to), v_cache.to(**to), meta, 0.3,
+        sliding_window=window, softcap=softcap,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=2e-5)
