@@ -33,6 +33,10 @@ class EngineConfig:
     seed: int = 0
     max_pinned_tokens: int | None = None
     max_pinned_tokens_per_tenant: int | None = None  # None: the whole pinned-token cap
+    # Sliding-window layers with a pool of their own that holds only their windows.
+    # None: on for models with such layers unless tiers are on or it saves nothing.
+    hybrid_kv_cache: bool | None = None
+    window_kv_cache_tokens: int | None = None  # that pool's size; None: sized per window
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -57,6 +61,7 @@ class EngineConfig:
         if per_tenant is not None and per_tenant < 0:
             raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
+        _check_hybrid(self)
         _check_backend(self.attention_backend)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
@@ -99,6 +104,23 @@ def _check_tiers(config: EngineConfig) -> None:
     names = config.kv_tiers
     if not isinstance(names, tuple | list) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"kv_tiers must be a tuple of registered tier names, got {names!r}")
+
+
+def _check_hybrid(config: EngineConfig) -> None:
+    """A hybrid KV cache keeps no tiers; its window pool holds at least one block."""
+    hybrid, tokens = config.hybrid_kv_cache, config.window_kv_cache_tokens
+    if hybrid not in (None, True, False):
+        raise ValueError(f"hybrid_kv_cache must be true, false or None, got {hybrid!r}")
+    tiers = config.host_cache_tokens or config.disk_cache_dir is not None or config.kv_tiers
+    if hybrid and tiers:
+        raise ValueError(
+            "hybrid_kv_cache=True cannot be combined with host, disk or extra KV tiers"
+        )
+    if tokens is not None and (not isinstance(tokens, int) or tokens < config.block_size):
+        raise ValueError(
+            f"window_kv_cache_tokens must hold at least one block of {config.block_size} "
+            f"tokens, got {tokens!r}"
+        )
 
 
 def _check_backend(name: str) -> None:

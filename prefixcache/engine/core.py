@@ -215,9 +215,12 @@ class EngineCore:
             f"block accounting broken: free {pool.num_free} + cached {cached} "
             f"+ owned by requests {owned} != {pool.num_blocks}"
         )
+        if self.blocks.window is not None:
+            self.blocks.window.check_integrity(s.seq for s in self.requests.values())
 
 
 def _chunk(s: ScheduledSeq) -> SequenceChunk:
     """The tokens ``s`` computes this step, where they start, and its blocks."""
-    start = s.seq.num_computed_tokens
-    return SequenceChunk(s.seq.token_slice(start, start + s.num_tokens), start, s.seq.block_ids)
+    seq, start = s.seq, s.seq.num_computed_tokens
+    tokens = seq.token_slice(start, start + s.num_tokens)
+    return SequenceChunk(tokens, start, seq.block_ids, seq.local_block_ids)

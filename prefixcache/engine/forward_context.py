@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,8 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     backend: AttentionBackend
+    # Layers whose pools have block ids of their own (a hybrid KV cache's window layers).
+    layer_meta: dict[int, AttentionMetadata] = field(default_factory=dict)
 
     def attention(
         self,
@@ -31,7 +33,8 @@ class ForwardContext:
         """Write layer ``layer``'s new K/V and attend over the paged context (its last
         ``sliding_window`` keys per query where the layer has a window)."""
         k_cache, v_cache = self.kv_caches[layer]
+        meta = self.layer_meta.get(layer, self.meta)
         return self.backend.forward(
-            q, k, v, k_cache, v_cache, self.meta, scale,
+            q, k, v, k_cache, v_cache, meta, scale,
             sliding_window=sliding_window, softcap=softcap,
         )  # fmt: skip

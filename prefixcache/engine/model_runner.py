@@ -14,11 +14,16 @@ from prefixcache.engine.forward_context import ForwardContext
 
 
 class SequenceChunk(NamedTuple):
-    """One sequence's share of a step: new tokens after ``num_computed`` cached ones."""
+    """One sequence's share of a step: new tokens after ``num_computed`` cached ones.
+
+    ``window_block_ids``: the sliding-window layers' blocks in a hybrid KV cache (-1
+    where released: those layers never read there).
+    """
 
     token_ids: Sequence[int]
     num_computed: int
     block_ids: Sequence[int]
+    window_block_ids: Sequence[int] | None = None
 
 
 class ModelRunner:
@@ -45,15 +50,26 @@ class ModelRunner:
         for chunk in chunks:
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.num_computed, chunk.num_computed + len(chunk.token_ids)))
-        meta = AttentionMetadata.build(
-            query_lens=[len(c.token_ids) for c in chunks],
-            seq_lens=[c.num_computed + len(c.token_ids) for c in chunks],
-            block_tables=[c.block_ids for c in chunks],
+        query_lens = [len(c.token_ids) for c in chunks]
+        seq_lens = [c.num_computed + len(c.token_ids) for c in chunks]
+        meta = self._metadata(query_lens, seq_lens, [c.block_ids for c in chunks])
+        ctx = ForwardContext(meta, self.kv_cache.layers, self.backend)
+        if self.kv_cache.hybrid:
+            # Released entries point at block 0: no kernel reads behind a window, and a
+            # valid id keeps every table in bounds.
+            tables = [[max(b, 0) for b in c.window_block_ids] for c in chunks]
+            window_meta = self._metadata(query_lens, seq_lens, tables)
+            ctx.layer_meta = {layer: window_meta for layer in self.kv_cache.window_layers}
+        return _long_tensor(ids, self.device), _long_tensor(positions, self.device), ctx
+
+    def _metadata(self, query_lens, seq_lens, tables) -> AttentionMetadata:
+        return AttentionMetadata.build(
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=tables,
             block_size=self.kv_cache.block_size,
             device=self.device,
         )
-        ctx = ForwardContext(meta, self.kv_cache.layers, self.backend)
-        return _long_tensor(ids, self.device), _long_tensor(positions, self.device), ctx
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
