@@ -41,10 +41,12 @@ def _play_rounds(engine, conversations):
     return transcripts
 
 
-def test_twenty_conversations_with_eviction_equal_cache_off(gemma3):
+# 24 window blocks: the window pool forgets while the global pool (64 blocks) evicts.
+# 64: it never needs to forget, so blocks the global pool evicts must be forgotten.
+@pytest.mark.parametrize("window_tokens", [384, 1024])
+def test_twenty_conversations_with_eviction_equal_cache_off(gemma3, window_tokens):
     conversations = _conversations(seed=5, count=20)
-    # A window pool of 10 blocks: far less than the conversations' contexts.
-    on = _engine(gemma3, hybrid_kv_cache=True, window_kv_cache_tokens=160)
+    on = _engine(gemma3, hybrid_kv_cache=True, window_kv_cache_tokens=window_tokens)
     off = _engine(gemma3, enable_prefix_caching=False, hybrid_kv_cache=False)
     assert on.core.runner.kv_cache.hybrid and not off.core.runner.kv_cache.hybrid
     played_on, played_off = _play_rounds(on, conversations), _play_rounds(off, conversations)
@@ -54,6 +56,7 @@ def test_twenty_conversations_with_eviction_equal_cache_off(gemma3):
             assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOLERANCE)
     stats = on.stats()
     assert stats["hit_tokens"] > 0 and stats["evicted_blocks"] > 0
+    assert (on.core.blocks.window.num_forgotten > 0) == (window_tokens < 1024)
     assert sum(t.num_cached_tokens for turns in played_on for t in turns[1:]) > 0
     on.check_integrity()
 
@@ -109,13 +112,13 @@ def test_a_forgotten_block_stays_with_the_sequence_that_holds_it():
     window.remember(seq, [7, 8, 9])
     window.forget([7, 8, 9])  # the tree lets go; the sequence still holds them
     assert window.pool.num_free == 3
-    window.check_integrity([seq])
+    window.check_integrity([seq], BlockPool(10))
     seq.num_computed_tokens = 12
     window.release_behind(seq)  # the next query (12) reads 8..12: blocks 2 and 3
     assert seq.local_block_ids[:2] == [-1, -1] and window.pool.num_free == 5
     window.free(seq)
     assert window.pool.num_free == 6
-    window.check_integrity([])
+    window.check_integrity([], BlockPool(10))
 
 
 def test_the_tree_forgets_local_blocks_when_it_drops_their_global_block():

@@ -46,6 +46,7 @@ class WindowBlocks:
         self.pool = BlockPool(num_blocks)
         self.block_size, self.window = block_size, window
         self._local_of: OrderedDict[int, int] = OrderedDict()  # global id -> local id
+        self.num_forgotten = 0  # remembered blocks dropped to make room, since creation
 
     @property
     def num_remembered(self) -> int:
@@ -158,10 +159,14 @@ class WindowBlocks:
             before = self.pool.num_free
             self.pool.free([local])
             freed += self.pool.num_free - before
+            self.num_forgotten += 1
 
-    def check_integrity(self, seqs: Iterable) -> None:
-        """Raise ``AssertionError`` unless every pool reference is accounted for."""
+    def check_integrity(self, seqs: Iterable, global_pool: BlockPool) -> None:
+        """Raise ``AssertionError`` unless every pool reference is accounted for and
+        every remembered block belongs to a global block still held."""
         held: dict[int, int] = {}
+        for g in self._local_of:
+            _require(global_pool.ref_count(g) > 0, f"remembers free global block {g}")
         for local in self._local_of.values():
             held[local] = held.get(local, 0) + 1
         _require(len(held) == len(self._local_of), "one local block remembered twice")

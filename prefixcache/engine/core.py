@@ -216,7 +216,8 @@ class EngineCore:
             f"+ owned by requests {owned} != {pool.num_blocks}"
         )
         if self.blocks.window is not None:
-            self.blocks.window.check_integrity(s.seq for s in self.requests.values())
+            seqs = (s.seq for s in self.requests.values())
+            self.blocks.window.check_integrity(seqs, self.blocks.pool)
 
 
 def _chunk(s: ScheduledSeq) -> SequenceChunk:
