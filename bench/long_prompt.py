@@ -22,6 +22,13 @@ comparison get the same warm-up and measured turns and report the same statistic
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
     python bench/long_prompt.py --scenario conversation --api responses
+    python bench/long_prompt.py --scenario conversation --tiny-arch gemma3_text
+
+``--tiny-arch`` serves a random-weight tiny model of that architecture (Gemma 3's
+shape for ``gemma3_text``: five local layers with a 1,024-token window per global
+one). For a model with sliding-window layers the conversation report adds the KV
+memory per token with and without the hybrid KV cache, at the context measured and
+at 128k and 200k tokens (``kv_memory`` in the summary).
 """
 
 from __future__ import annotations
@@ -379,7 +386,51 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
         "warm_breakdown_ms": timings["prefix cache on"],
         "warm_outside_forward_ms": outside_forward_ms(timings["prefix cache on"]),
     }
+    memory = kv_memory(args.model, summary["context_tokens"], args.kv_cache_dtype)
+    if memory is not None:
+        summary["kv_memory"] = memory
     return summary, rows
+
+
+def kv_memory(model: str | None, context: int, kv_cache_dtype: str = "auto") -> dict | None:
+    """KV bytes per token of one ``context``-token sequence, full cache against hybrid
+    (sliding-window layers hold their window, a 2,048-token step and the block being
+    written), in bfloat16 or ``kv_cache_dtype``, at ``context``, 128k and 200k tokens;
+    None without windows."""
+    import torch
+
+    from prefixcache.cache.kv_cache import hybrid_kv_bytes
+    from prefixcache.models.config import ModelConfig
+    from prefixcache.testing import default_model_path
+
+    config = ModelConfig.from_folder(model or default_model_path())
+    if not config.sliding_layers:
+        return None
+    in_flight = config.sliding_window + 2048 + 16
+    report = {"sliding_layers": len(config.sliding_layers), "layers": config.num_layers,
+              "window": config.sliding_window,
+              "dtype": "bfloat16" if kv_cache_dtype == "auto" else kv_cache_dtype}  # fmt: skip
+    for name, tokens in (("context", context), ("128k", 131072), ("200k", 200000)):
+        full = hybrid_kv_bytes(config, torch.bfloat16, tokens, tokens, kv_cache_dtype) / tokens
+        hybrid = hybrid_kv_bytes(config, torch.bfloat16, tokens, in_flight, kv_cache_dtype)
+        hybrid /= tokens
+        report[name] = {"tokens": tokens, "full_bytes_per_token": full,
+                        "hybrid_bytes_per_token": hybrid, "ratio": full / hybrid}  # fmt: skip
+    return report
+
+
+# Gemma 3's layout in a tiny model: five local layers per global one, 1,024-token window.
+TINY_SHAPES = {
+    "gemma3_text": {"num_hidden_layers": 6, "sliding_window_pattern": 6, "sliding_window": 1024},
+}
+
+
+def tiny_model(arch: str) -> str:
+    """A random-weight tiny model of ``arch`` (built once, under the cache folder)."""
+    from prefixcache.testing import cache_home, make_tiny_model
+
+    shape = TINY_SHAPES.get(arch, {})
+    return str(make_tiny_model(cache_home() / f"bench-tiny-{arch}", arch, **shape))
 
 
 QUESTION = "What is the main risk it names?"
@@ -597,6 +648,11 @@ def main(argv: list[str] | None = None) -> None:
         help="conversation: send turns as chat completions, or by previous_response_id",
     )
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: tiny)")
+    parser.add_argument(
+        "--tiny-arch",
+        default=None,
+        help="serve a random-weight tiny model of this architecture (e.g. gemma3_text)",
+    )
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--num-reports", type=int, default=20)
     parser.add_argument("--report-tokens", type=int, default=10000)
@@ -651,6 +707,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--api responses measures the HTTP API: use --backend http")
     if args.backend == "sdk" and (args.url or args.url_no_cache):
         parser.error("--url and --url-no-cache need --backend http")
+    if args.tiny_arch and args.model:
+        parser.error("--tiny-arch and --model name two models: give one")
+    if args.tiny_arch:
+        args.model = tiny_model(args.tiny_arch)
     from transformers import AutoTokenizer
 
     from prefixcache.testing import default_model_path

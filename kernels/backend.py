@@ -46,8 +46,17 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """Causal attention of the new queries ``[tokens, heads, d]`` over their contexts."""
+        """Causal attention of the new queries ``[tokens, heads, d]`` over their contexts.
+
+        ``sliding_window`` W limits each query at position p to keys ``p-W+1..p`` (the
+        Hugging Face convention: W keys, its own included; None: the whole context).
+        Keys before the window may live in freed blocks: a backend never reads them.
+        ``softcap`` c caps every scaled score s to ``c * tanh(s / c)`` (Gemma 2).
+        """
 
     def forward(
         self,
@@ -58,10 +67,23 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Write this step's K/V into the pools, then attend; returns ``[tokens, heads, d]``."""
         self.write_kv(key, value, k_cache, v_cache, meta)
-        return self.attend(query, k_cache, v_cache, meta, scale)
+        return self.attend(
+            query, k_cache, v_cache, meta, scale, sliding_window=sliding_window, softcap=softcap
+        )
+
+
+def check_window(sliding_window: int | None, softcap: float | None) -> None:
+    """Refuse a window below one key or a cap that is not positive."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
 
 
 def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:

@@ -45,7 +45,7 @@ def cache_dir() -> Path:
 @functools.cache
 def paged_decode():
     """The C ``paged_decode_f32`` function, or None when native kernels are unavailable."""
-    library = load_library(_SOURCE)
+    library = _library()
     if library is None:
         return None
     function = library.paged_decode_f32
@@ -53,6 +53,25 @@ def paged_decode():
     function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
     function.argtypes += [ctypes.c_float, ctypes.c_int]
     return function
+
+
+@functools.cache
+def paged_decode_window():
+    """The C ``paged_decode_window_f32`` function (sliding window, score cap), or None."""
+    library = _library()
+    if library is None:
+        return None
+    function = library.paged_decode_window_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
+    function.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    return function
+
+
+@functools.cache
+def _library():
+    """The float32 kernels' shared library, or None when native kernels are unavailable."""
+    return load_library(_SOURCE)
 
 
 def load_library(source_path: Path) -> ctypes.CDLL | None:
@@ -117,15 +136,26 @@ def _cpu() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)}))
 
 
-def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: float):
+def decode_attention(
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+):
     """Attention of one new token per sequence over its paged context, in float32.
 
     ``query`` [seqs, heads, dim]; caches [blocks, block_size, kv_heads, dim];
-    ``block_tables`` [seqs, max_blocks] and ``seq_lens`` [seqs] int32 (keys visible to
-    each query, its own included). Returns None when the native kernel is unavailable
-    or cannot take these shapes.
+    ``block_tables`` [seqs, max_blocks] and ``seq_lens`` [seqs] int32 (keys in each
+    context, the query's own included). ``sliding_window`` keeps each query to its last
+    that many keys; ``softcap`` caps scores to ``softcap * tanh(s / softcap)``. Returns
+    None when the native kernel is unavailable or cannot take these shapes.
     """
-    function = paged_decode()
+    function = paged_decode_window()
     if function is None:
         return None
     query = query.contiguous()
@@ -147,6 +177,8 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
         block_size,
         tables.shape[1],
         scale,
+        sliding_window or 0,
+        softcap or 0.0,
         torch.get_num_threads(),
     )
     return out if status == 0 else None

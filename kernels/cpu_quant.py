@@ -36,15 +36,38 @@ def paged_decode_quant():
     return function
 
 
-def decode_attention_quant(query, k_cache, v_cache, block_tables, seq_lens, scale: float):
+@functools.cache
+def paged_decode_quant_window():
+    """The C ``paged_decode_quant_window`` function (sliding window, score cap), or None."""
+    library = load_library(_SOURCE)
+    if library is None:
+        return None
+    function = library.paged_decode_quant_window
+    function.restype = ctypes.c_int
+    function.argtypes = [_F32, _U8, _U8, _I32, _I32, _F32] + [ctypes.c_int] * 6
+    function.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    return function
+
+
+def decode_attention_quant(
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+):
     """Attention of one new token per sequence over its quantized paged context.
 
     ``query`` [seqs, heads, dim] float32; caches [blocks, block_size, kv_heads, dim + 2]
     of int8 or float8_e4m3fn rows (``kernels.kv_quant``), contiguous; ``block_tables``
-    [seqs, max_blocks] and ``seq_lens`` [seqs] int32. Returns None when the kernel is
+    [seqs, max_blocks] and ``seq_lens`` [seqs] int32. ``sliding_window`` and ``softcap``
+    as in ``kernels.cpu_native.decode_attention``. Returns None when the kernel is
     unavailable or cannot take these shapes.
     """
-    function = paged_decode_quant()
+    function = paged_decode_quant_window()
     if function is None or k_cache.dtype not in _FP8_FLAG:
         return None
     query = query.contiguous()
@@ -66,6 +89,8 @@ def decode_attention_quant(query, k_cache, v_cache, block_tables, seq_lens, scal
         block_size,
         tables.shape[1],
         scale,
+        sliding_window or 0,
+        softcap or 0.0,
         _FP8_FLAG[k_cache.dtype],
         torch.get_num_threads(),
     )

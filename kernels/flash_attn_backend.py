@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.backend import AttentionBackend, register_backend
+from kernels.backend import AttentionBackend, check_window, register_backend
 from kernels.metadata import AttentionMetadata
 from kernels.torch_ref import TorchReferenceBackend
 from kernels.triton_backend import TritonBackend
@@ -50,17 +50,37 @@ class FlashAttnBackend(AttentionBackend):
         """flash-attn has no standalone paged write; the fallback's kernel stores K/V."""
         self._fallback_for(k_cache.device).write_kv(key, value, k_cache, v_cache, meta)
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        """Paged flash attention, or the fallback where flash-attn cannot read the pools."""
+    def attend(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ):
+        """Paged flash attention, or the fallback where flash-attn cannot read the pools.
+
+        A sliding window W is flash-attn's ``window_size=(W - 1, 0)``: W keys, the
+        query's own included; a score cap is its ``softcap`` (0 means none there).
+        """
+        check_window(sliding_window, softcap)
         if not self._supports(query, meta):
-            return self._fallback_for(query.device).attend(query, k_cache, v_cache, meta, scale)
+            return self._fallback_for(query.device).attend(
+                query, k_cache, v_cache, meta, scale, sliding_window=sliding_window,
+                softcap=softcap,
+            )  # fmt: skip
         flash = _flash_attn()
         query = query.contiguous()
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        extra = {"window_size": window, "softcap": softcap or 0.0}
         if meta.is_decode_only:
             out = flash.flash_attn_with_kvcache(
                 query.unsqueeze(1), k_cache, v_cache,
                 cache_seqlens=meta.seq_lens, block_table=meta.block_tables,
-                softmax_scale=scale, causal=True,
+                softmax_scale=scale, causal=True, **extra,
             )  # fmt: skip
             return out.squeeze(1)
         cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
@@ -68,7 +88,7 @@ class FlashAttnBackend(AttentionBackend):
             query, k_cache, v_cache,
             cu_seqlens_q=meta.query_start_loc, cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=max(meta.query_lens_cpu), max_seqlen_k=max(meta.seq_lens_cpu),
-            softmax_scale=scale, causal=True, block_table=meta.block_tables,
+            softmax_scale=scale, causal=True, block_table=meta.block_tables, **extra,
         )  # fmt: skip
 
     def _supports(self, query: torch.Tensor, meta: AttentionMetadata) -> bool:

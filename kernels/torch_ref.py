@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import AttentionBackend, register_backend
+from kernels.backend import AttentionBackend, check_window, register_backend
 from kernels.cpu_native import decode_attention
 from kernels.cpu_quant import decode_attention_quant
 from kernels.kv_quant import dequantize, is_quantized, write_quantized
 from kernels.metadata import AttentionMetadata
+from kernels.torch_window import windowed_attention
 
 QUERY_TILE = 512
 KEY_TILE = 16384  # bounds copies and, without the fused kernel, score matrices
@@ -54,14 +55,30 @@ class TorchReferenceBackend(AttentionBackend):
             0, meta.slot_mapping, value.to(v_cache.dtype)
         )
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def attend(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ):
         """Attention of each sequence's new queries over its cached and new keys."""
+        check_window(sliding_window, softcap)
         quantized = is_quantized(k_cache)
         if meta.is_decode_only:
             native = _native_decode_quant if quantized else _native_decode
-            out = native(query, k_cache, v_cache, meta, scale)
+            out = native(query, k_cache, v_cache, meta, scale, sliding_window, softcap)
             if out is not None:
                 return out
+        if sliding_window is not None or softcap is not None:
+            return windowed_attention(
+                query, k_cache, v_cache, meta, scale, sliding_window, softcap,
+                QUERY_TILE, KEY_TILE,
+            )  # fmt: skip
         if meta.is_decode_only and max(meta.seq_lens_cpu) <= BATCHED_DECODE_MAX_LEN:
             return _batched_decode(query, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
@@ -76,24 +93,29 @@ class TorchReferenceBackend(AttentionBackend):
         return out
 
 
-def _native_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def _native_decode(query, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap):
     """The C decode kernel (``kernels.cpu_native``) for float32 on CPU, else None."""
     on_cpu = query.device.type == "cpu" and k_cache.device.type == "cpu"
     if not on_cpu or query.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
-    return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return decode_attention(
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+        sliding_window=window, softcap=softcap,
+    )  # fmt: skip
 
 
-def _native_decode_quant(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def _native_decode_quant(query, k_cache, v_cache, meta: AttentionMetadata, scale, window, softcap):
     """The C kernel for int8/fp8 pools (``kernels.cpu_quant``), else None."""
     on_cpu = query.device.type == "cpu" and k_cache.device.type == "cpu"
     if not on_cpu or query.dtype != torch.float32:
         return None
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
-    return decode_attention_quant(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return decode_attention_quant(
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window, softcap
+    )
 
 
 def _values(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,11 @@ all work.
 Softmax runs online in base 2: scores are scaled by ``scale * log2(e)`` and merged
 with ``exp2``, which is exact up to rounding and cheaper than ``exp``.
 
+Sliding windows (``WINDOW`` > 0 keys per query, its own included) start each tile
+loop at the first key the tile's first row sees and mask per row; blocks before that
+are never read. A score cap (``SOFTCAP``: ``c * tanh(s / c)``) is applied in base 2
+too, to ``c * log2(e)``.
+
 This module imports triton; ``kernels.triton_backend`` imports it lazily so that the
 registry works on machines without triton.
 """
@@ -74,28 +79,39 @@ def _load_queries(q_ptr, first_row, rows_left, kvh, stride_qt, stride_qh, dims, 
 
 
 @triton.jit
-def _dequantize(codes, lut_ptr, scale_base, row_offs, HEAD_DIM: tl.constexpr):
+def _dequantize(codes, lut_ptr, scale_base, row_offs, row_ok, HEAD_DIM: tl.constexpr):
     """Quantized rows' codes (bytes) as floats: the code's value from the 256-entry
-    table, times the row's float16 scale stored after its ``HEAD_DIM`` codes."""
-    scale = tl.load(scale_base + (row_offs + HEAD_DIM) // 2).to(tl.float32)
+    table, times the row's float16 scale stored after its ``HEAD_DIM`` codes. Rows not
+    ``row_ok`` (before a window, past the context) get scale 0 and are never read."""
+    scale = tl.load(scale_base + (row_offs + HEAD_DIM) // 2, mask=row_ok, other=0.0)
+    scale = scale.to(tl.float32)
     return tl.load(lut_ptr + codes.to(tl.int32)) * scale[:, None]
 
 
 @triton.jit
-def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_end, q_pos, scale_log2,
-                 stride_kb, stride_ks, stride_vb, stride_vs, dims, d_ok,
+def _tanh(x):
+    """tanh from exp2, stable for large |x| (older triton.language has no tanh)."""
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_start, kv_end, q_pos,
+                 scale_log2, cap_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims, d_ok,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-                 lut_ptr, k_scale_base, v_scale_base, QUANT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):  # fmt: skip
+                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+                 SOFTCAP: tl.constexpr, lut_ptr, k_scale_base, v_scale_base,
+                 QUANT: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     """Fold keys ``start..start+BLOCK_N`` (paged) into the running softmax state.
 
     Unmasked tiles lie wholly inside every row's visible range; masked tiles apply
-    ``key <= q_pos`` and ``key < kv_end``. With ``QUANT`` the pools hold quantized
-    rows (bytes; ``kernels.kv_quant``), dequantized here as they are loaded.
+    ``key <= q_pos``, ``kv_start <= key < kv_end`` and, with a window, ``key > q_pos -
+    WINDOW``. With ``QUANT`` the pools hold quantized rows (bytes; ``kernels.kv_quant``),
+    dequantized here as they are loaded.
     """
     k_pos = start + tl.arange(0, BLOCK_N)
-    kv_ok = k_pos < kv_end
+    kv_ok = (k_pos < kv_end) & (k_pos >= kv_start)
     if MASKED:
         block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
     else:
@@ -113,11 +129,16 @@ def _attend_tile(q, m, denom, acc, k_base, v_base, table_ptr, start, kv_end, q_p
         k = tl.load(k_base + k_offs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + v_offs, mask=d_ok[None, :], other=0.0)
     if QUANT:
-        k = _dequantize(k, lut_ptr, k_scale_base, block * stride_kb + slot * stride_ks, HEAD_DIM)
-        v = _dequantize(v, lut_ptr, v_scale_base, block * stride_vb + slot * stride_vs, HEAD_DIM)
+        k_rows, v_rows = block * stride_kb + slot * stride_ks, block * stride_vb + slot * stride_vs
+        k = _dequantize(k, lut_ptr, k_scale_base, k_rows, kv_ok, HEAD_DIM)
+        v = _dequantize(v, lut_ptr, v_scale_base, v_rows, kv_ok, HEAD_DIM)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if SOFTCAP:
+        s = cap_log2 * _tanh(s / cap_log2)
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        if WINDOW > 0:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
@@ -137,6 +158,7 @@ def _prefill_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     scale_log2,
+    cap_log2,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -158,6 +180,8 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     lut_ptr,
     k_scale_ptr,
     v_scale_ptr,
@@ -188,21 +212,28 @@ def _prefill_kernel(
     # Quantized pools: the same rows read as float16, where each row's scale lives.
     k_scale_base = k_scale_ptr + kvh * stride_kh // 2
     v_scale_base = v_scale_ptr + kvh * stride_vh // 2
-    # Keys up to first_pos are visible to every row: no causal mask there.
-    open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
-    for start in range(0, open_end, BLOCK_N):
-        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
-                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
-                                 d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
-                                 HEAD_DIM)  # fmt: skip
+    if WINDOW > 0:
+        # Every tile masked: rows of one tile see different windows.
+        kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
+        open_end = kv_start // BLOCK_N * BLOCK_N
+    else:
+        # Keys up to first_pos are visible to every row: no causal mask there.
+        kv_start = 0
+        open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, open_end, BLOCK_N):
+            m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_start,
+                                     kv_end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+                                     stride_vb, stride_vs, dims, d_ok, False,
+                                     HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE, PRECISION,
+                                     WINDOW, SOFTCAP, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                     HEAD_DIM)  # fmt: skip
     for start in range(open_end, kv_end, BLOCK_N):
-        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_end, q_pos,
-                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
-                                 d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
-                                 HEAD_DIM)  # fmt: skip
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_start,
+                                 kv_end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+                                 stride_vb, stride_vs, dims, d_ok, True, HEAD_DIM == BLOCK_D,
+                                 BLOCK_N, BLOCK_SIZE, PRECISION, WINDOW, SOFTCAP, lut_ptr,
+                                 k_scale_base, v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
     out = acc / denom[:, None]
     offs = (q_start + tile * BLOCK_Q + tok).to(tl.int64)[:, None] * stride_ot
     offs = offs + (head * stride_oh)[:, None] + dims[None, :]
@@ -220,6 +251,7 @@ def _decode_partial_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     scale_log2,
+    cap_log2,
     partition,
     stride_qt,
     stride_qh,
@@ -240,6 +272,8 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     lut_ptr,
     k_scale_ptr,
     v_scale_ptr,
@@ -248,7 +282,8 @@ def _decode_partial_kernel(
     """Grid ``(seqs, kv_heads, partitions)``: one query per head over one KV partition.
 
     Writes the partition's normalized output and its base-2 log-sum-exp; sequences
-    whose query length is not 1 are left to the prefill kernel.
+    whose query length is not 1 are left to the prefill kernel. Partitions split the
+    keys the query sees: its last ``WINDOW`` with a window, else all.
     """
     seq, kvh, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_end = tl.load(query_start_loc_ptr + seq + 1)
@@ -256,6 +291,8 @@ def _decode_partial_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     start = part * partition
+    if WINDOW > 0:
+        start += tl.maximum(seq_len - WINDOW, 0)
     if start >= seq_len:
         return
     end = tl.minimum(start + partition, seq_len)
@@ -274,18 +311,19 @@ def _decode_partial_kernel(
     k_scale_base = k_scale_ptr + kvh * stride_kh // 2
     v_scale_base = v_scale_ptr + kvh * stride_vh // 2
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    # Every key from start to end is inside the query's window: no window mask needed.
     for t0 in range(start, full_end, BLOCK_N):
-        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, t0, end, q_pos,
-                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
-                                 d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
-                                 HEAD_DIM)  # fmt: skip
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, t0, start, end,
+                                 q_pos, scale_log2, cap_log2, stride_kb, stride_ks, stride_vb,
+                                 stride_vs, dims, d_ok, False, HEAD_DIM == BLOCK_D, BLOCK_N,
+                                 BLOCK_SIZE, PRECISION, 0, SOFTCAP, lut_ptr, k_scale_base,
+                                 v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
     if full_end < end:
-        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, full_end, end, q_pos,
-                                 scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, dims,
-                                 d_ok, True, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
-                                 PRECISION, lut_ptr, k_scale_base, v_scale_base, QUANT,
-                                 HEAD_DIM)  # fmt: skip
+        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, full_end, start,
+                                 end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+                                 stride_vb, stride_vs, dims, d_ok, True, HEAD_DIM == BLOCK_D,
+                                 BLOCK_N, BLOCK_SIZE, PRECISION, 0, SOFTCAP, lut_ptr,
+                                 k_scale_base, v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
     base = seq.to(tl.int64) * stride_ps + head * stride_ph + part * stride_pp
     tl.store(part_lse_ptr + base // BLOCK_D, m + tl.log2(denom), mask=row_ok)
     tl.store(part_out_ptr + base[:, None] + dims[None, :], acc / denom[:, None],
@@ -308,13 +346,17 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Grid ``(seqs, heads)``: merge a decode query's partitions by their log-sum-exp."""
     seq, head = tl.program_id(0), tl.program_id(1)
     q_end = tl.load(query_start_loc_ptr + seq + 1)
     if q_end - tl.load(query_start_loc_ptr + seq) != 1:
         return
-    num_parts = tl.cdiv(tl.load(seq_lens_ptr + seq), partition)
+    seen = tl.load(seq_lens_ptr + seq)
+    if WINDOW > 0:
+        seen = tl.minimum(seen, WINDOW)
+    num_parts = tl.cdiv(seen, partition)
     base = seq.to(tl.int64) * stride_ps + head * stride_ph
     parts = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, BLOCK_D)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.backend import AttentionBackend, register_backend
+from kernels.backend import AttentionBackend, check_window, register_backend
 from kernels.kv_quant import code_values, is_quantized, write_quantized
 from kernels.metadata import AttentionMetadata
 
@@ -116,10 +116,13 @@ def prefill_attention(
     scale: float,
     tiles: PrefillTiles,
     skip_decode: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Causal attention of each sequence's new queries over its prefix and new keys.
 
     Writes ``out`` rows; with ``skip_decode`` rows of one-token sequences are left alone.
+    ``sliding_window`` and ``softcap`` are as in ``AttentionBackend.attend``.
     """
     heads, head_dim = query.shape[1:]
     kv_heads = k_cache.shape[2]
@@ -132,11 +135,13 @@ def prefill_attention(
     _kernels()._prefill_kernel[grid](
         query, k_pool, v_pool, out,
         meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E,
+        (softcap or 1.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         SKIP_DECODE=skip_decode, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
-        BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype), **quant,
+        BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype),
+        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, **quant,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
@@ -149,16 +154,21 @@ def decode_attention(
     meta: AttentionMetadata,
     scale: float,
     tiles: DecodeTiles,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Flash-decoding for the one-token sequences of the step; writes their ``out`` rows.
 
-    Each (sequence, KV head) is split into partitions of the KV length that run in
-    parallel; a second kernel merges them by log-sum-exp.
+    Each (sequence, KV head) is split into partitions of the keys its query sees (the
+    last ``sliding_window`` with a window) that run in parallel; a second kernel merges
+    them by log-sum-exp.
     """
     heads, head_dim = query.shape[1:]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     lens = [s for n, s in zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True) if n == 1]
+    if sliding_window is not None:
+        lens = [min(s, sliding_window) for s in lens]
     partition = _decode_partition(lens, kv_heads, tiles, query.device)
     num_parts, block_d = _cdiv(max(lens), partition), _block_d(head_dim)
     # Partial results; the log-sum-exp uses the same layout without the last dimension.
@@ -168,17 +178,20 @@ def decode_attention(
     k_pool, v_pool, quant = _quant_args(k_cache, v_cache)
     kernels._decode_partial_kernel[(meta.num_seqs, kv_heads, num_parts)](
         query, k_pool, v_pool, part_out, part_lse,
-        meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E, partition,
+        meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E,
+        (softcap or 1.0) * LOG2E, partition,
         query.stride(0), query.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         meta.block_tables.stride(0), *part_out.stride()[:3],
         GROUP=group, GROUP_PAD=max(_pow2(group), 16), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=tiles.block_n, BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype),
+        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None,
         **quant, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     kernels._decode_reduce_kernel[(meta.num_seqs, heads)](
         part_out, part_lse, out, meta.query_start_loc, meta.seq_lens, partition,
         *part_out.stride()[:3], out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=tiles.block_p, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=tiles.block_p,
+        WINDOW=sliding_window or 0, num_warps=4,
     )  # fmt: skip
 
 
@@ -214,8 +227,20 @@ class TritonBackend(AttentionBackend):
             return
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping, meta.block_size)
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def attend(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ):
         """Decode rows go to the split-K kernels, all other rows to the prefill kernel."""
+        check_window(sliding_window, softcap)
+        limits = {"sliding_window": sliding_window, "softcap": softcap}
         query = _last_dim_contiguous(query)
         _check_pools(k_cache, v_cache)
         if query.device.type != "cuda" and query.dtype == torch.bfloat16:
@@ -229,10 +254,12 @@ class TritonBackend(AttentionBackend):
         decodes = sum(1 for n in meta.query_lens_cpu if n == 1)
         if decodes:
             tiles = self.decode_tiles or default_decode_tiles(head_dim, dtype, device)
-            decode_attention(query, k_cache, v_cache, out, meta, scale, tiles)
+            decode_attention(query, k_cache, v_cache, out, meta, scale, tiles, **limits)
         if decodes < meta.num_seqs:
             tiles = self.prefill_tiles or default_prefill_tiles(head_dim, dtype, device)
-            prefill_attention(query, k_cache, v_cache, out, meta, scale, tiles, decodes > 0)
+            prefill_attention(
+                query, k_cache, v_cache, out, meta, scale, tiles, decodes > 0, **limits
+            )
         return out
 
 

@@ -39,6 +39,10 @@ class EngineConfig:
     seed: int = 0
     max_pinned_tokens: int | None = None
     max_pinned_tokens_per_tenant: int | None = None  # None: the whole pinned-token cap
+    # Sliding-window layers with a pool of their own that holds only their windows.
+    # None: on for models with such layers unless tiers are on or it saves nothing.
+    hybrid_kv_cache: bool | None = None
+    window_kv_cache_tokens: int | None = None  # that pool's size; None: sized per window
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -64,6 +68,7 @@ class EngineConfig:
             raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
         _check_kv_store(self.kv_store)
+        _check_hybrid(self)
         _check_backend(self.attention_backend)
         _check_kv_cache_dtype(self.kv_cache_dtype)
         if self.load_format not in LOAD_FORMATS:
@@ -77,6 +82,12 @@ class EngineConfig:
         if self.max_pinned_tokens is not None:
             return self.max_pinned_tokens
         return self.kv_cache_tokens // 2
+
+    @property
+    def has_kv_tiers(self) -> bool:
+        """Whether any tier sits behind the device pool (host, disk, kv_store, named)."""
+        host, disk = self.host_cache_tokens, self.disk_cache_dir
+        return bool(host or disk is not None or self.kv_tiers or self.kv_store)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -129,6 +140,22 @@ def _check_kv_store(url: str | None) -> None:
     elif parts.scheme != "unix" or not parts.path:
         raise ValueError(
             f"kv_store must be a redis://, rediss:// or unix:// URL ({example}), got {url!r}"
+        )
+
+
+def _check_hybrid(config: EngineConfig) -> None:
+    """A hybrid KV cache keeps no tiers; its window pool holds at least one block."""
+    hybrid, tokens = config.hybrid_kv_cache, config.window_kv_cache_tokens
+    if hybrid not in (None, True, False):
+        raise ValueError(f"hybrid_kv_cache must be true, false or None, got {hybrid!r}")
+    if hybrid and config.has_kv_tiers:
+        raise ValueError(
+            "hybrid_kv_cache=True cannot be combined with host, disk, kv_store or extra KV tiers"
+        )
+    if tokens is not None and (not isinstance(tokens, int) or tokens < config.block_size):
+        raise ValueError(
+            f"window_kv_cache_tokens must hold at least one block of {config.block_size} "
+            f"tokens, got {tokens!r}"
         )
 
 

@@ -67,6 +67,35 @@ ARCHITECTURES: dict[str, TinyArch] = {
     # head_dim: the engine must derive both from the architecture, as for real models.
     "qwen2": TinyArch("Qwen2Config", "Qwen2ForCausalLM", {}, head_dim_in_config=False),
     "qwen3": TinyArch("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # Windows shorter than a prompt and not a multiple of the block size; the head dim
+    # differs from query_pre_attn_scalar so the query scale is really tested.
+    "gemma2": TinyArch(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "sliding_window": 24,
+            "tie_word_embeddings": True,
+            "num_hidden_layers": 3,
+            "query_pre_attn_scalar": 24,
+        },
+    ),  # fmt: skip
+    # Gemma 3's shape in small: local layers with their own RoPE base, then a global
+    # layer whose RoPE is linearly scaled.
+    "gemma3_text": TinyArch(
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "sliding_window": 24,
+            "tie_word_embeddings": True,
+            "num_hidden_layers": 4,
+            "sliding_window_pattern": 3,
+            "query_pre_attn_scalar": 24,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
+    ),  # fmt: skip
 }
 
 # Phi-3 ships its projections fused; like Qwen2, its configs carry no head_dim.
@@ -237,7 +266,11 @@ def _spread_logits(model: Any) -> None:
     import torch
 
     with torch.no_grad():
-        model.model.norm.weight.mul_(_LOGIT_SCALE)
+        norm = model.model.norm
+        if "Gemma" in type(norm).__name__:  # Gemma scales by 1 + weight
+            norm.weight.copy_((1.0 + norm.weight) * _LOGIT_SCALE - 1.0)
+        else:
+            norm.weight.mul_(_LOGIT_SCALE)
         for name, param in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 param.mul_(_ROUTER_SCALE)

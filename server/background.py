@@ -26,6 +26,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # Listen now, not when uvicorn starts: a client told the port (the banner) may
+    # connect first, and is then queued instead of refused.
+    sock.listen(2048)
     return sock
 
 

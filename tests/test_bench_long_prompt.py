@@ -76,3 +76,18 @@ def test_responses_needs_the_http_backend(capsys):
     with pytest.raises(SystemExit):
         long_prompt.main(["--backend", "sdk", "--api", "responses"])
     assert "use --backend http" in capsys.readouterr().err
+
+
+def test_conversation_on_a_gemma3_shaped_model_reports_hybrid_kv_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXCACHE_HOME", str(tmp_path / "home"))
+    args = ["--scenario", "conversation", "--context-tokens", "1500", "--tiny-arch"]
+    long_prompt.main(args + ["gemma3_text"] + SMALL + ["--out", str(tmp_path)])
+    summary, (on, off) = _report(tmp_path, "long_prompt_conversation")
+    assert on["turn2_cached_tokens"] > 1000 and off["turn2_cached_tokens"] == 0
+    memory = summary["kv_memory"]
+    assert (memory["sliding_layers"], memory["layers"], memory["window"]) == (5, 6, 1024)
+    # Five of six layers hold 1,024 + 2,048 + 16 tokens instead of the whole context.
+    at_128k = memory["128k"]
+    expected = 6 / (1 + 5 * (1024 + 2048 + 16) / 131072)
+    assert at_128k["ratio"] == pytest.approx(expected) and at_128k["ratio"] >= 3
+    assert memory["200k"]["ratio"] > at_128k["ratio"]

@@ -23,7 +23,7 @@ def test_the_kernel_builds_and_loads_here():
 
 
 def _reference(monkeypatch, query, k_cache, v_cache, meta, scale):
-    monkeypatch.setattr(torch_ref, "decode_attention", lambda *args: None)
+    monkeypatch.setattr(torch_ref, "decode_attention", lambda *args, **kwargs: None)
     return torch_ref.TorchReferenceBackend().attend(query, k_cache, v_cache, meta, scale)
 
 
@@ -94,7 +94,9 @@ def test_large_scores_stay_finite(monkeypatch):
 def test_the_backend_routes_float32_decode_steps_to_it(monkeypatch):
     calls = []
     real = torch_ref.decode_attention
-    monkeypatch.setattr(torch_ref, "decode_attention", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(
+        torch_ref, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     query, k_cache, v_cache, meta = _case(3, [40, 50], 4, 2, 16, 16)
     torch_ref.TorchReferenceBackend().attend(query, k_cache, v_cache, meta, 0.25)
     assert calls

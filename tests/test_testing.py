@@ -62,9 +62,12 @@ def test_each_arch_loads_offline_with_matching_ids(tiny_model_factory, arch):
     assert config.pad_token_id == tokenizer.pad_token_id
     assert model.generation_config.eos_token_id == config.eos_token_id
     assert config.max_position_embeddings == 262144
-    assert (config.hidden_size, config.num_hidden_layers) == (64, 2)
+    defaults = ARCHITECTURES[arch].defaults  # Gemma: more layers (local and global), tied
+    assert (config.hidden_size, config.num_hidden_layers) == (
+        64, defaults.get("num_hidden_layers", 2),
+    )  # fmt: skip
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
-    assert not config.tie_word_embeddings
+    assert config.tie_word_embeddings == defaults.get("tie_word_embeddings", False)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -231,3 +231,44 @@ def test_flash_attn_matches_reference_on_cuda():
     for query_lens, seq_lens in (([1, 1], [3000, 17]), ([300, 64], [5000, 64])):
         case = paged_case(query_lens, seq_lens, 32, 8, 128, 256, torch.bfloat16, "cuda")
         assert_matches_reference(FlashAttnBackend(), case, 2e-3, 2e-2)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(5, None), (37, None), (None, 2.0), (7, 1.5)])
+def test_windowed_and_capped_attention_matches_dense(device, window, softcap):
+    from test_sliding_window_kernels import windowed_case
+
+    specs = [(37, 11), (50, 1), (23, 1), (64, 30), (130, 1)]
+    q, k_cache, v_cache, meta, expected = windowed_case(specs, 4, 2, 16, 16, window, softcap)
+    to = {"device": device}
+    meta = AttentionMetadata.build(
+        meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_tables_cpu, 16, **to
+    )
+    backend = TritonBackend(SMALL_PREFILL, SMALL_DECODE)
+    out = backend.attend(
+        q.to(**to), k_cache.to(**to), v_cache.to(**to), meta, 0.3,
+        sliding_window=window, softcap=softcap,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("code", ["int8", "fp8"])
+@pytest.mark.parametrize(("window", "softcap"), [(5, None), (37, None), (7, 1.5)])
+def test_windowed_attention_on_quantized_pools_matches_the_unquantized_reference(
+    device, code, window, softcap
+):
+    from test_sliding_window_quant import CODES, quantized_windowed_case
+
+    specs = [(37, 11), (50, 1), (23, 1), (64, 30), (130, 1)]
+    q, k_q, v_q, k_f, v_f, meta, _ = quantized_windowed_case(
+        specs, 4, 2, 16, 16, window, softcap, CODES[code]
+    )
+    to = {"device": device}
+    meta = AttentionMetadata.build(
+        meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_tables_cpu, 16, **to
+    )
+    backend = TritonBackend(SMALL_PREFILL, SMALL_DECODE)
+    limits = {"sliding_window": window, "softcap": softcap}
+    out = backend.attend(q.to(**to), k_q.to(**to), v_q.to(**to), meta, 0.3, **limits).cpu()
+    reference = backend.attend(q.to(**to), k_f.to(**to), v_f.to(**to), meta, 0.3, **limits).cpu()
+    assert not out.isnan().any(), "read a block before the window"
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=2e-5)

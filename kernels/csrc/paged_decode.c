@@ -15,6 +15,11 @@
  *   k/v caches    [num_blocks, block_size, kv_heads, dim]
  *   block_tables  [num_seqs, table_stride] int32
  *   seq_lens      [num_seqs] int32, keys visible to each sequence's query
+ *
+ * ``paged_decode_window_f32`` adds a sliding window (the query sees only its last
+ * ``window`` keys, its own included; 0: all) and a score cap (``softcap * tanh(s /
+ * softcap)``; 0: none). Blocks wholly before the window are never read, so they may
+ * already be back in the pool.
  */
 
 #include <float.h>
@@ -37,7 +42,20 @@ struct decode_args {
     long row;  /* floats per cached token: kv_heads * dim */
     int heads, kv_heads, dim, block_size, table_stride;
     float scale;
+    int window;    /* keys visible to the query, its own included; 0: all */
+    float softcap; /* 0: scores uncapped */
 };
+
+/* The first key position the query of a ``length``-token sequence sees. */
+static inline int window_start(const struct decode_args *a, int length)
+{
+    return a->window > 0 && length > a->window ? length - a->window : 0;
+}
+
+static inline float capped(const struct decode_args *a, float score)
+{
+    return a->softcap > 0.0f ? a->softcap * tanhf(score / a->softcap) : score;
+}
 
 static void attend_block(const struct decode_args *a, const float *q, const float *keys,
                          const float *values, int count, int group, float *m, float *l,
@@ -52,7 +70,7 @@ static void attend_block(const struct decode_args *a, const float *q, const floa
             float dot = 0.0f;
             for (int d = 0; d < dim; d++)
                 dot += qj[d] * k[d];
-            p[j][t] = dot * a->scale;
+            p[j][t] = capped(a, dot * a->scale);
         }
     }
     for (int j = 0; j < group; j++) {
@@ -170,11 +188,12 @@ static inline __attribute__((always_inline)) void prefetch_tile(const float *key
     }
 }
 
-/* Scores of 16 cached tokens (``count`` real) for query head ``h``, softmax-updated:
- * returns their unnormalized probabilities and rescales the head's running state. */
+/* Scores of 16 cached tokens (lanes ``skip..count-1`` real) for query head ``h``,
+ * softmax-updated: returns their unnormalized probabilities and rescales the head's
+ * running state. */
 static inline __attribute__((always_inline)) v16
-tile_probs(const struct decode_args *a, const v16 *qh, const float *keys, int count, float *m,
-           float *l, v16 *acc, const int chunks)
+tile_probs(const struct decode_args *a, const v16 *qh, const float *keys, int skip, int count,
+           float *m, float *l, v16 *acc, const int chunks)
 {
     static const i16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     v16 rows[16];
@@ -186,8 +205,13 @@ tile_probs(const struct decode_args *a, const v16 *qh, const float *keys, int co
         rows[t] = sum;
     }
     v16 scores = sum_rows(rows) * a->scale;
+    if (a->softcap > 0.0f)
+        for (int t = 0; t < 16; t++)
+            scores[t] = capped(a, scores[t]);
     if (count < 16)
         scores = select16(lanes < count, scores, (v16){0} - FLT_MAX);
+    if (skip > 0)
+        scores = select16(lanes >= skip, scores, (v16){0} - FLT_MAX);
     const float top = max16(scores);
     const float high = top > *m ? top : *m;
     const v16 probs = exp16(scores - high);
@@ -205,23 +229,24 @@ tile_probs(const struct decode_args *a, const v16 *qh, const float *keys, int co
     return probs;
 }
 
-/* 16 cached tokens (``count`` of them real) for every query head; ``q``/``acc`` hold
- * ``heads x chunks`` vectors. Values are summed per head in independent accumulators. */
+/* 16 cached tokens (lanes ``skip..count-1`` real) for every query head; ``q``/``acc``
+ * hold ``heads x chunks`` vectors. Values are summed per head in independent
+ * accumulators. */
 static inline __attribute__((always_inline)) void
 attend_tile16(const struct decode_args *a, const v16 *q, const float *keys, const float *values,
-              int count, float *m, float *l, v16 *acc, const int chunks)
+              int skip, int count, float *m, float *l, v16 *acc, const int chunks)
 {
     const int group = a->heads / a->kv_heads;
     for (int h = 0; h < a->heads; h++) {
         const long offset = (long)(h / group) * a->dim;
-        const v16 probs = tile_probs(a, q + h * chunks, keys + offset, count, &m[h], &l[h],
-                                     acc + h * chunks, chunks);
+        const v16 probs = tile_probs(a, q + h * chunks, keys + offset, skip, count, &m[h],
+                                     &l[h], acc + h * chunks, chunks);
         float p[16] __attribute__((aligned(64)));
         memcpy(p, &probs, sizeof p);
         const float *vh = values + offset;
         for (int c = 0; c < chunks; c++) {
             v16 even = {0}, odd = {0};
-            int t = 0;
+            int t = skip;
             for (; t + 1 < count; t += 2) {
                 even += p[t] * load16(vh + t * a->row + 16 * c);
                 odd += p[t + 1] * load16(vh + (t + 1) * a->row + 16 * c);
@@ -250,15 +275,20 @@ attend_seq16(const struct decode_args *a, const float *q, float *out, int seq, c
         acc[i] = (v16){0};
         qv[i] = load16(q + 16 * i);
     }
-    for (int start = 0; start < length; start += 16) {
+    /* Tiles stay aligned to 16 (so none crosses a block); the first one skips the lanes
+     * before the window, which lie in the window's first block. */
+    const int lo = window_start(a, length);
+    for (int start = lo / 16 * 16; start < length; start += 16) {
         const int count = length - start < 16 ? length - start : 16;
+        const int skip = start < lo ? lo - start : 0;
         const int ahead = start + 16 * PREFETCH_TILES;
         if (ahead < length) {
             const long at = ((long)table[ahead / bs] * bs + ahead % bs) * a->row;
             prefetch_tile(a->k_cache + at, a->v_cache + at, 16 * a->row);
         }
         const long first = ((long)table[start / bs] * bs + start % bs) * a->row;
-        attend_tile16(a, qv, a->k_cache + first, a->v_cache + first, count, m, l, acc, chunks);
+        attend_tile16(a, qv, a->k_cache + first, a->v_cache + first, skip, count, m, l, acc,
+                      chunks);
     }
     for (int h = 0; h < heads; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
@@ -301,10 +331,13 @@ static void attend_head(const struct decode_args *a, const float *q, float *out,
         for (int d = 0; d < dim; d++)
             acc[j][d] = 0.0f;
     }
-    for (int start = 0; start < length; start += bs) {
-        const int count = length - start < bs ? length - start : bs;
-        const long first = (long)table[start / bs] * bs * a->row + (long)kv_head * dim;
+    for (int start = window_start(a, length); start < length;) {
+        const int in_block = bs - start % bs;
+        const int count = length - start < in_block ? length - start : in_block;
+        const long first =
+            ((long)table[start / bs] * bs + start % bs) * a->row + (long)kv_head * dim;
         attend_block(a, q, a->k_cache + first, a->v_cache + first, count, group, m, l, acc);
+        start += count;
     }
     for (int j = 0; j < group; j++) {
         const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
@@ -314,17 +347,18 @@ static void attend_head(const struct decode_args *a, const float *q, float *out,
 }
 
 /* Returns 0, or -1 when a size is outside what this kernel handles. */
-int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
-                     const int32_t *block_tables, const int32_t *seq_lens, float *out,
-                     int num_seqs, int heads, int kv_heads, int dim, int block_size,
-                     int table_stride, float scale, int num_threads)
+int paged_decode_window_f32(const float *q, const float *k_cache, const float *v_cache,
+                            const int32_t *block_tables, const int32_t *seq_lens, float *out,
+                            int num_seqs, int heads, int kv_heads, int dim, int block_size,
+                            int table_stride, float scale, int window, float softcap,
+                            int num_threads)
 {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || dim > MAX_DIM ||
-        block_size > MAX_BLOCK)
+        block_size > MAX_BLOCK || window < 0 || softcap < 0.0f)
         return -1;
     const struct decode_args a = {k_cache, v_cache, block_tables, seq_lens,
                                   (long)kv_heads * dim, heads, kv_heads, dim, block_size,
-                                  table_stride, scale};
+                                  table_stride, scale, window, softcap};
     const int group = heads / kv_heads;
     if (dim % 16 == 0 && dim <= 16 * MAX_CHUNKS && block_size % 16 == 0 && heads <= MAX_HEADS) {
         void (*attend)(const struct decode_args *, const float *, float *, int) =
@@ -348,4 +382,15 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
         attend_head(&a, q + at, out + at, seq, kv_head);
     }
     return 0;
+}
+
+/* Full attention, scores uncapped. */
+int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
+                     const int32_t *block_tables, const int32_t *seq_lens, float *out,
+                     int num_seqs, int heads, int kv_heads, int dim, int block_size,
+                     int table_stride, float scale, int num_threads)
+{
+    return paged_decode_window_f32(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs,
+                                   heads, kv_heads, dim, block_size, table_stride, scale, 0,
+                                   0.0f, num_threads);
 }

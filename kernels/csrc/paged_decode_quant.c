@@ -15,6 +15,10 @@
  *   k/v caches    [num_blocks, block_size, kv_heads, dim + 2] bytes
  *   block_tables  [num_seqs, table_stride] int32
  *   seq_lens      [num_seqs] int32, keys visible to each sequence's query
+ *
+ * ``paged_decode_quant_window`` adds a sliding window and a score cap with the meaning
+ * they have in ``paged_decode_window_f32``: blocks wholly before the window are never
+ * read, so a hybrid KV cache may already have given them back to the pool.
  */
 
 #include "paged_decode.c"
@@ -34,7 +38,15 @@ struct qdecode_args {
     long row; /* bytes per cached token: kv_heads * (dim + SCALE_BYTES) */
     int heads, kv_heads, dim, block_size, table_stride;
     float scale;
+    int window;    /* keys visible to the query, its own included; 0: all */
+    float softcap; /* 0: scores uncapped */
 };
+
+/* The first key position the query of a ``length``-token sequence sees. */
+static inline int q_window_start(const struct qdecode_args *a, int length)
+{
+    return a->window > 0 && length > a->window ? length - a->window : 0;
+}
 
 static inline float scale_at(const uint8_t *p)
 {
@@ -192,11 +204,12 @@ static inline __attribute__((always_inline)) v16 load_tile(const struct qdecode_
     return half16(scale_bits(a, rows, count));
 }
 
-/* 16 cached tokens (`count` of them real) for every query head. */
+/* 16 cached tokens (lanes `skip..count-1` real) for every query head. Lanes before
+ * `skip` get probability 0; they lie in the window's first block, which is held. */
 static inline __attribute__((always_inline)) void
 attend_tile16_q(const struct qdecode_args *a, const v16 *q, const uint8_t *keys,
-                const uint8_t *values, int count, float *m, float *l, v16 *acc, const int chunks,
-                const int fp8)
+                const uint8_t *values, int skip, int count, float *m, float *l, v16 *acc,
+                const int chunks, const int fp8)
 {
     static const i16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int group = a->heads / a->kv_heads;
@@ -215,8 +228,13 @@ attend_tile16_q(const struct qdecode_args *a, const v16 *q, const uint8_t *keys,
                 rows[t] = sum;
             }
             v16 scores = sum_rows(rows) * k_scales;
+            if (a->softcap > 0.0f)
+                for (int t = 0; t < 16; t++)
+                    scores[t] = a->softcap * tanhf(scores[t] / a->softcap);
             if (count < 16)
                 scores = select16(lanes < count, scores, (v16){0} - FLT_MAX);
+            if (skip > 0)
+                scores = select16(lanes >= skip, scores, (v16){0} - FLT_MAX);
             probs[j] = softmax_update(scores, &m[h], &l[h], acc + h * chunks, chunks);
         }
         const v16 v_scales = load_tile(a, values + offset, count, tile, chunks, fp8);
@@ -257,8 +275,12 @@ static inline __attribute__((always_inline)) void attend_seq16_q(const struct qd
         acc[i] = (v16){0};
         qv[i] = load16(q + 16 * i);
     }
-    for (int start = 0; start < length; start += 16) {
+    /* Tiles stay aligned to 16 (so none crosses a block); the first one skips the lanes
+     * before the window, which lie in the window's first block. */
+    const int lo = q_window_start(a, length);
+    for (int start = lo / 16 * 16; start < length; start += 16) {
         const int count = length - start < 16 ? length - start : 16;
+        const int skip = start < lo ? lo - start : 0;
         const int ahead = start + 16 * PREFETCH_TILES;
         if (ahead < length) {
             const long at = ((long)table[ahead / bs] * bs + ahead % bs) * a->row;
@@ -267,10 +289,10 @@ static inline __attribute__((always_inline)) void attend_seq16_q(const struct qd
         const long first = ((long)table[start / bs] * bs + start % bs) * a->row;
         const uint8_t *keys = a->k_cache + first, *values = a->v_cache + first;
         /* Whole tiles get a constant count: their loops unroll without a branch. */
-        if (count == 16)
-            attend_tile16_q(a, qv, keys, values, 16, m, l, acc, chunks, fp8);
+        if (count == 16 && skip == 0)
+            attend_tile16_q(a, qv, keys, values, 0, 16, m, l, acc, chunks, fp8);
         else
-            attend_tile16_q(a, qv, keys, values, count, m, l, acc, chunks, fp8);
+            attend_tile16_q(a, qv, keys, values, skip, count, m, l, acc, chunks, fp8);
     }
     for (int h = 0; h < heads; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
@@ -346,7 +368,7 @@ static void attend_head_q(const struct qdecode_args *a, const float *q, float *o
         for (int d = 0; d < dim; d++)
             acc[j][d] = 0.0f;
     }
-    for (int pos = 0; pos < length; pos++) {
+    for (int pos = q_window_start(a, length); pos < length; pos++) {
         const long at = ((long)table[pos / bs] * bs + pos % bs) * a->row + offset;
         const uint8_t *k = a->k_cache + at, *v = a->v_cache + at;
         const float k_scale = scale_at(k + dim) * a->scale, v_scale = scale_at(v + dim);
@@ -358,7 +380,10 @@ static void attend_head_q(const struct qdecode_args *a, const float *q, float *o
             float dot = 0.0f;
             for (int d = 0; d < dim; d++)
                 dot += q[j * dim + d] * kf[d];
-            const float s = dot * k_scale, high = s > m[j] ? s : m[j];
+            float s = dot * k_scale;
+            if (a->softcap > 0.0f)
+                s = a->softcap * tanhf(s / a->softcap);
+            const float high = s > m[j] ? s : m[j];
             const float keep = expf(m[j] - high), p = expf(s - high);
             for (int d = 0; d < dim; d++)
                 acc[j][d] = acc[j][d] * keep + p * vf[d];
@@ -373,19 +398,21 @@ static void attend_head_q(const struct qdecode_args *a, const float *q, float *o
     }
 }
 
-/* `fp8`: 0 for int8 codes, 1 for e4m3. Returns 0, or -1 when a size is outside what
- * this kernel handles. */
-int paged_decode_quant(const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
-                       const int32_t *block_tables, const int32_t *seq_lens, float *out,
-                       int num_seqs, int heads, int kv_heads, int dim, int block_size,
-                       int table_stride, float scale, int fp8, int num_threads)
+/* `fp8`: 0 for int8 codes, 1 for e4m3; `window` 0 and `softcap` 0 mean none. Returns
+ * 0, or -1 when a size is outside what this kernel handles. */
+int paged_decode_quant_window(const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
+                              const int32_t *block_tables, const int32_t *seq_lens, float *out,
+                              int num_seqs, int heads, int kv_heads, int dim, int block_size,
+                              int table_stride, float scale, int window, float softcap, int fp8,
+                              int num_threads)
 {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || dim > MAX_DIM ||
-        block_size > MAX_BLOCK || dim % 2 || (fp8 != 0 && fp8 != 1))
+        block_size > MAX_BLOCK || dim % 2 || (fp8 != 0 && fp8 != 1) || window < 0 ||
+        softcap < 0.0f)
         return -1;
     const struct qdecode_args a = {k_cache, v_cache, block_tables, seq_lens,
                                    (long)kv_heads * (dim + SCALE_BYTES), heads, kv_heads, dim,
-                                   block_size, table_stride, scale};
+                                   block_size, table_stride, scale, window, softcap};
     const int group = heads / kv_heads;
     if (dim % 16 == 0 && dim <= 16 * MAX_CHUNKS && block_size % 16 == 0 && heads <= MAX_HEADS) {
         const seq_fn attend = vector_path(dim, fp8);
@@ -404,4 +431,15 @@ int paged_decode_quant(const float *q, const uint8_t *k_cache, const uint8_t *v_
         attend_head_q(&a, q + at, out + at, seq, kv_head, fp8);
     }
     return 0;
+}
+
+/* Full attention, scores uncapped. */
+int paged_decode_quant(const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
+                       const int32_t *block_tables, const int32_t *seq_lens, float *out,
+                       int num_seqs, int heads, int kv_heads, int dim, int block_size,
+                       int table_stride, float scale, int fp8, int num_threads)
+{
+    return paged_decode_quant_window(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs,
+                                     heads, kv_heads, dim, block_size, table_stride, scale, 0,
+                                     0.0f, fp8, num_threads);
 }

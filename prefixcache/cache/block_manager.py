@@ -9,6 +9,7 @@ from prefixcache.cache.block_pool import BlockPool
 from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.radix_cache import RadixCache
 from prefixcache.cache.radix_node import EvictedRun
+from prefixcache.cache.window_blocks import WindowBlocks
 from prefixcache.engine.sequence import Sequence
 from prefixcache.tiers.chunk_chains import ChunkChains
 from prefixcache.tiers.tiered import TieredCache
@@ -37,6 +38,10 @@ class BlockManager:
     of the whole prefix before the chunk) in ``_parents``, set whenever blocks are
     inserted, so evicted blocks can be named exactly although an ``EvictedRun`` does
     not carry the tokens before its first chunk.
+
+    ``window`` (a hybrid KV cache) gives the sliding-window layers their own blocks:
+    a match is cut back to where those layers have what they need, and their blocks
+    follow each sequence's window (see ``WindowBlocks``).
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         tiers: TieredCache | None = None,
         events: CacheEvents | None = None,
+        window: WindowBlocks | None = None,
     ) -> None:
         self.block_size, self.chunk_size = block_size, chunk_size
         self.events = events if events is not None else CacheEvents()
@@ -62,6 +68,14 @@ class BlockManager:
         )
         self._chunks: dict[Sequence, _SeqChunks] = {}
         self._parents: list[bytes | None] = [None] * num_blocks if self.tiers else []
+        self.window = window
+        if window is not None:
+            if self.tiers is not None:
+                raise ValueError(
+                    "a hybrid KV cache (sliding-window layers) cannot use host or disk "
+                    "tiers; turn the tiers off or set hybrid_kv_cache=False"
+                )
+            self.pool.on_release = window.forget  # a block the tree lets go of
 
     @property
     def num_available_blocks(self) -> int:
@@ -92,21 +106,31 @@ class BlockManager:
         count = not seq.lookup_counted
         seq.lookup_counted = True
         tokens = seq.token_array(seq.num_tokens - 1)
-        result = self.cache.match(tokens, seq.salt, count=count)
-        seq.block_ids = list(result.block_ids)
-        seq.num_locked_blocks = len(result.block_ids)
+        result = self.cache.match(tokens, seq.salt, count=count and self.window is None)
+        block_ids = list(result.block_ids)
+        if self.window is not None:
+            block_ids = block_ids[: self.window.reusable_blocks(block_ids)]
+            self.window.adopt(seq, block_ids)
+            if count:
+                self.cache.stats.query_tokens += len(tokens)
+                self.cache.stats.hit_tokens += len(block_ids) * self.block_size
+        seq.block_ids = block_ids
+        seq.num_locked_blocks = len(block_ids)
         seq.cache_node = result.node
-        seq.num_computed_tokens = result.num_tokens
+        seq.num_computed_tokens = len(block_ids) * self.block_size
         if self.tiers is not None:
             self._onload(seq, count)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens; False (and no change) if full."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
-        if needed <= 0:
-            return True
-        block_ids = self._reserve(seq, needed) or self._take_blocks(needed)
-        if block_ids is None:
+        block_ids = []
+        if needed > 0:
+            block_ids = self._reserve(seq, needed) or self._take_blocks(needed)
+            if block_ids is None:
+                return False
+        if self.window is not None and not self.window.allocate(seq, num_new_tokens):
+            self.pool.free(block_ids)
             return False
         seq.block_ids.extend(block_ids)
         return True
@@ -132,11 +156,15 @@ class BlockManager:
         ``finished``: ``seq`` computes nothing more (it ends or is preempted), so the
         tiers may take its partial last chunk too.
         """
-        if self.cache is None:
-            return
-        self._insert_computed(seq)
-        if self.tiers is not None:
-            self._write_through(seq, finished)
+        if self.cache is not None:
+            cached_before = seq.num_locked_blocks
+            self._insert_computed(seq)
+            if self.window is not None and seq.num_locked_blocks > cached_before:
+                self.window.remember(seq, seq.block_ids[: seq.num_locked_blocks])
+            if self.tiers is not None:
+                self._write_through(seq, finished)
+        if self.window is not None:
+            self.window.release_behind(seq)
 
     def _insert_computed(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.block_size
@@ -162,6 +190,8 @@ class BlockManager:
         if cache_blocks:
             self.cache_computed_blocks(seq, finished=True)
         self.pool.free(seq.block_ids[seq.num_locked_blocks :])
+        if self.window is not None:
+            self.window.free(seq)
         self._unlock(seq)
         seq.block_ids = []
         seq.num_locked_blocks = 0

@@ -8,7 +8,7 @@ block it stores; a running sequence holds one per block it owns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class NoFreeBlocksError(ValueError):
@@ -27,7 +27,7 @@ class BlockPool:
     before changing anything, so a bad call raises ``ValueError`` and changes no state.
     """
 
-    __slots__ = ("_num_blocks", "_ref_counts", "_free")
+    __slots__ = ("_num_blocks", "_ref_counts", "_free", "on_release")
 
     def __init__(self, num_blocks: int) -> None:
         if not isinstance(num_blocks, int) or num_blocks < 0:
@@ -36,6 +36,9 @@ class BlockPool:
         self._ref_counts = [0] * num_blocks
         # A stack: allocate pops from the end, so a fresh pool hands out 0, 1, 2, ...
         self._free = list(range(num_blocks - 1, -1, -1))
+        # Called with the ids a ``free`` returned to the pool (whatever was attached to
+        # them, like a hybrid cache's local blocks, is stale from then on).
+        self.on_release: Callable[[list[int]], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -99,6 +102,8 @@ class BlockPool:
         # so a sequence's blocks form runs that attention reads as one strided view.
         released.sort(reverse=True)
         self._free.extend(released)
+        if released and self.on_release is not None:
+            self.on_release(released)
 
     def _undo_free(self, done: list[int]) -> None:
         """Restore the counts a failed ``free`` dropped (nothing reached the free list)."""

@@ -16,6 +16,7 @@ from kernels.kv_quant import check_kv_cache_dtype
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.kv_cache import KVCache, bytes_per_token
+from prefixcache.cache.window_blocks import WindowBlocks
 from prefixcache.config import EngineConfig
 from prefixcache.engine.core import EngineCore
 from prefixcache.engine.model_runner import ModelRunner
@@ -88,9 +89,12 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     dtype = resolve_dtype(config.dtype, device, model_config)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, model_config, dtype, device, config.load_format)
+    window = window_blocks(config, model_config)
     kv_cache = KVCache(
-        model_config, config.num_kv_blocks, config.block_size, dtype, device, config.kv_cache_dtype
-    )
+        model_config, config.num_kv_blocks, config.block_size, dtype, device,
+        kv_cache_dtype=config.kv_cache_dtype,
+        num_window_blocks=window.pool.num_blocks if window else None,
+    )  # fmt: skip
     runner = ModelRunner(model, kv_cache, get_backend(config.attention_backend, device), device)
     fingerprint = model_fingerprint(
         folder, model_config.architecture, str(dtype), config.load_format, config.kv_cache_dtype
@@ -104,12 +108,46 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         config.enable_prefix_caching,
         tiers=build_tiers(config, kv_cache, fingerprint, events),
         events=events,
+        window=window,
     )
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
     core = EngineCore(config, runner, blocks, tokenizer, eos)
     limits = _limits(config, model_config, fingerprint, str(dtype), runner.backend.name)
     limits = replace(limits, kv_bytes_per_token=kv_cache.bytes_per_token)
     return BuiltEngine(core, InputProcessor(tokenizer, limits), limits, model_config)
+
+
+def window_blocks(config: EngineConfig, model_config: ModelConfig) -> WindowBlocks | None:
+    """The sliding-window layers' own blocks for a hybrid KV cache, or None (one pool).
+
+    Its default size holds a window (plus the block being written) for each of
+    ``max_num_seqs`` decoding sequences and one prefill chunk of the step budget.
+    """
+    wanted, tokens = config.hybrid_kv_cache, config.window_kv_cache_tokens
+    if not model_config.sliding_layers:
+        if wanted:
+            raise ValueError(
+                f"hybrid_kv_cache=True needs sliding-window layers; "
+                f"{model_config.architecture} has none"
+            )
+        return None
+    if wanted is False or (wanted is None and config.has_kv_tiers):
+        return None
+    window, bs = model_config.sliding_window, config.block_size
+    probe = WindowBlocks(0, bs, window)
+    least = probe.max_blocks_per_step(config.max_num_batched_tokens)
+    if tokens is not None:
+        if tokens // bs < least:
+            raise ValueError(
+                f"window_kv_cache_tokens {tokens} cannot hold a window of {window} tokens "
+                f"and a step of {config.max_num_batched_tokens}: it needs at least "
+                f"{least * bs}"
+            )
+        return WindowBlocks(tokens // bs, bs, window)
+    blocks = config.max_num_seqs * probe.max_blocks_per_step(1) + least
+    if blocks >= config.num_kv_blocks and not wanted:
+        return None  # the windows would take the whole pool: nothing to save
+    return WindowBlocks(max(least, min(blocks, config.num_kv_blocks)), bs, window)
 
 
 def _limits(

@@ -241,10 +241,13 @@ class EngineCore:
             f"block accounting broken: free {pool.num_free} + cached {cached} "
             f"+ owned by requests {owned} != {pool.num_blocks}"
         )
+        if self.blocks.window is not None:
+            seqs = (s.seq for s in self.requests.values())
+            self.blocks.window.check_integrity(seqs, self.blocks.pool)
 
 
 def _chunk(s: ScheduledSeq, long_rope: bool) -> SequenceChunk:
     """The tokens ``s`` computes this step, where they start, and its blocks."""
-    start = s.seq.num_computed_tokens
-    tokens = s.seq.token_slice(start, start + s.num_tokens)
-    return SequenceChunk(tokens, start, s.seq.block_ids, long_rope)
+    seq, start = s.seq, s.seq.num_computed_tokens
+    tokens = seq.token_slice(start, start + s.num_tokens)
+    return SequenceChunk(tokens, start, seq.block_ids, long_rope, seq.local_block_ids)

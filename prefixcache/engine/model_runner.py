@@ -15,12 +15,17 @@ from prefixcache.models.rope import longrope_salt, uses_long_factors
 
 
 class SequenceChunk(NamedTuple):
-    """One sequence's share of a step: new tokens after ``num_computed`` cached ones."""
+    """One sequence's share of a step: new tokens after ``num_computed`` cached ones.
+
+    ``window_block_ids``: the sliding-window layers' blocks in a hybrid KV cache (-1
+    where released: those layers never read there).
+    """
 
     token_ids: Sequence[int]
     num_computed: int
     block_ids: Sequence[int]
     long_rope: bool = False  # LongRoPE's long factors at every position (models.rope)
+    window_block_ids: Sequence[int] | None = None
 
 
 class ModelRunner:
@@ -56,17 +61,28 @@ class ModelRunner:
         for chunk in chunks:
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.num_computed, chunk.num_computed + len(chunk.token_ids)))
-        meta = AttentionMetadata.build(
-            query_lens=[len(c.token_ids) for c in chunks],
-            seq_lens=[c.num_computed + len(c.token_ids) for c in chunks],
-            block_tables=[c.block_ids for c in chunks],
-            block_size=self.kv_cache.block_size,
-            device=self.device,
-        )
+        query_lens = [len(c.token_ids) for c in chunks]
+        seq_lens = [c.num_computed + len(c.token_ids) for c in chunks]
+        meta = self._metadata(query_lens, seq_lens, [c.block_ids for c in chunks])
         ctx = ForwardContext(
             meta, self.kv_cache.layers, self.backend, _long_rope(chunks, self.device)
         )
+        if self.kv_cache.hybrid:
+            # Released entries point at block 0: no kernel reads behind a window, and a
+            # valid id keeps every table in bounds.
+            tables = [[max(b, 0) for b in c.window_block_ids] for c in chunks]
+            window_meta = self._metadata(query_lens, seq_lens, tables)
+            ctx.layer_meta = {layer: window_meta for layer in self.kv_cache.window_layers}
         return _long_tensor(ids, self.device), _long_tensor(positions, self.device), ctx
+
+    def _metadata(self, query_lens, seq_lens, tables) -> AttentionMetadata:
+        return AttentionMetadata.build(
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            block_size=self.kv_cache.block_size,
+            device=self.device,
+        )
 
 
 def _long_rope(chunks: Sequence[SequenceChunk], device: torch.device) -> torch.Tensor | None:

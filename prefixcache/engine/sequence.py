@@ -38,6 +38,8 @@ class Sequence:
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
+    # The sliding-window layers' blocks in a hybrid KV cache (``WindowBlocks``).
+    local_block_ids: list[int] = field(default_factory=list)
     num_locked_blocks: int = 0
     cache_node: Any = None
     num_computed_tokens: int = 0

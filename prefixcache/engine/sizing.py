@@ -22,9 +22,6 @@ def default_device() -> str:
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
     """The longest prompt plus output the engine accepts."""
     limit = max(config.max_position_embeddings, scaled_context_length(config.rope))
-    if config.sliding_window:
-        # Full attention equals sliding-window attention while contexts fit the window.
-        limit = min(limit, config.sliding_window)
     if requested is None:
         return limit
     if requested > limit:

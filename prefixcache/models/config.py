@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcache.models.attention_layout import attention_fields, gemma_fields
 from prefixcache.models.moe import MoeConfig, parse_moe
 from prefixcache.models.rope import RopeConfig, parse_rope
 
@@ -35,6 +36,25 @@ class ModelConfig:
     torch_dtype: str | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoeConfig | None = None
+    # Per layer: "full_attention" or "sliding_attention" (through ``sliding_window``).
+    layer_types: tuple[str, ...] = ()
+    # Gemma 2/3 (``attention_layout.gemma_fields``); None keeps the Llama behaviour.
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    hidden_activation: str | None = None
+    local_rope: RopeConfig | None = None  # sliding layers' RoPE where it differs
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None where it sees the whole context."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that attend through a sliding window."""
+        return tuple(i for i in range(self.num_layers) if self.layer_window(i) is not None)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -51,12 +71,13 @@ class ModelConfig:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             head_dim = int(raw.get("head_dim") or hidden // num_heads)
-            return cls(
+            num_layers = int(raw["num_hidden_layers"])
+            fields = dict(
                 architecture=archs[0],
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
                 head_dim=head_dim,
@@ -65,11 +86,13 @@ class ModelConfig:
                 rope=parse_rope(raw, head_dim, archs[0]),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
-                sliding_window=_sliding_window(raw),
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
                 eos_token_ids=_as_tuple(raw.get("eos_token_id")),
                 moe=parse_moe(raw, archs[0]),
             )
+            fields |= attention_fields(raw, num_layers)
+            fields |= gemma_fields(raw, lambda sub: _sub_rope(raw, sub, head_dim, archs[0]))
+            return cls(**fields)
         except KeyError as exc:
             raise ValueError(f"config.json is missing the field {exc.args[0]!r}") from None
 
@@ -82,11 +105,11 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-def _sliding_window(raw: dict[str, Any]) -> int | None:
-    if raw.get("use_sliding_window") is False:
-        return None
-    window = raw.get("sliding_window")
-    return int(window) if window else None
+def _sub_rope(raw: dict[str, Any], sub: dict[str, Any], head_dim: int, arch: str) -> RopeConfig:
+    """The RoPE of ``sub`` (a ``{"rope_parameters": ...}`` dict, like Gemma 3's per layer
+    type), read with the rest of the model's config around it."""
+    outer = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_scaling")}
+    return parse_rope(outer | sub, head_dim, arch)
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:

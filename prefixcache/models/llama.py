@@ -38,6 +38,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, out, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope)
+        self.sliding_window = config.layer_window(layer)
+        self.softcap: float | None = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -57,7 +59,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k, ctx.long_rope)
-        out = ctx.attention(self.layer, q, k, v, self.scale)
+        window, cap = self.sliding_window, self.softcap
+        out = ctx.attention(self.layer, q, k, v, self.scale, sliding_window=window, softcap=cap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
