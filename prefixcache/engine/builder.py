@@ -28,6 +28,7 @@ from prefixcache.inputs.tokenizer import eos_token_ids, load_tokenizer
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.fingerprint import model_fingerprint
 from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
+from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
 
 
@@ -91,9 +92,11 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         tiers=build_tiers(config, kv_cache, fingerprint),
     )
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
-    core = EngineCore(config, runner, blocks, tokenizer, eos)
+    grammars = GrammarCache(tokenizer, model_config.vocab_size, eos)
+    core = EngineCore(config, runner, blocks, tokenizer, eos, grammars)
     limits = _limits(config, model_config, fingerprint, str(dtype), runner.backend.name)
-    return BuiltEngine(core, InputProcessor(tokenizer, limits), limits, model_config)
+    inputs = InputProcessor(tokenizer, limits, grammars)
+    return BuiltEngine(core, inputs, limits, model_config)
 
 
 def _limits(

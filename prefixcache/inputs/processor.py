@@ -20,6 +20,7 @@ from chunking.bounded import PromptTooLong, encode_bounded
 from chunking.segments import SegmentTokenizer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.tokenizer import checked_tokens, validate_messages
+from prefixcache.structured import GrammarCache, StructuredOutput
 
 Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of them
 
@@ -27,10 +28,16 @@ Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of
 class InputProcessor:
     """Tokenizes and validates prompts for one engine, on its tokenizer and limits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: EngineLimits) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        limits: EngineLimits,
+        grammars: GrammarCache | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.segments = SegmentTokenizer(tokenizer)
+        self.grammars = grammars
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -76,6 +83,13 @@ class InputProcessor:
         if _is_messages(prompt):
             return self.chat_tokens(prompt, add_generation_prompt=False)
         return self.prompt_tokens(prompt)
+
+    def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile ``spec`` (cached for the engine, which compiles it again on add);
+        ``GrammarError`` (a ValueError) naming what cannot compile."""
+        if self.grammars is None:
+            raise ValueError("this engine has no structured output support")
+        self.grammars.compile(spec)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """ValueError unless the prompt plus ``max_tokens`` fits (see ``EngineLimits``)."""
