@@ -62,19 +62,24 @@ class InputProcessor:
         return checked_tokens(prompt, self.limits.vocab_size)
 
     def chat_tokens(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> np.ndarray:
         """Token ids of an OpenAI-style message list through the chat template.
 
         With ``add_generation_prompt=False`` the assistant header is left out, so the
-        ids are a prefix of any later conversation that extends ``messages``.
+        ids are a prefix of any later conversation that extends ``messages``. ``tools``
+        are OpenAI function definitions, rendered where the template puts them (one
+        segment: a later turn with the same tools neither renders nor tokenizes them).
         """
         validate_messages(messages)
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate()")
         with self._limited():
             return self.segments.encode_chat(
-                messages, add_generation_prompt, max_tokens=self.max_prompt_tokens
+                messages, add_generation_prompt, max_tokens=self.max_prompt_tokens, tools=tools
             )
 
     def prewarm_tokens(self, prompt: Prompt | Sequence[dict]) -> np.ndarray:
