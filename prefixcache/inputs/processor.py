@@ -21,6 +21,7 @@ from chunking.segments import SegmentTokenizer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.tokenizer import checked_tokens, validate_messages
 from prefixcache.structured import GrammarCache, StructuredOutput
+from prefixcache.tools import ToolCallParser, parser_for_template
 
 Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of them
 
@@ -38,6 +39,8 @@ class InputProcessor:
         self.limits = limits
         self.segments = SegmentTokenizer(tokenizer)
         self.grammars = grammars
+        # The tool-call format the chat template writes (None: it writes none).
+        self.tool_parser: type[ToolCallParser] | None = parser_for_template(tokenizer.chat_template)
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -22,7 +22,9 @@ class ToolCall(NamedTuple):
     @classmethod
     def of(cls, name: str, arguments) -> ToolCall:
         """A call with a new id; ``arguments`` (a dict or JSON text) becomes JSON text."""
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        text = (
+            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        )
         return cls(new_call_id(), name, text)
 
 

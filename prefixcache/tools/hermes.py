@@ -50,12 +50,14 @@ class HermesParser(ToolCallParser):
         held, self._held = self._held, ""
         if self._in_call:  # cut off before the close tag: a call if its JSON is whole
             self._in_call = False
-            return self._call_events(held)
+            return self._call_events(held, closed=False)
         return _content(held)
 
-    def _call_events(self, body: str) -> list[ContentEvent | CallEvent]:
+    def _call_events(self, body: str, closed: bool = True) -> list[ContentEvent | CallEvent]:
         event = self._call(decode_object(body))
-        return [event] if event is not None else _content(OPEN + body + CLOSE)
+        if event is not None:
+            return [event]
+        return _content(OPEN + body + (CLOSE if closed else ""))
 
     @classmethod
     def wrap_call(cls, call_schema: dict) -> StructuredOutput:
