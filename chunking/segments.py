@@ -118,6 +118,13 @@ class SegmentTokenizer:
             return Rendered(self._apply(messages, add_generation_prompt, None), None)
         return self.tool_blocks.render(messages, add_generation_prompt, tools)
 
+    def _render(self, messages, add_generation_prompt: bool, tools: list | None) -> str:
+        """``render``, called with two arguments when there are no tools (as it always
+        was, for whoever wraps it)."""
+        if tools:
+            return self.render(messages, add_generation_prompt, tools)
+        return self.render(messages, add_generation_prompt)
+
     def _apply(self, messages, add_generation_prompt: bool, tools: list | None) -> str:
         return self.tokenizer.apply_chat_template(
             list(messages),
@@ -137,7 +144,10 @@ class SegmentTokenizer:
         content-opaque template before every one the template writes (None when there is
         no safe cut). Past ``max_chars`` the quadratic search over every message prefix
         is not tried (None)."""
-        full, tools_end = self._rendered(messages, add_generation_prompt, tools)
+        if tools:
+            full, tools_end = self.tool_blocks.render(messages, add_generation_prompt, tools)
+        else:
+            full, tools_end = self._render(messages, add_generation_prompt, None), None
         cuts = None
         if self._opaque:
             cuts = self._stand_in_cuts(messages, full, add_generation_prompt, tools)
@@ -171,7 +181,7 @@ class SegmentTokenizer:
         quadratic in the number of messages)."""
         cuts = [0]
         for k in range(1, len(messages) + 1):
-            prefix = self.render(messages[:k], False, tools)
+            prefix = self._render(messages[:k], False, tools)
             if not full.startswith(prefix) or len(prefix) < cuts[-1]:
                 return None
             cuts.append(len(prefix))
@@ -190,7 +200,8 @@ class SegmentTokenizer:
         not certain. Linear in the conversation, however many messages it has."""
         if any(set(m) - {"role", "content"} for m in messages):
             return None  # stand-ins carry role and content only (no tool calls)
-        layout = _Layout.of(self.render(with_stand_ins(messages), add_generation_prompt, tools))
+        stand_ins = with_stand_ins(messages)
+        layout = _Layout.of(self._render(stand_ins, add_generation_prompt, tools))
         if not layout.align(full, [m["content"] for m in messages]):
             return None
         return layout.literal_cuts(self._special_pattern)

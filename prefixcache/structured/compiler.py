@@ -34,6 +34,23 @@ _WHAT = {
 }
 
 
+# xgrammar (0.2.x) writes a string with minLength/maxLength as ``[^\"\\\r\n]{m, n}``,
+# which lets raw control characters in, and strict JSON parsers refuse those. The
+# unbounded string rule excludes them; the bounded one is given the same class.
+_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n]"
+
+
+def json_schema_grammar(source: str) -> xgr.Grammar:
+    """The grammar of JSON text valid against the schema ``source`` (compact: no
+    optional whitespace), with strings that strict JSON parsers accept."""
+    grammar = xgr.Grammar.from_json_schema(source, any_whitespace=False)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHARS not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
+
+
 class GrammarError(ValueError):
     """A constraint the grammar library cannot compile; the message names the construct."""
 
@@ -86,7 +103,7 @@ class GrammarCache:
         compiler = self._compiler
         try:
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.source, any_whitespace=False)
+                return compiler.compile_grammar(json_schema_grammar(spec.source))
             if spec.kind == "json_object":
                 return compiler.compile_builtin_json_grammar()
             if spec.kind == "regex":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xgrammar as xgr
 
+from prefixcache.structured.compiler import json_schema_grammar
 from prefixcache.structured.spec import StructuredOutput
 from prefixcache.tools.calls import CallEvent, ContentEvent
 from prefixcache.tools.parsers import ToolCallParser, decode_object, register_parser
@@ -64,9 +65,7 @@ class HermesParser(ToolCallParser):
         """``<tool_call>\\n{call}\\n</tool_call>``, as the template shows the model."""
         grammar = xgr.Grammar.concat(
             xgr.Grammar.from_ebnf(f'root ::= "{OPEN}\\n"'),
-            xgr.Grammar.from_json_schema(
-                StructuredOutput.json_schema(call_schema).source, any_whitespace=False
-            ),
+            json_schema_grammar(StructuredOutput.json_schema(call_schema).source),
             xgr.Grammar.from_ebnf(f'root ::= "\\n{CLOSE}"'),
         )
         return StructuredOutput.grammar(str(grammar))
