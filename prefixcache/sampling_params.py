@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from prefixcache.structured.spec import StructuredOutput
 
 
+_GREEDY_BELOW = 1e-5  # temperatures under this sample as greedy (as vLLM does)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -66,5 +69,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when the most likely token is always taken."""
-        return self.temperature == 0.0
+        """True when the most likely token is always taken: a temperature this close to
+        0 would overflow the scaled logits to inf (and NaN probabilities)."""
+        return self.temperature < _GREEDY_BELOW

@@ -22,7 +22,7 @@ from server.auth import tenant_salt
 from server.chat_protocol import ChatCompletionRequest, CompletionRequest, TextPart
 from server.errors import APIError, engine_error
 from server.state import ServerState
-from server.structured import ToolSetup, chat_tools, guided_constraint
+from server.structured import CONFLICTING, INVALID_GRAMMAR, ToolSetup, chat_tools, guided_constraint
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,17 @@ async def _constraint(
             raise APIError.bad_request(
                 f"{guided[1]} cannot be combined with a required or named tool_choice",
                 guided[1],
+                CONFLICTING,
             )
         guided = (setup.constraint, "tools")
     if guided is None:
         return None
     spec, param = guided
-    inputs = state.client.inputs
-    await run_tokenizer(state, lambda: inputs.check_structured(spec), param)
+    loop = asyncio.get_running_loop()
+    try:  # compiling is C++ work: off the event loop, like tokenizing
+        await loop.run_in_executor(state.tokenizer_pool, state.client.inputs.check_structured, spec)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), param, INVALID_GRAMMAR) from None
     return spec
 
 
@@ -255,13 +259,7 @@ def message_dict(index: int, message) -> dict:
     an assistant's tool calls and a tool result's call id kept)."""
     content = message.content
     calls = getattr(message, "tool_calls", None)
-    if content is None:
-        if not (message.role == "assistant" and calls):
-            raise APIError.bad_request(
-                f"message {index}: content is required (only an assistant message with "
-                "tool_calls may leave it out)",
-                param=f"messages[{index}].content",
-            )
+    if content is None:  # an assistant's that only calls tools; taken as empty for all
         content = ""
     elif not isinstance(content, str):
         content = "".join(_part_text(index, part) for part in content)

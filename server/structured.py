@@ -15,6 +15,13 @@ import msgspec
 from prefixcache.client import InputProcessor, StructuredOutput, ToolCallParser
 from server.errors import APIError
 
+# The 400 codes of refusals a JSON schema of the request cannot express (the OpenAPI
+# document lists them).
+INVALID_GRAMMAR = "invalid_grammar"  # a constraint that is not valid or cannot compile
+CONFLICTING = "conflicting_constraints"  # more than one output constraint
+TOOLS_NOT_SUPPORTED = "tools_not_supported"  # the template writes no tool calls
+INVALID_TOOLS = "invalid_tools"  # tool_choice without tools or naming none of them
+
 
 class ToolSetup(NamedTuple):
     """What a chat request's tools come to."""
@@ -43,12 +50,14 @@ def guided_constraint(req) -> tuple[StructuredOutput, str] | None:
         return None
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
-        raise APIError.bad_request(f"give at most one output constraint, got {names}", found[1][0])
+        raise APIError.bad_request(
+            f"give at most one output constraint, got {names}", found[1][0], CONFLICTING
+        )
     param, make = found[0]
     try:
         return make(), param
     except ValueError as exc:
-        raise APIError.bad_request(str(exc), param) from None
+        raise APIError.bad_request(str(exc), param, INVALID_GRAMMAR) from None
 
 
 def _format_constraint(fmt) -> StructuredOutput:
@@ -64,12 +73,14 @@ def chat_tools(req, inputs: InputProcessor) -> ToolSetup:
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     if not req.tools:
         if choice not in ("none", "auto"):
-            raise APIError.bad_request("tool_choice needs tools", "tool_choice")
+            raise APIError.bad_request("tool_choice needs tools", "tool_choice", INVALID_TOOLS)
         return ToolSetup(None, None, None)
     tools = [_definition(tool) for tool in req.tools]
     names = [tool["function"]["name"] for tool in tools]
     if len(set(names)) != len(names):
-        raise APIError.bad_request("every tool needs a different function name", "tools")
+        raise APIError.bad_request(
+            "every tool needs a different function name", "tools", INVALID_TOOLS
+        )
     if choice == "none":
         return ToolSetup(tools, None, None)
     parser = inputs.tool_parser
@@ -78,18 +89,19 @@ def chat_tools(req, inputs: InputProcessor) -> ToolSetup:
             "this model's chat template writes no tool calls (a Hermes <tool_call> or "
             'Llama 3 JSON format); send tool_choice "none" or no tools',
             "tools",
+            TOOLS_NOT_SUPPORTED,
         )
     if choice == "auto":
         return ToolSetup(tools, parser, None)
     name = None if choice == "required" else choice.function.name
     if name is not None and name not in names:
         raise APIError.bad_request(
-            f"tool_choice names {name!r}, which is not in tools", "tool_choice"
+            f"tool_choice names {name!r}, which is not in tools", "tool_choice", INVALID_TOOLS
         )
     try:
         return ToolSetup(tools, parser, parser.constraint(tools, name))
     except ValueError as exc:
-        raise APIError.bad_request(str(exc), "tools") from None
+        raise APIError.bad_request(str(exc), "tools", INVALID_GRAMMAR) from None
 
 
 def _definition(tool) -> dict:

@@ -137,6 +137,8 @@ def _filter_top_k_top_p(
     # top_p == 1 keeps everything even where rounding pushes the cumsum past 1.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     outside |= (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1.0).unsqueeze(-1)
+    # A top_p below float32's smallest value rounds to 0 and would drop rank 0 too.
+    outside[:, 0] = False
     drop = torch.empty_like(outside).scatter_(-1, order, outside)
     return logits.masked_fill(drop, float("-inf"))
 

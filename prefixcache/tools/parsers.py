@@ -112,7 +112,11 @@ class ToolCallParser:
             raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
         options = [_call_schema(t, cls.arguments_key) for t in chosen]
         schema = options[0] if len(options) == 1 else {"anyOf": options}
-        return cls.wrap_call(schema)
+        try:
+            return cls.wrap_call(schema)
+        except RuntimeError as exc:  # xgrammar's refusal of a parameters schema
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise ValueError(f"cannot compile the tools' parameters schemas: {reason}") from None
 
 
 def _name(tool: dict) -> str:
