@@ -112,18 +112,21 @@ class ToolBlocks:
 
 def _difference(marked: str, real: str) -> tuple[str, str] | None:
     """The parts of ``marked`` and ``real`` between their common start and common end,
-    or None unless the marker tool's name lies inside that part, once."""
+    widened to hold the marker tool's whole name (a real name may share its first
+    letters); None unless that name occurs in ``marked`` once."""
+    if marked.count(MARKER_NAME) != 1:
+        return None
+    name_at = marked.index(MARKER_NAME)
     limit = min(len(marked), len(real))
     start = 0
     while start < limit and marked[start] == real[start]:
         start += 1
+    start = min(start, name_at)  # equal before ``start``: moving it back keeps them so
     end = 0
     while end < limit - start and marked[-1 - end] == real[-1 - end]:
         end += 1
-    marker_text = marked[start : len(marked) - end]
-    if marker_text.count(MARKER_NAME) != 1 or marked.count(MARKER_NAME) != 1:
-        return None
-    return marker_text, real[start : len(real) - end]
+    end = min(end, len(marked) - name_at - len(MARKER_NAME))
+    return marked[start : len(marked) - end], real[start : len(real) - end]
 
 
 def _digest(tools: list) -> str:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from prefixcache.structured.spec import StructuredOutput
 
-
 _GREEDY_BELOW = 1e-5  # temperatures under this sample as greedy (as vLLM does)
 
 
