@@ -249,6 +249,19 @@ _ONLY_ONE = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
 # served: the decoder accepts the wider values so that the 400 can say what is not
 # supported. ``server.openapi`` merges these into the Structs' schemas.
 DOCUMENTED = {
+    # content is required but for an assistant message that makes tool calls
+    "ChatMessage": {
+        "anyOf": [
+            {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+            {
+                "required": ["tool_calls"],
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "tool_calls": {"type": "array", "minItems": 1},
+                },
+            },
+        ]
+    },
     "TextPart": {
         "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
         "required": ["type", "text"],

@@ -259,7 +259,13 @@ def message_dict(index: int, message) -> dict:
     an assistant's tool calls and a tool result's call id kept)."""
     content = message.content
     calls = getattr(message, "tool_calls", None)
-    if content is None:  # an assistant's that only calls tools; taken as empty for all
+    if content is None:
+        if not (message.role == "assistant" and calls):
+            raise APIError.bad_request(
+                f"message {index} has no content (only an assistant message that makes "
+                "tool_calls may leave it out)",
+                param=f"messages[{index}]",
+            )
         content = ""
     elif not isinstance(content, str):
         content = "".join(_part_text(index, part) for part in content)
