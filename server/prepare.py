@@ -161,7 +161,12 @@ async def _constraint(
         guided = (setup.constraint, "tools")
     if guided is None:
         return None
-    spec, param = guided
+    return await compile_constraint(state, *guided)
+
+
+async def compile_constraint(state: ServerState, spec: StructuredOutput, param: str):
+    """Compile ``spec`` for the engine (cached there); a 400 ``invalid_grammar`` naming
+    ``param`` and the construct when it cannot be."""
     loop = asyncio.get_running_loop()
     try:  # compiling is C++ work: off the event loop, like tokenizing
         await loop.run_in_executor(state.tokenizer_pool, state.client.inputs.check_structured, spec)

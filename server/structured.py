@@ -71,11 +71,20 @@ def _format_constraint(fmt) -> StructuredOutput:
 def chat_tools(req, inputs: InputProcessor) -> ToolSetup:
     """The tools of a chat request and what ``tool_choice`` makes of them."""
     choice = req.tool_choice if req.tool_choice is not None else "auto"
-    if not req.tools:
+    if not isinstance(choice, str):
+        choice = choice.function.name
+    functions = [tool.function for tool in req.tools] if req.tools else None
+    return tool_setup(functions, choice, inputs)
+
+
+def tool_setup(functions: list | None, choice: str, inputs: InputProcessor) -> ToolSetup:
+    """What function tools come to: ``choice`` is ``none``, ``auto``, ``required`` or
+    the name of the function to call."""
+    if not functions:
         if choice not in ("none", "auto"):
             raise APIError.bad_request("tool_choice needs tools", "tool_choice", INVALID_TOOLS)
         return ToolSetup(None, None, None)
-    tools = [_definition(tool) for tool in req.tools]
+    tools = [_definition(function) for function in functions]
     names = [tool["function"]["name"] for tool in tools]
     if len(set(names)) != len(names):
         raise APIError.bad_request(
@@ -93,7 +102,7 @@ def chat_tools(req, inputs: InputProcessor) -> ToolSetup:
         )
     if choice == "auto":
         return ToolSetup(tools, parser, None)
-    name = None if choice == "required" else choice.function.name
+    name = None if choice == "required" else choice
     if name is not None and name not in names:
         raise APIError.bad_request(
             f"tool_choice names {name!r}, which is not in tools", "tool_choice", INVALID_TOOLS
@@ -104,7 +113,8 @@ def chat_tools(req, inputs: InputProcessor) -> ToolSetup:
         raise APIError.bad_request(str(exc), "tools", INVALID_GRAMMAR) from None
 
 
-def _definition(tool) -> dict:
-    """A tool as the plain dict a chat template takes, unset fields left out."""
-    function = {k: v for k, v in msgspec.to_builtins(tool.function).items() if v is not None}
-    return {"type": "function", "function": function}
+def _definition(function) -> dict:
+    """A function tool as the plain dict a chat template takes, unset fields left out."""
+    fields = ("name", "description", "parameters", "strict")
+    found = {k: msgspec.to_builtins(getattr(function, k)) for k in fields}
+    return {"type": "function", "function": {k: v for k, v in found.items() if v is not None}}

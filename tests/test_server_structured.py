@@ -242,3 +242,49 @@ def test_tools_on_a_template_without_a_call_format_are_refused(tiny_llama):
             model="tiny", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=5
         )
         assert none.choices[0].message.tool_calls is None
+
+
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_an_agent_loop_through_the_responses_api(served):
+    client = _client(served)
+    first = client.responses.create(
+        model="tiny", input="Weather, please.", tools=RESPONSE_TOOLS, tool_choice="required",
+        max_output_tokens=200,
+    )  # fmt: skip
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert calls and calls[0].name in SCHEMAS
+    jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
+    result = {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}
+    second = client.responses.create(
+        model="tiny", previous_response_id=first.id, input=[result], tools=RESPONSE_TOOLS,
+        tool_choice="none", max_output_tokens=10,
+    )  # fmt: skip
+    assert second.output_text and not [i for i in second.output if i.type == "function_call"]
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 2
+    third = client.responses.create(
+        model="tiny", previous_response_id=second.id, input="Now set an alarm.",
+        tools=RESPONSE_TOOLS, tool_choice={"type": "function", "name": "set_alarm"},
+        max_output_tokens=200,
+    )  # fmt: skip
+    alarm = [item for item in third.output if item.type == "function_call"]
+    assert [a.name for a in alarm] == ["set_alarm"]
+    jsonschema.validate(json.loads(alarm[0].arguments), SCHEMAS["set_alarm"])
+    assert third.usage.input_tokens_details.cached_tokens > second.usage.input_tokens // 2
+    stored = client.responses.retrieve(first.id)
+    assert [(i.type, getattr(i, "call_id", None)) for i in stored.output] == [
+        (i.type, getattr(i, "call_id", None)) for i in first.output
+    ]
+
+
+def test_responses_text_format_json_schema_validates_streamed_and_not(served):
+    client = _client(served)
+    schema = random_schema(random.Random(99))
+    fmt = {"format": {"type": "json_schema", "name": "answer", "schema": schema}}
+    kwargs = {"model": "tiny", "input": "Data:", "text": fmt, "max_output_tokens": 300}
+    reply = client.responses.create(temperature=0, **kwargs)
+    jsonschema.validate(json.loads(reply.output_text), schema)
+    events = list(client.responses.create(temperature=0, stream=True, **kwargs))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == reply.output_text

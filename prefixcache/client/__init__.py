@@ -31,13 +31,14 @@ from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.structured import GrammarError, StructuredOutput
 from prefixcache.tiers.stats import TierStats
-from prefixcache.tools import CallEvent, ContentEvent, ToolCall, ToolCallParser
+from prefixcache.tools import CallEvent, ContentEvent, ParsedReply, ToolCall, ToolCallParser
 
 __all__ = [
     "TENANT_SEPARATOR",
     "CallEvent",
     "ContentEvent",
     "GrammarError",
+    "ParsedReply",
     "StructuredOutput",
     "ToolCall",
     "ToolCallParser",
