@@ -69,7 +69,9 @@ class EngineCore:
         )
         self.sampler = Sampler()
         self.grammars = grammars
-        self.masks = MaskFiller(grammars.vocab_size if grammars is not None else 0)
+        vocab = grammars.vocab_size if grammars is not None else 0
+        # Filling masks beside the forward pays only where the forward frees the GIL.
+        self.masks = MaskFiller(vocab, overlap=self.device.type != "cpu")
         self.requests: dict[str, RequestState] = {}
         self.failed_steps = 0  # consecutive steps that raised; 0 after one that did not
         self._ids = itertools.count()

@@ -1,10 +1,12 @@
 """Token bitmasks for a batch: filled beside the forward pass, applied in the sampler.
 
 Which tokens a grammar allows next depends only on the tokens already accepted, all
-known before the step's forward pass starts. So the masks of the rows that sample
-this step are filled on a worker thread while the model runs (xgrammar fills them in
-C++, the model's kernels release the GIL too), and the sampler waits for them only
-once it has the logits.
+known before the step's forward pass starts. So with ``overlap`` the masks of the rows
+that sample this step are filled on a worker thread while the model runs, and the
+sampler waits for them only once it has the logits. That pays where the forward
+leaves the GIL free for long (a GPU step waiting on its kernels). On CPU the forward
+of a small model is Python holding the GIL, and the worker would wait for a GIL
+switch (5 ms) to do microseconds of work, so there the masks are filled in line.
 """
 
 from __future__ import annotations
@@ -33,20 +35,22 @@ class TokenBitmask(NamedTuple):
 
 
 class PendingMask(NamedTuple):
-    """A bitmask being filled; ``result`` waits for it."""
+    """A bitmask being filled (or filled already); ``result`` waits for it."""
 
-    future: Future
+    future: Future | None
+    filled: TokenBitmask | None = None
 
     def result(self) -> TokenBitmask:
         """The filled bitmask (re-raises what the filling raised)."""
-        return self.future.result()
+        return self.filled if self.future is None else self.future.result()
 
 
 class MaskFiller:
-    """Fills batch bitmasks on one worker thread (``start``), one batch at a time."""
+    """Fills batch bitmasks, on one worker thread with ``overlap`` (one batch at a time)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, overlap: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.overlap = overlap
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, grammars: Sequence[RequestGrammar | None]) -> PendingMask | None:
@@ -56,6 +60,8 @@ class MaskFiller:
         rows = [i for i, g in enumerate(grammars) if g is not None]
         if not rows:
             return None
+        if not self.overlap:
+            return PendingMask(None, self.fill(grammars, rows))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         return PendingMask(self._pool.submit(self.fill, grammars, rows))
