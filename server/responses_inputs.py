@@ -74,6 +74,8 @@ def _item_message(index: int, item: InputMessage) -> dict:
         "function_call": ("call_id", "name", "arguments"),
         "function_call_output": ("call_id", "output"),
     }[item.type]
+    if item.content is not None:  # checked whatever the item type (the document says so)
+        text = _content(index, item.content)
     for field in need:
         if getattr(item, field) is None:
             raise APIError.bad_request(
@@ -85,7 +87,7 @@ def _item_message(index: int, item: InputMessage) -> dict:
         return {"role": "assistant", "content": "", "tool_calls": [call]}
     if item.type == "function_call_output":
         return {"role": "tool", "content": item.output, "tool_call_id": item.call_id}
-    return {"role": item.role, "content": _content(index, item.content)}
+    return {"role": item.role, "content": text}
 
 
 def _content(index: int, content) -> str:
