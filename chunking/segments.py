@@ -26,6 +26,7 @@ import numpy as np
 
 from chunking.bounded import PromptTooLong, encode_bounded, piece_chars
 from chunking.template_shape import STAND_IN, content_is_opaque, with_stand_ins
+from chunking.tool_block import Rendered, ToolBlocks
 
 DEFAULT_MAX_CACHED_TOKENS = 8_000_000
 
@@ -54,6 +55,7 @@ class SegmentTokenizer:
         self._special_pattern = re.compile("|".join(map(re.escape, self._specials)) or "(?!)")
         self._verified = False  # the first segmented prompt is checked against a whole encode
         self._unsafe = not self._specials
+        self.tool_blocks = ToolBlocks(self._apply)
         self.hits = self.misses = self.fallbacks = 0
 
     def encode_chat(
@@ -61,19 +63,22 @@ class SegmentTokenizer:
         messages: Sequence[dict],
         add_generation_prompt: bool = True,
         max_tokens: int | None = None,
+        tools: list | None = None,
     ):
         """Token ids of ``messages`` through the chat template, as an int32 array.
 
         With ``max_tokens``, ``PromptTooLong`` as soon as the segments tokenized so far
         hold more: a giant message costs about ``max_tokens`` of work, not its length.
+        ``tools`` (function definitions the template renders) end a segment of their
+        own where the template allows, so a turn with the same tools reuses their ids.
         """
         max_chars = piece_chars(max_tokens) if max_tokens is not None else None
         segments = None
         if not self._unsafe:
-            segments = self.segments(messages, add_generation_prompt, max_chars)
+            segments = self.segments(messages, add_generation_prompt, max_chars, tools)
         if segments is None:
             self.fallbacks += 1
-            return self._encode(self.render(messages, add_generation_prompt), max_tokens)
+            return self._encode(self.render(messages, add_generation_prompt, tools), max_tokens)
         ids = np.concatenate(self._bounded_segment_ids(segments, max_tokens))
         if not self._verified:
             ids = self._verify(segments, ids)
@@ -102,52 +107,101 @@ class SegmentTokenizer:
             return whole
         return ids
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-        """The chat template's text for ``messages``."""
+    def render(
+        self, messages: Sequence[dict], add_generation_prompt: bool, tools: list | None = None
+    ) -> str:
+        """The chat template's text for ``messages`` (and ``tools``)."""
+        return self._rendered(messages, add_generation_prompt, tools).text
+
+    def _rendered(self, messages, add_generation_prompt: bool, tools: list | None) -> Rendered:
+        if not tools:
+            return Rendered(self._apply(messages, add_generation_prompt, None), None)
+        return self.tool_blocks.render(messages, add_generation_prompt, tools)
+
+    def _render(self, messages, add_generation_prompt: bool, tools: list | None) -> str:
+        """``render``, called with two arguments when there are no tools (as it always
+        was, for whoever wraps it)."""
+        if tools:
+            return self.render(messages, add_generation_prompt, tools)
+        return self.render(messages, add_generation_prompt)
+
+    def _apply(self, messages, add_generation_prompt: bool, tools: list | None) -> str:
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages),
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
     def segments(
-        self, messages: Sequence[dict], add_generation_prompt: bool, max_chars: int | None = None
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool,
+        max_chars: int | None = None,
+        tools: list | None = None,
     ) -> list[str] | None:
         """The rendered text cut before special tokens: before each message's, or for a
         content-opaque template before every one the template writes (None when there is
         no safe cut). Past ``max_chars`` the quadratic search over every message prefix
         is not tried (None)."""
-        full = self.render(messages, add_generation_prompt)
-        cuts = self._stand_in_cuts(messages, full, add_generation_prompt) if self._opaque else None
+        if tools:
+            full, tools_end = self.tool_blocks.render(messages, add_generation_prompt, tools)
+        else:
+            full, tools_end = self._render(messages, add_generation_prompt, None), None
+        cuts = None
+        if self._opaque:
+            cuts = self._stand_in_cuts(messages, full, add_generation_prompt, tools)
         if cuts is None and max_chars is not None and len(full) > max_chars:
             return None  # a long text rendered once per message would cost far more
         if cuts is None:
-            cuts = self._rendered_cuts(messages, full)
+            cuts = self._rendered_cuts(messages, full, tools)
         if not cuts:
             return None  # no safe place to cut: the whole text is one piece
+        cuts = self._with_tools_cut(cuts, full, tools_end)
         bounds = [0, *cuts, len(full)]
         pieces = [full[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
         if not all(piece.startswith(self._specials) for piece in pieces[1:]):
             return None
         return pieces
 
-    def _rendered_cuts(self, messages: Sequence[dict], full: str) -> list[int] | None:
+    def _with_tools_cut(self, cuts: list[int], full: str, tools_end: int | None) -> list[int]:
+        """``cuts`` plus one at the first special token after the tool block, so the
+        tools (with what the template writes before them) are a segment of their own."""
+        if tools_end is None:
+            return cuts
+        found = self._special_pattern.search(full, tools_end)
+        if found is None or found.start() == 0:
+            return cuts
+        return sorted({*cuts, found.start()})
+
+    def _rendered_cuts(
+        self, messages: Sequence[dict], full: str, tools: list | None = None
+    ) -> list[int] | None:
         """Cut positions from rendering every prefix of the conversation (any template;
         quadratic in the number of messages)."""
         cuts = [0]
         for k in range(1, len(messages) + 1):
-            prefix = self.render(messages[:k], False)
+            prefix = self._render(messages[:k], False, tools)
             if not full.startswith(prefix) or len(prefix) < cuts[-1]:
                 return None
             cuts.append(len(prefix))
         return cuts[1:]
 
     def _stand_in_cuts(
-        self, messages: Sequence[dict], full: str, add_generation_prompt: bool
+        self,
+        messages: Sequence[dict],
+        full: str,
+        add_generation_prompt: bool,
+        tools: list | None = None,
     ) -> list[int] | None:
         """Cuts before every special token the template itself writes, found on the
         conversation rendered once with short stand-ins for its contents (a
         content-opaque template) and mapped onto ``full``; None where that mapping is
         not certain. Linear in the conversation, however many messages it has."""
-        layout = _Layout.of(self.render(with_stand_ins(messages), add_generation_prompt))
+        if any(set(m) - {"role", "content"} for m in messages):
+            return None  # stand-ins carry role and content only (no tool calls)
+        stand_ins = with_stand_ins(messages)
+        layout = _Layout.of(self._render(stand_ins, add_generation_prompt, tools))
         if not layout.align(full, [m["content"] for m in messages]):
             return None
         return layout.literal_cuts(self._special_pattern)

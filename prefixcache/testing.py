@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from prefixcache.tiny_templates import (  # noqa: F401  (re-exported names)
+    CHAT_STYLES,
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    ChatStyle,
 )
 
 # Bump when the folder contents change, so stamped folders from older builds are remade.
@@ -135,25 +136,37 @@ _BASE_CONFIG: dict[str, Any] = {
 
 
 def make_tiny_model(
-    path: str | os.PathLike[str], arch: str = "llama", *, seed: int = 0, **config_overrides: Any
+    path: str | os.PathLike[str],
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    chat_style: str = "chatml",
+    **config_overrides: Any,
 ) -> Path:
     """Write a loadable tiny `arch` model folder at `path` and return it as a Path.
 
-    `config_overrides` replace the config kwargs (e.g. `num_hidden_layers=3`,
+    `chat_style` picks the chat template (`CHAT_STYLES`: plain ChatML, or `hermes` /
+    `llama3` with function tools, which add their own tokens). `config_overrides`
+    replace the config kwargs (e.g. `num_hidden_layers=3`,
     `tie_word_embeddings=True`, `rope_parameters={...}`). A folder already complete
     for the same arguments is returned untouched.
 
     Raises:
-        ValueError: `arch` is not one of `ARCHITECTURES`.
+        ValueError: `arch` is not one of `ARCHITECTURES`, or `chat_style` unknown.
     """
     spec = _arch_spec(arch)
+    if chat_style not in CHAT_STYLES:
+        known = sorted(CHAT_STYLES)
+        raise ValueError(f"unknown chat_style {chat_style!r}; expected one of {known}")
     folder = Path(path)
-    stamp = _stamp_text(arch, seed, config_overrides)
+    # The default style leaves the stamp as it was, so existing folders stay valid.
+    named = {} if chat_style == "chatml" else {"chat_style": chat_style}
+    stamp = _stamp_text(arch, seed, {**config_overrides, **named})
     if _is_complete(folder, stamp):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _STAMP_NAME).unlink(missing_ok=True)
-    token_ids = _save_tokenizer(folder)
+    token_ids = _save_tokenizer(folder, CHAT_STYLES[chat_style])
     config_kwargs = _config_kwargs(spec, token_ids, config_overrides)
     _save_model(folder, spec, seed, config_kwargs)
     # The stamp goes last: a build interrupted before here is redone next time.
@@ -276,24 +289,29 @@ def _spread_logits(model: Any) -> None:
                 param.mul_(_ROUTER_SCALE)
 
 
-def _save_tokenizer(folder: Path) -> dict[str, int]:
+def _save_tokenizer(folder: Path, style: ChatStyle = CHAT_STYLES["chatml"]) -> dict[str, int]:
     """Save the tokenizer to `folder` and return the config's special token ids."""
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tokenizer_json()),
-        eos_token=IM_END,
+        bos_token=style.bos if style.bos != ENDOFTEXT else None,
+        eos_token=style.eos,
         pad_token=ENDOFTEXT,
-        chat_template=CHATML_TEMPLATE,
+        chat_template=style.template,
         model_max_length=_MAX_POSITIONS,
     )
+    if style.special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(style.special_tokens)})
+    if style.added_tokens:
+        tokenizer.add_tokens([AddedToken(t, special=False) for t in style.added_tokens])
     tokenizer.save_pretrained(folder)
     ids = tokenizer.convert_tokens_to_ids
     return {
         "vocab_size": len(tokenizer),
-        "bos_token_id": ids(ENDOFTEXT),
-        "eos_token_id": ids(IM_END),
+        "bos_token_id": ids(style.bos),
+        "eos_token_id": ids(style.eos),
         "pad_token_id": ids(ENDOFTEXT),
     }
 

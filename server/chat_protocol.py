@@ -16,6 +16,8 @@ import msgspec
 from msgspec import Meta, Struct
 from starlette.responses import Response
 
+from server.tools_protocol import ChatTool, GuidedFields, ToolCall, ToolCallDelta, ToolChoice
+
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -44,14 +46,17 @@ class TextPart(Struct, kw_only=True):
 
 
 class ChatMessage(Struct, kw_only=True):
-    """One message of a conversation."""
+    """One message of a conversation: an assistant's may carry ``tool_calls`` instead of
+    content, a ``tool`` message answers the call ``tool_call_id``."""
 
     role: Role
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class _SamplingFields(Struct, kw_only=True):
+class _SamplingFields(GuidedFields, kw_only=True):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
@@ -80,6 +85,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     """Accepted and unused while ``logprobs`` is false (the only value served)."""
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -123,10 +131,12 @@ class Usage(Struct, kw_only=True):
 
 
 class AssistantMessage(Struct, kw_only=True):
-    """The reply of a non-streaming chat completion."""
+    """The reply of a non-streaming chat completion (``content`` null when it is only
+    tool calls)."""
 
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -155,6 +165,7 @@ class ChatDelta(Struct, kw_only=True, omit_defaults=True):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Struct, kw_only=True):
@@ -238,6 +249,19 @@ _ONLY_ONE = {"type": "integer", "minimum": 1, "maximum": 1, "default": 1}
 # served: the decoder accepts the wider values so that the 400 can say what is not
 # supported. ``server.openapi`` merges these into the Structs' schemas.
 DOCUMENTED = {
+    # content is required but for an assistant message that makes tool calls
+    "ChatMessage": {
+        "anyOf": [
+            {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+            {
+                "required": ["tool_calls"],
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "tool_calls": {"type": "array", "minItems": 1},
+                },
+            },
+        ]
+    },
     "TextPart": {
         "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
         "required": ["type", "text"],

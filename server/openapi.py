@@ -82,8 +82,15 @@ def operation(
             "content": {"application/json": {"schema": ref(request)}},
         }
         responses["400"] = error(
-            "Malformed or invalid request, or one the engine cannot take (code "
-            "`context_length_exceeded`: the prompt plus its output do not fit)"
+            "Malformed or invalid request, or one the engine cannot take. Codes of "
+            "refusals the request schema cannot express: `context_length_exceeded` (the "
+            "prompt plus its output do not fit), `invalid_grammar` (an output constraint "
+            "or tool parameters schema that is not valid or cannot compile; the message "
+            "names the construct), `conflicting_constraints` (more than one of "
+            "response_format, guided_* and a required or named tool_choice), "
+            "`tools_not_supported` (tools to call on a model whose chat template writes "
+            "no tool calls), `invalid_tools` (tool_choice without tools or naming none "
+            "of them, or two tools of one name)"
         )
         responses["404"] = error("Unknown model")
         responses["408"] = error("The request body was not received in time")

@@ -17,11 +17,12 @@ import msgspec
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from prefixcache.client import PromptTooLong, SamplingParams
+from prefixcache.client import PromptTooLong, SamplingParams, StructuredOutput, ToolCallParser
 from server.auth import tenant_salt
 from server.chat_protocol import ChatCompletionRequest, CompletionRequest, TextPart
 from server.errors import APIError, engine_error
 from server.state import ServerState
+from server.structured import CONFLICTING, INVALID_GRAMMAR, ToolSetup, chat_tools, guided_constraint
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Prepared(NamedTuple):
     arrival: float
     decode_s: float = 0.0  # arrival -> validated body
     tokenize_s: float = 0.0
+    tool_parser: type[ToolCallParser] | None = None  # parses tool calls out of the reply
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -132,10 +134,45 @@ async def prepare_chat(
     messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
     inputs = state.client.inputs
     decoded = time.perf_counter()
-    prompt_ids = await run_tokenizer(state, lambda: inputs.chat_tokens(messages), "messages")
+    setup = chat_tools(req, inputs)
+    structured = await _constraint(state, req, setup)
+    prompt_ids = await run_tokenizer(
+        state, lambda: inputs.chat_tokens(messages, tools=setup.tools), "messages"
+    )
     max_tokens = req.max_completion_tokens or req.max_tokens
-    prepared = _prepared(state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival)
-    return _with_timings(prepared, decoded)
+    prepared = _prepared(
+        state, req, "chatcmpl", prompt_ids, max_tokens, tenant, arrival, structured
+    )
+    return _with_timings(prepared._replace(tool_parser=setup.parser), decoded)
+
+
+async def _constraint(
+    state: ServerState, req, setup: ToolSetup | None = None
+) -> StructuredOutput | None:
+    """The request's one output constraint, compiled (a 400 when it cannot be)."""
+    guided = guided_constraint(req)
+    if setup is not None and setup.constraint is not None:
+        if guided is not None:
+            raise APIError.bad_request(
+                f"{guided[1]} cannot be combined with a required or named tool_choice",
+                guided[1],
+                CONFLICTING,
+            )
+        guided = (setup.constraint, "tools")
+    if guided is None:
+        return None
+    return await compile_constraint(state, *guided)
+
+
+async def compile_constraint(state: ServerState, spec: StructuredOutput, param: str):
+    """Compile ``spec`` for the engine (cached there); a 400 ``invalid_grammar`` naming
+    ``param`` and the construct when it cannot be."""
+    loop = asyncio.get_running_loop()
+    try:  # compiling is C++ work: off the event loop, like tokenizing
+        await loop.run_in_executor(state.tokenizer_pool, state.client.inputs.check_structured, spec)
+    except ValueError as exc:
+        raise APIError.bad_request(str(exc), param, INVALID_GRAMMAR) from None
+    return spec
 
 
 async def prepare_completion(
@@ -152,12 +189,13 @@ async def prepare_completion(
     prompt = _single_prompt(req.prompt)
     inputs = state.client.inputs
     decoded = time.perf_counter()
+    structured = await _constraint(state, req)
     prompt_ids = await run_tokenizer(state, lambda: inputs.prompt_tokens(prompt), "prompt")
     max_tokens = req.max_tokens
     if max_tokens is None:
         room = state.max_context_tokens - len(prompt_ids)
         max_tokens = min(_DEFAULT_COMPLETION_TOKENS, room) if room > 0 else 1
-    prepared = _prepared(state, req, "cmpl", prompt_ids, max_tokens, tenant, arrival)
+    prepared = _prepared(state, req, "cmpl", prompt_ids, max_tokens, tenant, arrival, structured)
     return _with_timings(prepared, decoded)
 
 
@@ -169,6 +207,7 @@ def _prepared(
     max_tokens: int | None,
     tenant: bytes | None,
     arrival: float,
+    structured: StructuredOutput | None = None,
 ) -> Prepared:
     """Sampling params checked against the context limit, plus the request's identity."""
     if max_tokens is None:  # OpenAI's chat default: whatever room the context leaves
@@ -179,7 +218,7 @@ def _prepared(
                 f"the context limit ({state.max_context_tokens} tokens)",
                 code="context_length_exceeded",
             )
-    params = _sampling_params(req, max_tokens)
+    params = _sampling_params(req, max_tokens, structured)
     check_fits(state, len(prompt_ids), params.max_tokens)
     return Prepared(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
@@ -201,7 +240,9 @@ def check_fits(state: ServerState, num_prompt_tokens: int, max_tokens: int) -> N
 
 
 def _sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, max_tokens: int
+    req: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     try:
         return SamplingParams(
@@ -212,17 +253,33 @@ def _sampling_params(
             seed=req.seed,
             stop=req.stop or None,
             ignore_eos=req.ignore_eos,
+            structured=structured,
         )
     except ValueError as exc:
         raise APIError.bad_request(str(exc)) from None
 
 
 def message_dict(index: int, message) -> dict:
-    """A request message as the plain dict the chat template takes (text parts joined)."""
+    """A request message as the plain dict the chat template takes (text parts joined;
+    an assistant's tool calls and a tool result's call id kept)."""
     content = message.content
-    if not isinstance(content, str):
+    calls = getattr(message, "tool_calls", None)
+    if content is None:
+        if not (message.role == "assistant" and calls):
+            raise APIError.bad_request(
+                f"message {index} has no content (only an assistant message that makes "
+                "tool_calls may leave it out)",
+                param=f"messages[{index}]",
+            )
+        content = ""
+    elif not isinstance(content, str):
         content = "".join(_part_text(index, part) for part in content)
-    return {"role": message.role, "content": content}
+    found = {"role": message.role, "content": content}
+    if calls:
+        found["tool_calls"] = [msgspec.to_builtins(call) for call in calls]
+    if getattr(message, "tool_call_id", None) is not None:
+        found["tool_call_id"] = message.tool_call_id
+    return found
 
 
 def _part_text(index: int, part: TextPart) -> str:

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from prefixcache.client import RequestDelta, StoredResponse
+from prefixcache.client import ContentEvent, ParsedReply, RequestDelta, StoredResponse
 from server.chat_protocol import encode
 from server.errors import engine_error
 from server.generation import Tally
 from server.responses_protocol import (
+    FunctionCallItem,
     IncompleteDetails,
     InputTokensDetails,
     OutputMessage,
@@ -84,6 +85,35 @@ def _message(response_id: str, text: str | None, status: str) -> OutputMessage:
     return OutputMessage(id=message_id(response_id), status=status, content=content)
 
 
+def assistant_message(reply: ParsedReply) -> dict | None:
+    """The reply as the assistant message to store, when it made tool calls (None: its
+    text is the whole message)."""
+    if not reply.calls:
+        return None
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in reply.calls
+    ]
+    return {"role": "assistant", "content": reply.content, "tool_calls": calls}
+
+
+def _call_items(calls) -> list[FunctionCallItem]:
+    """Function-call output items from ``(call_id, name, arguments)`` triples."""
+    return [
+        FunctionCallItem(id="fc_" + call_id.removeprefix("call_"), call_id=call_id, name=name,
+                         arguments=arguments)
+        for call_id, name, arguments in calls
+    ]  # fmt: skip
+
+
+def _stored_calls(entry: StoredResponse) -> list[FunctionCallItem]:
+    last = entry.messages[-1] if entry.messages else {}
+    return _call_items(
+        (c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in last.get("tool_calls") or ()
+    )
+
+
 def _incomplete(finish_reason: str | None) -> IncompleteDetails | None:
     return IncompleteDetails(reason="max_output_tokens") if finish_reason == "length" else None
 
@@ -95,7 +125,9 @@ def job_response(job: Job, tally: Tally | None) -> ResponseObject:
         status, output, counts = "in_progress", [], None
     else:
         status = status_of(tally.finish_reason)
-        output = [_message(rid, tally.text, status)]
+        reply = job.reply(tally)
+        calls = _call_items((c.id, c.name, c.arguments) for c in reply.calls)
+        output = [_message(rid, reply.content, status), *calls]
         counts = usage(
             tally.num_prompt_tokens,
             tally.num_cached_tokens,
@@ -131,12 +163,17 @@ def stored_response_object(entry: StoredResponse, model: str) -> ResponseObject:
         created_at=int(entry.created_at),
         status=status,
         model=model,
-        output=[_message(entry.id, entry.output_text, status)],
+        output=[_message(entry.id, _stored_text(entry), status), *_stored_calls(entry)],
         usage=usage(entry.num_input_tokens, entry.num_cached_tokens, entry.num_output_tokens),
         previous_response_id=entry.previous_response_id,
         instructions=entry.instructions,
         incomplete_details=_incomplete(entry.finish_reason),
     )
+
+
+def _stored_text(entry: StoredResponse) -> str:
+    last = entry.messages[-1] if entry.messages else {}
+    return last["content"] if last.get("tool_calls") else entry.output_text
 
 
 class _Events:
@@ -163,6 +200,7 @@ async def response_events(
 ) -> AsyncIterator[bytes]:
     """The event stream of one response; ``save`` stores it before it completes."""
     ev, tally = _Events(job), Tally.of(job.prepared)
+    parser = job.prepared.tool_parser() if job.prepared.tool_parser is not None else None
     yield ev("response.created", response=job_response(job, None))
     yield ev("response.in_progress", response=job_response(job, None))
     item = _message(job.prepared.request_id, None, "in_progress")
@@ -172,20 +210,35 @@ async def response_events(
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 tally.add(delta)
-                if delta.text:
-                    yield ev.text("response.output_text.delta", delta=delta.text, logprobs=[])
+                text = _content(parser, parser.feed(delta.text)) if parser else delta.text
+                if text:
+                    yield ev.text("response.output_text.delta", delta=text, logprobs=[])
+            text = _content(parser, parser.finish()) if parser else ""
+            if text:
+                yield ev.text("response.output_text.delta", delta=text, logprobs=[])
         await save(tally)
     except Exception as exc:  # headers are sent: report in-band, then end the stream
         yield _error_event(ev, exc)
         return
     final = job_response(job, tally)
-    yield ev.text("response.output_text.done", text=tally.text, logprobs=[])
-    yield ev.text("response.content_part.done", part=OutputText(text=tally.text))
+    content = job.reply(tally).content
+    yield ev.text("response.output_text.done", text=content, logprobs=[])
+    yield ev.text("response.content_part.done", part=OutputText(text=content))
     yield ev("response.output_item.done", output_index=0, item=final.output[0])
+    for index, item in enumerate(final.output[1:], 1):  # the function calls
+        yield ev("response.output_item.added", output_index=index, item=item)
+        done = "response.function_call_arguments.done"
+        yield ev(done, item_id=item.id, output_index=index, arguments=item.arguments)
+        yield ev("response.output_item.done", output_index=index, item=item)
     if job.not_stored is not None:
         yield _event_bytes(ev, NOT_STORED, str(job.not_stored))
         return
     yield ev("response.completed", response=final)
+
+
+def _content(parser, events: list) -> str:
+    """The reply text among a tool parser's events (calls come as items at the end)."""
+    return "".join(e.text for e in events if isinstance(e, ContentEvent))
 
 
 def _error_event(ev: _Events, exc: Exception) -> bytes:

@@ -6,11 +6,12 @@ annotations are the first validation; unknown fields are ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
 from server.chat_protocol import ErrorBody, MaxTokens, Temperature, Timings, TopP
+from server.tools_protocol import FunctionName
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 ResponseId = Annotated[str, Meta(pattern=r"^resp_[0-9a-f]{32}$")]
@@ -24,11 +25,52 @@ class InputPart(Struct, kw_only=True):
 
 
 class InputMessage(Struct, kw_only=True):
-    """One input item: a message with a role and text content."""
+    """One input item: a message with a role and text content (``type`` ``message``),
+    a function call the model made (``function_call``: ``call_id``, ``name``,
+    ``arguments``) or a call's result (``function_call_output``: ``call_id``,
+    ``output``)."""
 
-    role: InputRole
-    content: str | list[InputPart]
-    type: Literal["message"] = "message"
+    role: InputRole | None = None
+    content: str | list[InputPart] | None = None
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+    id: str | None = None
+
+
+class TextFormat(Struct, kw_only=True):
+    """``text.format``: ``text``, ``json_object``, or ``json_schema`` with its ``schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Struct, kw_only=True):
+    """``text``: the reply's format."""
+
+    format: TextFormat | None = None
+
+
+class FunctionTool(Struct, kw_only=True):
+    """A function tool of the Responses API (flat: no ``function`` wrapper)."""
+
+    type: Literal["function"] = "function"
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(Struct, kw_only=True):
+    """``tool_choice: {"type": "function", "name": ...}``."""
+
+    type: Literal["function"] = "function"
+    name: FunctionName
 
 
 class ResponseRequest(Struct, kw_only=True):
@@ -45,6 +87,9 @@ class ResponseRequest(Struct, kw_only=True):
     store: bool = True
     user: str | None = None
     metadata: dict[str, str] | None = None
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
 
 
 class OutputText(Struct, kw_only=True):
@@ -55,14 +100,27 @@ class OutputText(Struct, kw_only=True):
     annotations: list[str] = []
 
 
-class OutputMessage(Struct, kw_only=True):
+class OutputMessage(Struct, kw_only=True, tag_field="type", tag="message"):
     """The assistant message a response produces."""
 
     id: str
-    type: str = "message"
     role: str = "assistant"
     status: str
     content: list[OutputText]
+
+
+class FunctionCallItem(Struct, kw_only=True, tag_field="type", tag="function_call"):
+    """A function call a response produces; answer it with a ``function_call_output``
+    input item carrying its ``call_id``."""
+
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str = "completed"
+
+
+OutputItem = OutputMessage | FunctionCallItem
 
 
 class InputTokensDetails(Struct, kw_only=True):
@@ -119,7 +177,7 @@ class ResponseObject(Struct, kw_only=True):
     created_at: int
     status: str
     model: str
-    output: list[OutputMessage]
+    output: list[OutputItem]
     usage: ResponseUsage | None = None
     previous_response_id: str | None = None
     instructions: str | None = None
@@ -155,9 +213,10 @@ class ResponseEvent(Struct, kw_only=True, omit_defaults=True):
     content_index: int | None = None
     delta: str | None = None
     text: str | None = None
-    item: OutputMessage | None = None
+    item: OutputItem | None = None
     part: OutputText | None = None
     logprobs: list[float] | None = None
+    arguments: str | None = None
 
 
 class ResponseNotStoredError(Struct, kw_only=True):
@@ -190,6 +249,35 @@ class ResponseErrorEvent(Struct, kw_only=True):
 # What the server serves, where it is narrower than its decoder (see
 # ``server.chat_protocol.DOCUMENTED``).
 DOCUMENTED = {
+    "InputMessage": {
+        "anyOf": [
+            {
+                "properties": {
+                    "type": {"const": "message"},
+                    "role": {"enum": ["user", "system", "developer", "assistant"]},
+                    "content": {"not": {"type": "null"}},
+                },
+                "required": ["role", "content"],
+            },
+            {
+                "properties": {
+                    "type": {"const": "function_call"},
+                    "call_id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "arguments": {"type": "string"},
+                },
+                "required": ["type", "call_id", "name", "arguments"],
+            },
+            {
+                "properties": {
+                    "type": {"const": "function_call_output"},
+                    "call_id": {"type": "string"},
+                    "output": {"type": "string"},
+                },
+                "required": ["type", "call_id", "output"],
+            },
+        ]
+    },
     "InputPart": {
         "properties": {
             "type": {"enum": ["input_text", "output_text", "text"]},

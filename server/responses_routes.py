@@ -24,10 +24,12 @@ from starlette.responses import Response
 
 from prefixcache.client import (
     ConversationRenderer,
+    ParsedReply,
     ResponseNotStored,
     ResponseStore,
     SamplingParams,
     StoredResponse,
+    StructuredOutput,
     Turn,
     new_response_id,
     stored_response,
@@ -37,16 +39,24 @@ from server.chat_protocol import ErrorBody, encode, json_response
 from server.errors import APIError, engine_dead
 from server.generation import CLIENT_GONE, Tally, answer, timing_header, tracked
 from server.openapi import event_stream, operation
-from server.prepare import Prepared, check_fits, check_model, decode, read_body, run_tokenizer
+from server.prepare import (
+    Prepared,
+    check_fits,
+    check_model,
+    decode,
+    read_body,
+    run_tokenizer,
+)
 from server.responses_format import (
     NOT_STORED,
+    assistant_message,
     job_response,
     response_events,
     stored_response_object,
 )
+from server.responses_inputs import input_messages, request_constraint, request_tools
 from server.responses_protocol import (
     RESPONSES_TYPES,
-    InputMessage,
     ResponseDeleted,
     ResponseErrorDetail,
     ResponseErrorEvent,
@@ -78,6 +88,14 @@ class Job:
     model: str
     store_s: float = 0.0  # the previous_response_id lookup; part of prepared.tokenize_s
     not_stored: ResponseNotStored | None = None  # why saving failed, if it did
+    parsed: ParsedReply | None = None  # the reply's text and tool calls, once parsed
+
+    def reply(self, tally: Tally) -> ParsedReply:
+        """The finished reply as text and tool calls (parsed once: calls get ids)."""
+        if self.parsed is None:
+            parser = self.prepared.tool_parser
+            self.parsed = parser().parse(tally.text) if parser else ParsedReply(tally.text, [])
+        return self.parsed
 
     async def save(self, state: ServerState, tally: Tally) -> None:
         """Store the finished turn (when ``store``) so a later turn can continue it.
@@ -87,11 +105,12 @@ class Job:
         if not self.req.store or tally.finish_reason in (None, "abort"):
             return
         counts = (tally.num_prompt_tokens, tally.num_cached_tokens, tally.num_output_tokens)
+        message = assistant_message(self.reply(tally))
 
         def build() -> StoredResponse:
             entry = stored_response(
                 self.renderer, self.turn, self.prepared.request_id, self.scope,
-                tally.text, counts, tally.finish_reason,
+                tally.text, counts, tally.finish_reason, message,
             )  # fmt: skip
             entry.created_at = self.created_at
             return entry
@@ -233,12 +252,16 @@ async def _prepare(
     store, renderer, scope = state.response_store, state.renderer, _scope(tenant)
     previous = _previous(store, req.previous_response_id, scope)
     looked_up = time.perf_counter()
-    new = _input_messages(req.input)
+    new = input_messages(req.input)
+    setup = request_tools(state, req)
+    structured = await request_constraint(state, req, setup)
     limit = state.client.inputs.max_prompt_tokens
     turn = await run_tokenizer(
-        state, lambda: renderer.turn(new, previous, req.instructions, limit), "input"
+        state,
+        lambda: renderer.turn(new, previous, req.instructions, limit, setup.tools),
+        "input",
     )
-    params = _sampling_params(state, req, len(turn.prompt_ids))
+    params = _sampling_params(state, req, len(turn.prompt_ids), structured)
     prepared = Prepared(
         request_id=new_response_id(),
         prompt_ids=turn.prompt_ids,
@@ -249,6 +272,7 @@ async def _prepare(
         arrival=arrival,
         decode_s=decoded - arrival,
         tokenize_s=time.perf_counter() - decoded,  # store lookup, rendering, tokenizing
+        tool_parser=setup.parser,
     )
     created = int(store.clock())  # the store's clock: expiry is measured from it
     return Job(
@@ -267,7 +291,12 @@ def _previous(store: ResponseStore, response_id: str | None, scope: str) -> Stor
     return previous
 
 
-def _sampling_params(state: ServerState, req: ResponseRequest, num_prompt: int) -> SamplingParams:
+def _sampling_params(
+    state: ServerState,
+    req: ResponseRequest,
+    num_prompt: int,
+    structured: StructuredOutput | None = None,
+) -> SamplingParams:
     max_tokens = req.max_output_tokens
     if max_tokens is None:  # whatever room the context leaves
         max_tokens = state.max_context_tokens - num_prompt
@@ -282,34 +311,12 @@ def _sampling_params(state: ServerState, req: ResponseRequest, num_prompt: int) 
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            structured=structured,
         )
     except ValueError as exc:
         raise APIError.bad_request(str(exc)) from None
     check_fits(state, num_prompt, params.max_tokens)
     return params
-
-
-def _input_messages(value: str | list[InputMessage]) -> list[dict]:
-    if isinstance(value, str):
-        if not value:
-            raise APIError.bad_request("input is empty", param="input")
-        return [{"role": "user", "content": value}]
-    return [{"role": m.role, "content": _content(i, m.content)} for i, m in enumerate(value)]
-
-
-def _content(index: int, content) -> str:
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if part.type not in ("input_text", "output_text", "text") or part.text is None:
-            raise APIError.bad_request(
-                f"input item {index}: only text content parts are supported, "
-                f"got type {part.type!r}",
-                param=f"input[{index}].content",
-            )
-        texts.append(part.text)
-    return "".join(texts)
 
 
 # ---------------------------------------------------------------- collecting

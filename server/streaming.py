@@ -50,9 +50,11 @@ async def events(
             async for delta in deltas:
                 tally.add(delta)
                 if delta.text:
-                    yield sse(fmt.text_chunk(delta.text))
+                    for chunk in fmt.text_chunks(delta.text):
+                        yield sse(chunk)
                 if delta.finish_reason is not None:
-                    yield sse(fmt.finish_chunk(delta.finish_reason))
+                    for chunk in fmt.finish_chunks(delta.finish_reason):
+                        yield sse(chunk)
     except Exception as exc:  # headers are sent: report in-band, then end the stream
         yield _error_event(fmt.id, exc)
         yield DONE

@@ -59,6 +59,7 @@ class Turn:
     base_text: str | None
     base_ids: np.ndarray | None
     prompt_ids: np.ndarray
+    tools: list[dict] | None = None  # function tools the template renders
 
     @property
     def previous_id(self) -> str | None:
@@ -118,11 +119,14 @@ class ConversationRenderer:
         previous: StoredResponse | None,
         instructions: str | None,
         limit: int | None = None,
+        tools: list[dict] | None = None,
     ) -> Turn:
         """Prompt ids for ``new`` after ``previous``; equal to rendering it all at once.
 
         With ``limit`` (e.g. ``InputProcessor.max_prompt_tokens``), ``PromptTooLong``
-        as soon as the prompt is known to pass it.
+        as soon as the prompt is known to pass it. With ``tools`` (or after a turn that
+        had them) the conversation goes through the segment tokenizer, which renders
+        the tool list once and reuses every unchanged segment's ids.
         """
         history = list(previous.messages) if previous is not None else []
         messages = history + new
@@ -130,6 +134,9 @@ class ConversationRenderer:
         validate_messages(full)
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
+        if tools or (previous is not None and previous.tools):
+            ids = self.inputs.chat_tokens(full, True, tools or None)
+            return Turn(messages, instructions, previous, None, None, ids, tools or None)
         continued = previous is not None and previous.instructions == instructions
         if continued:
             appended = self.appended(previous, new, True, limit)
@@ -143,9 +150,17 @@ class ConversationRenderer:
         prompt_ids = self.extend(base_text, base_ids, self._render(full, True), limit)
         return Turn(messages, instructions, previous, base_text, base_ids, prompt_ids)
 
-    def finish(self, turn: Turn, reply: str) -> tuple[list[dict], str, np.ndarray]:
-        """The conversation after ``reply``: its messages, rendered text and token ids."""
-        messages = turn.messages + [{"role": "assistant", "content": reply}]
+    def finish(
+        self, turn: Turn, reply: str, message: dict | None = None
+    ) -> tuple[list[dict], str, np.ndarray]:
+        """The conversation after ``reply``: its messages, rendered text and token ids.
+        ``message`` is the reply as an assistant message, when it is more than its text
+        (tool calls)."""
+        messages = turn.messages + [message or {"role": "assistant", "content": reply}]
+        if turn.tools or (turn.previous is not None and turn.previous.tools):
+            full = _with_instructions(messages, turn.instructions)
+            text = self.inputs.segments.render(full, False, turn.tools)
+            return messages, text, self.inputs.chat_tokens(full, False, turn.tools)
         if turn.base_text is None:
             new = messages[len(turn.previous.messages) :]
             appended = self.appended(turn.previous, new, False)
@@ -251,9 +266,11 @@ def stored_response(
     reply: str,
     counts: tuple[int, int, int],
     finish_reason: str | None,
+    message: dict | None = None,
 ) -> StoredResponse:
-    """The store entry for a finished turn; ``counts`` = (input, cached, output) tokens."""
-    messages, text, token_ids = renderer.finish(turn, reply)
+    """The store entry for a finished turn; ``counts`` = (input, cached, output) tokens;
+    ``message`` the reply as an assistant message when it made tool calls."""
+    messages, text, token_ids = renderer.finish(turn, reply, message)
     return StoredResponse(
         id=response_id,
         scope=scope,
@@ -268,6 +285,7 @@ def stored_response(
         num_input_tokens=counts[0],
         num_cached_tokens=counts[1],
         num_output_tokens=counts[2],
+        tools=turn.tools,
     )
 
 

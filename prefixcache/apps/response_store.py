@@ -76,6 +76,7 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     num_input_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    tools: list[dict] | None = None  # function tools ``text`` was rendered with
 
     @property
     def token_ids(self) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The HTTP server imports only this package and ``prefixcache`` itself; everything it
 needs of an engine (limits, input processing, generation, cache control, and the
-Responses API's renderer and store) is named here.
+Responses API's renderer and store, structured-output constraints and tool-call
+parsers) is named here.
 """
 
 from chunking.bounded import PromptTooLong
@@ -29,11 +30,20 @@ from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
 from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.structured import GrammarError, StructuredOutput
 from prefixcache.tiers.stats import TierStats
+from prefixcache.tools import CallEvent, ContentEvent, ParsedReply, ToolCall, ToolCallParser
 
 __all__ = [
     "TENANT_SEPARATOR",
+    "CallEvent",
     "ChunkEvent",
+    "ContentEvent",
+    "GrammarError",
+    "ParsedReply",
+    "StructuredOutput",
+    "ToolCall",
+    "ToolCallParser",
     "ConversationRenderer",
     "DeviceBlocks",
     "EngineClient",

@@ -32,6 +32,7 @@ from prefixcache.inputs.tokenizer import eos_token_ids, load_tokenizer
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.fingerprint import model_fingerprint
 from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
+from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
 
 
@@ -111,10 +112,12 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         window=window,
     )
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
-    core = EngineCore(config, runner, blocks, tokenizer, eos)
+    grammars = GrammarCache(tokenizer, model_config.vocab_size, eos)
+    core = EngineCore(config, runner, blocks, tokenizer, eos, grammars)
     limits = _limits(config, model_config, fingerprint, str(dtype), runner.backend.name)
     limits = replace(limits, kv_bytes_per_token=kv_cache.bytes_per_token)
-    return BuiltEngine(core, InputProcessor(tokenizer, limits), limits, model_config)
+    inputs = InputProcessor(tokenizer, limits, grammars)
+    return BuiltEngine(core, inputs, limits, model_config)
 
 
 def window_blocks(config: EngineConfig, model_config: ModelConfig) -> WindowBlocks | None:

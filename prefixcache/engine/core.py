@@ -33,6 +33,7 @@ from prefixcache.engine.sequence import Sequence
 from prefixcache.engine.stats import DeviceBlocks, EngineStats
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.structured import GrammarCache, MaskFiller, PendingMask, RequestGrammar
 from prefixcache.tiers.stats import TierStats
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """Continuous batching over a paged KV cache with radix-tree prefix reuse.
 
-    ``control`` is the cache control (pins, flush) over the same blocks.
+    ``control`` is the cache control (pins, flush) over the same blocks. ``grammars``
+    compiles the constraints of structured requests (shared with the input processor,
+    which compiled them first while validating).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class EngineCore:
         blocks: BlockManager,
         tokenizer,
         eos_token_ids: frozenset[int],
+        grammars: GrammarCache | None = None,
     ) -> None:
         self.config = config
         self.runner = runner
@@ -69,6 +73,10 @@ class EngineCore:
             blocks, config.max_num_batched_tokens, config.max_num_seqs, self.capacity
         )
         self.sampler = Sampler()
+        self.grammars = grammars
+        vocab = grammars.vocab_size if grammars is not None else 0
+        # Filling masks beside the forward pays only where the forward frees the GIL.
+        self.masks = MaskFiller(vocab, overlap=self.device.type != "cpu")
         self.requests: dict[str, RequestState] = {}
         self.failed_steps = 0  # consecutive steps that raised; 0 after one that did not
         self._ids = itertools.count()
@@ -90,6 +98,7 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         salt = self.runner.cache_salt(len(tokens), salt)
         self.capacity.check_prompt(tokens, params.max_tokens, salt)
+        grammar = self._grammar(params)
         seq = Sequence(
             request_id=request_id,
             prompt=tokens,
@@ -98,10 +107,20 @@ class EngineCore:
             salt=salt,
             generator=make_generator(params.seed, self.device),
             added_at=time.perf_counter(),
+            grammar=grammar,
         )
         self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return request_id
+
+    def _grammar(self, params: SamplingParams) -> RequestGrammar | None:
+        """A fresh matcher for a constrained request (a ``GrammarError`` if its
+        constraint cannot compile); never shared, even by requests with one prefix."""
+        if params.structured is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("this engine was built without structured output support")
+        return RequestGrammar(self.grammars.compile(params.structured), params.jump_forward)
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Stop a request wherever it is and free its blocks; None if it is unknown."""
@@ -143,10 +162,13 @@ class EngineCore:
             return deltas
         completing = [i for i, s in enumerate(scheduled) if s.completes]  # before advancing
         seqs = [scheduled[i].seq for i in completing]
+        # The masks depend only on tokens already accepted: fill them during the forward.
+        pending = self.masks.start([s.grammar for s in seqs])
         try:
             logits = self.runner.run([self._chunk(s) for s in scheduled])
-            sampled = self._sample(seqs, logits[completing]) if seqs else None
+            sampled = self._sample(seqs, logits[completing], pending) if seqs else None
         except Exception as exc:
+            _settle(pending)  # no matcher may still be in use once the requests fail
             # Nothing was advanced: the KV written went to blocks the failed requests
             # own (never to cached ones), so releasing them leaves the cache sound.
             self.failed_steps += 1
@@ -165,8 +187,11 @@ class EngineCore:
     def _chunk(self, s: ScheduledSeq) -> SequenceChunk:
         return _chunk(s, self.runner.uses_long_rope(s.seq.num_prompt_tokens))
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        return self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, pending: PendingMask | None):
+        bitmask = pending.result() if pending is not None else None
+        return self.sampler.sample(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], bitmask
+        )
 
     def _append_sampled(self, seqs: list[Sequence], sampled) -> list[RequestDelta]:
         deltas = []
@@ -175,7 +200,7 @@ class EngineCore:
                 seq.logprobs.append(sampled.logprobs[row])
             state = self.requests[seq.request_id]
             try:
-                delta = state.append_token(sampled.token_ids[row], self.config.max_model_len)
+                delta = self._append(state, sampled.token_ids[row])
             except Exception as exc:  # e.g. the detokenizer: this request's failure only
                 logger.exception("request %s failed on its new token", seq.request_id)
                 error = RequestFailedError("the engine failed while running this request")
@@ -187,6 +212,26 @@ class EngineCore:
                 del self.requests[seq.request_id]
             deltas.append(delta)
         return deltas
+
+    def _append(self, state: RequestState, token_id: int) -> RequestDelta:
+        """Append a sampled token (and, with jump-forward, the tokens its grammar forces
+        next, which the next step prefills); the request's delta."""
+        seq, max_len = state.seq, self.config.max_model_len
+        grammar: RequestGrammar | None = seq.grammar
+        if grammar is None:
+            return state.append_token(token_id, max_len)
+        grammar.accept(token_id)
+        delta = state.append_token(token_id, max_len, grammar.is_terminated)
+        if delta.finish_reason is None:
+            room = min(seq.params.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
+            for forced in grammar.forced_tokens(room - 1):  # one left to sample after them
+                more = state.append_token(forced, max_len)
+                delta = more._replace(
+                    token_ids=delta.token_ids + more.token_ids, text=delta.text + more.text
+                )
+                if more.finish_reason is not None:  # a stop string inside the forced text
+                    break
+        return delta
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestDelta:
         """End ``seq`` with ``error``, releasing its blocks; its finishing delta."""
@@ -244,6 +289,15 @@ class EngineCore:
         if self.blocks.window is not None:
             seqs = (s.seq for s in self.requests.values())
             self.blocks.window.check_integrity(seqs, self.blocks.pool)
+
+
+def _settle(pending: PendingMask | None) -> None:
+    """Wait for a mask fill whose step failed; its own failure adds nothing."""
+    if pending is not None:
+        try:
+            pending.result()
+        except Exception:
+            logger.debug("mask fill of a failed step also failed", exc_info=True)
 
 
 def _chunk(s: ScheduledSeq, long_rope: bool) -> SequenceChunk:

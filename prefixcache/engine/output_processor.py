@@ -21,13 +21,16 @@ class RequestState:
             self.stop_ids |= eos_token_ids
         self.text = ""
 
-    def append_token(self, token_id: int, max_model_len: int) -> RequestDelta:
-        """Record a sampled token; set the finish reason when a stop condition holds."""
+    def append_token(
+        self, token_id: int, max_model_len: int, grammar_done: bool = False
+    ) -> RequestDelta:
+        """Record a sampled token; set the finish reason when a stop condition holds
+        (``grammar_done``: the request's grammar has ended, whatever ``ignore_eos``)."""
         seq = self.seq
         seq.append_token(token_id)
         if not seq.first_token_at:
             seq.first_token_at = time.perf_counter()
-        if token_id in self.stop_ids:
+        if token_id in self.stop_ids or grammar_done:
             return self._finish("stop", self._drain())
         result = self.stop_matcher.feed(self.detokenizer.add(token_id))
         if result.stopped:

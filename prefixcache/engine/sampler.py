@@ -15,13 +15,15 @@ from typing import NamedTuple
 import torch
 
 from prefixcache.sampling_params import SamplingParams
+from prefixcache.structured.bitmask import TokenBitmask
 
 
 class SamplerOutput(NamedTuple):
     """One chosen token per row, and its log-prob when any request asked for it."""
 
     token_ids: list[int]
-    # log_softmax of the raw logits (temperature 1, no filters) at the chosen token.
+    # log_softmax of the logits (temperature 1, no filters; a constrained row's after
+    # its grammar mask, the distribution it was drawn from) at the chosen token.
     logprobs: list[float] | None
 
 
@@ -49,11 +51,13 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        bitmask: TokenBitmask | None = None,
     ) -> SamplerOutput:
         """Choose one token per row of ``logits`` [B, V].
 
         ``params[i]`` and ``generators[i]`` belong to row ``i``; greedy rows ignore
-        their generator and draw no randomness.
+        their generator and draw no randomness. ``bitmask`` forbids, in the rows it
+        constrains, every token their grammars do not allow, before any sampling mode.
         """
         if not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(
@@ -61,6 +65,8 @@ class Sampler:
                 f"{len(params)} params, {len(generators)} generators"
             )
         logits = logits.float()
+        if bitmask is not None:
+            bitmask.apply(logits)
         token_ids = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
@@ -131,6 +137,8 @@ def _filter_top_k_top_p(
     # top_p == 1 keeps everything even where rounding pushes the cumsum past 1.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     outside |= (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1.0).unsqueeze(-1)
+    # A top_p below float32's smallest value rounds to 0 and would drop rank 0 too.
+    outside[:, 0] = False
     drop = torch.empty_like(outside).scatter_(-1, order, outside)
     return logits.masked_fill(drop, float("-inf"))
 

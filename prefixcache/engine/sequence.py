@@ -53,6 +53,7 @@ class Sequence:
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     lookup_seconds: float = 0.0
+    grammar: Any = None  # a RequestGrammar for a constrained request; moves with its tokens
     num_prompt_tokens: int = field(init=False)
     _array: np.ndarray = field(init=False, repr=False)  # prompt + output, grown by doubling
     _length: int = field(init=False)

@@ -20,6 +20,8 @@ from chunking.bounded import PromptTooLong, encode_bounded
 from chunking.segments import SegmentTokenizer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.tokenizer import checked_tokens, validate_messages
+from prefixcache.structured import GrammarCache, StructuredOutput
+from prefixcache.tools import ToolCallParser, parser_for_template
 
 Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of them
 
@@ -27,10 +29,18 @@ Prompt = str | Sequence[int] | np.ndarray  # text, token ids, or an int array of
 class InputProcessor:
     """Tokenizes and validates prompts for one engine, on its tokenizer and limits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: EngineLimits) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        limits: EngineLimits,
+        grammars: GrammarCache | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.segments = SegmentTokenizer(tokenizer)
+        self.grammars = grammars
+        # The tool-call format the chat template writes (None: it writes none).
+        self.tool_parser: type[ToolCallParser] | None = parser_for_template(tokenizer.chat_template)
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -55,19 +65,24 @@ class InputProcessor:
         return checked_tokens(prompt, self.limits.vocab_size)
 
     def chat_tokens(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> np.ndarray:
         """Token ids of an OpenAI-style message list through the chat template.
 
         With ``add_generation_prompt=False`` the assistant header is left out, so the
-        ids are a prefix of any later conversation that extends ``messages``.
+        ids are a prefix of any later conversation that extends ``messages``. ``tools``
+        are OpenAI function definitions, rendered where the template puts them (one
+        segment: a later turn with the same tools neither renders nor tokenizes them).
         """
         validate_messages(messages)
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate()")
         with self._limited():
             return self.segments.encode_chat(
-                messages, add_generation_prompt, max_tokens=self.max_prompt_tokens
+                messages, add_generation_prompt, max_tokens=self.max_prompt_tokens, tools=tools
             )
 
     def prewarm_tokens(self, prompt: Prompt | Sequence[dict]) -> np.ndarray:
@@ -76,6 +91,13 @@ class InputProcessor:
         if _is_messages(prompt):
             return self.chat_tokens(prompt, add_generation_prompt=False)
         return self.prompt_tokens(prompt)
+
+    def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile ``spec`` (cached for the engine, which compiles it again on add);
+        ``GrammarError`` (a ValueError) naming what cannot compile."""
+        if self.grammars is None:
+            raise ValueError("this engine has no structured output support")
+        self.grammars.compile(spec)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """ValueError unless the prompt plus ``max_tokens`` fits (see ``EngineLimits``)."""
