@@ -21,6 +21,7 @@ from prefixcache.engine.errors import (
     EngineDeadError,
     KVCacheBusyError,
     KVCacheExhaustedError,
+    ReplicaLostError,
     RequestFailedError,
 )
 from prefixcache.engine.stats import DeviceBlocks, EngineStats, PinStats
@@ -46,6 +47,7 @@ __all__ = [
     "PinStats",
     "PrewarmResult",
     "PromptTooLong",
+    "ReplicaLostError",
     "RequestDelta",
     "RequestFailedError",
     "RequestOutput",
