@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.radix_cache import RadixCache
 from prefixcache.cache.radix_node import EvictedRun
 from prefixcache.engine.sequence import Sequence
@@ -46,14 +47,16 @@ class BlockManager:
         fingerprint: str,
         enable_prefix_caching: bool = True,
         tiers: TieredCache | None = None,
+        events: CacheEvents | None = None,
     ) -> None:
         self.block_size, self.chunk_size = block_size, chunk_size
+        self.events = events if events is not None else CacheEvents()
         self.fingerprint = fingerprint
         self.pool = BlockPool(num_blocks)
         self.tiers = tiers if enable_prefix_caching else None
         on_evict = self._offload if self.tiers is not None else None
         self.cache = (
-            RadixCache(self.pool, block_size, chunk_size, fingerprint, on_evict)
+            RadixCache(self.pool, block_size, chunk_size, fingerprint, on_evict, self.events)
             if enable_prefix_caching
             else None
         )

@@ -29,6 +29,7 @@ from chunking.hashing import (
     root_seed,
 )
 from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.radix_integrity import check_tree
 from prefixcache.cache.radix_node import (
     CacheStats,
@@ -49,7 +50,8 @@ class RadixCache:
 
     ``chunk_size`` (a multiple of ``block_size``) is the hash chunk; ``fingerprint``
     names the model and seeds every chain. ``on_evict(run: EvictedRun)`` is called
-    before evicted blocks are freed.
+    before evicted blocks are freed. ``events`` records full chunks entering the tree
+    and leaving it (unless ``on_evict`` takes them: it then decides where they went).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class RadixCache:
         chunk_size: int = 256,
         fingerprint: str = "",
         on_evict: Callable[[EvictedRun], None] | None = None,
+        events: CacheEvents | None = None,
     ) -> None:
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -72,6 +75,7 @@ class RadixCache:
         self.chunk_size = chunk_size
         self.fingerprint = fingerprint
         self.on_evict = on_evict
+        self.events = events
         self.stats = CacheStats()
         self._roots: dict[str | None, RootNode] = {}
         self._heap: list[tuple[int, int, TreeNode]] = []  # (last_used, seq, leaf)
@@ -309,6 +313,8 @@ class RadixCache:
         hashes = chunk_hashes(tokens[first_chunk * cs :], cs, self._chain_seed(path, first_chunk))
         parent = path[-1]
         self._num_cached += len(block_ids)
+        if self.events is not None:
+            self.events.record("stored", path[0].salt, hashes)
         if parent.parent is not None and not parent.children and not parent.lock_ref:
             parent.tokens = np.concatenate((parent.tokens, tokens[pos:]))
             parent.block_ids += block_ids
@@ -358,14 +364,18 @@ class RadixCache:
     def _trim(self, leaf: TreeNode, max_blocks: int, notify: bool) -> int:
         """Free up to ``max_blocks`` blocks from the end of ``leaf``; remove it when empty."""
         keep = max(len(leaf.block_ids) - max_blocks, 0)
-        if notify and self.on_evict is not None:
+        offloaded = notify and self.on_evict is not None
+        if offloaded:
             self.on_evict(self._evicted_run(leaf, keep))
         freed = leaf.block_ids[keep:]
+        first_gone = (leaf.start + keep * self.block_size) // self.chunk_size
+        gone = leaf.hashes[first_gone - leaf.start // self.chunk_size :]
+        if not offloaded and gone and self.events is not None and self.events.enabled:
+            self.events.record("evicted", _root_of(leaf).salt, reversed(gone))
         if keep:
-            end = leaf.start + keep * self.block_size
             leaf.tokens = leaf.tokens[: keep * self.block_size]
             del leaf.block_ids[keep:]
-            del leaf.hashes[end // self.chunk_size - leaf.start // self.chunk_size :]
+            del leaf.hashes[len(leaf.hashes) - len(gone) :]
         else:
             self._remove_leaf(leaf)
         self._num_cached -= len(freed)
@@ -399,9 +409,7 @@ class RadixCache:
         pieces.append(node.tokens[start - node.start :])
         blocks.append(node.block_ids[(start - node.start) // self.block_size :])
         if start == 0:
-            while node.parent is not None:
-                node = node.parent
-            seed = node.seed
+            seed = _root_of(node).seed
         else:
             node = node if node.start < start else node.parent
             seed = node.hashes[start // cs - 1 - node.start // cs]
@@ -409,7 +417,8 @@ class RadixCache:
         hashes = leaf.hashes[len(leaf.hashes) - num_hashes :]
         tokens = np.concatenate(pieces[::-1])
         head = [b for ids in blocks[::-1] for b in ids][: (cut - start) // self.block_size]
-        return EvictedRun(seed, start, tokens, leaf.block_ids[keep:], hashes, head)
+        salt = _root_of(leaf).salt if self.events is not None and self.events.enabled else None
+        return EvictedRun(seed, start, tokens, leaf.block_ids[keep:], hashes, head, salt)
 
     # -- checks -----------------------------------------------------------------------
 
@@ -458,6 +467,12 @@ def _path_blocks(path: list[TreeNode], borrow: bool = False) -> list[int]:
     for node in path:
         block_ids += node.block_ids
     return block_ids
+
+
+def _root_of(node: TreeNode) -> RootNode:
+    while node.parent is not None:
+        node = node.parent
+    return node
 
 
 def _check_attached(node: TreeNode) -> None:

@@ -69,6 +69,8 @@ class EvictedRun(NamedTuple):
     evicted blocks. ``head_block_ids`` hold the tokens before the evicted ones (from
     ``start``): they stay cached, so a receiver can copy a chunk out whole, from its
     start, although eviction trims it from its end. Runs are evicted suffix first.
+    ``salt`` is the tenant salt of the tree, filled in only while cache events are
+    recorded (None otherwise).
     """
 
     seed: int
@@ -77,6 +79,7 @@ class EvictedRun(NamedTuple):
     block_ids: list[int]
     chunk_hashes: list[int]
     head_block_ids: list[int]
+    salt: str | None = None
 
 
 @dataclass(slots=True)

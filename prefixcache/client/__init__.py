@@ -13,6 +13,7 @@ from prefixcache.apps.conversations import (
     stored_response,
 )
 from prefixcache.apps.response_store import ResponseNotStored, ResponseStore, StoredResponse
+from prefixcache.cache.events import ChunkEvent
 from prefixcache.cache.pins import PinHandle
 from prefixcache.cache.tenants import TENANT_SEPARATOR, salt_tenant
 from prefixcache.client.in_process import InProcessEngineClient
@@ -33,6 +34,7 @@ from prefixcache.tiers.stats import TierStats
 
 __all__ = [
     "TENANT_SEPARATOR",
+    "ChunkEvent",
     "ConversationRenderer",
     "DeviceBlocks",
     "EngineClient",

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from prefixcache.cache.events import CacheEventCallback
 from prefixcache.cache.pins import PinHandle
 from prefixcache.client.protocol import PrewarmResult
 from prefixcache.engine.loop import EngineLoop
@@ -97,6 +98,11 @@ class InProcessEngineClient:
     async def cache_info(self) -> EngineStats:
         """One snapshot of the engine's and the tiers' counters."""
         return await self.run(lambda e: e.core.snapshot())
+
+    def subscribe_cache_events(self, callback: CacheEventCallback) -> Callable[[], None]:
+        """Call ``callback(events)`` on the engine's thread with each batch of chunk events
+        (see ``ChunkEvent``); returns a function that unsubscribes."""
+        return self.engine.core.subscribe_cache_events(callback)
 
     async def run(self, fn: Callable[[Engine], Any]) -> Any:
         """``fn(engine)`` on the loop thread (tests and in-process tools inspect it so)."""

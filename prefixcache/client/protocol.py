@@ -8,11 +8,12 @@ another machine, since nothing here hands out engine objects.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from prefixcache.cache.events import CacheEventCallback
 from prefixcache.cache.pins import PinHandle
 from prefixcache.engine.stats import EngineStats
 from prefixcache.inputs.limits import EngineLimits
@@ -102,6 +103,12 @@ class EngineClient(Protocol):
 
     async def cache_info(self) -> EngineStats:
         """Sizes and counters of the engine and every KV tier, as one snapshot."""
+
+    def subscribe_cache_events(self, callback: CacheEventCallback) -> Callable[[], None]:
+        """Call ``callback(events: list[ChunkEvent])`` with each batch of cache events
+        (full chunks stored in the device cache, or evicted from the engine's last
+        local tier; one batch per engine step); returns a function that unsubscribes.
+        The callback runs on the engine's thread: it must be quick and not block."""
 
     def shutdown(self) -> None:
         """Stop the engine; pending requests fail with ``EngineDeadError``."""

@@ -12,6 +12,7 @@ import torch
 
 from kernels import get_backend
 from prefixcache.cache.block_manager import BlockManager
+from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.kv_cache import KVCache, bytes_per_token
 from prefixcache.config import EngineConfig
 from prefixcache.engine.core import EngineCore
@@ -82,13 +83,15 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     fingerprint = model_fingerprint(
         folder, model_config.architecture, str(dtype), config.load_format
     )
+    events = CacheEvents()  # one log for the device cache and the tiers
     blocks = BlockManager(
         config.num_kv_blocks,
         config.block_size,
         config.chunk_size,
         fingerprint,
         config.enable_prefix_caching,
-        tiers=build_tiers(config, kv_cache, fingerprint),
+        tiers=build_tiers(config, kv_cache, fingerprint, events),
+        events=events,
     )
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
     core = EngineCore(config, runner, blocks, tokenizer, eos)

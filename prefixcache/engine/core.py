@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.cache.control import CacheControl
+from prefixcache.cache.events import CacheEventCallback
 from prefixcache.config import EngineConfig
 from prefixcache.engine.capacity import KVCapacity
 from prefixcache.engine.errors import RequestFailedError
@@ -105,6 +107,16 @@ class EngineCore:
         self.scheduler.finish(state.seq)
         return state.abort()
 
+    def subscribe_cache_events(self, callback: CacheEventCallback) -> Callable[[], None]:
+        """Call ``callback(events: list[ChunkEvent])`` once per step (and per cache command)
+        in which full chunks entered the device cache or left this engine's last local
+        tier; returns a function that unsubscribes. See ``prefixcache.cache.events``."""
+        return self.blocks.events.subscribe(callback)
+
+    def publish_cache_events(self) -> None:
+        """Hand the chunk events recorded since the last call to the subscribers."""
+        self.blocks.events.publish()
+
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""
         return self.scheduler.has_work
@@ -114,6 +126,12 @@ class EngineCore:
 
         Requests the step could not serve end with a delta whose ``error`` is set.
         """
+        try:
+            return self._step()
+        finally:
+            self.publish_cache_events()  # one batch per step
+
+    def _step(self) -> list[RequestDelta]:
         self.control.expire()
         scheduled = self.scheduler.schedule()
         deltas = [self._fail(seq, exc) for seq, exc in self.scheduler.take_failed()]

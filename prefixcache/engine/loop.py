@@ -145,6 +145,7 @@ class EngineLoop:
             while self._next_commands():
                 for command in self._take_commands():
                     command()
+                self.engine.core.publish_cache_events()  # what a flush or a pin changed
                 if self.engine.core.has_unfinished_requests():
                     self._step()
         except BaseException as exc:  # the loop must report, not vanish

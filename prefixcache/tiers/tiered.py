@@ -13,6 +13,10 @@ Data moves down on eviction and back up on a match, whatever the tiers are:
 - tiers -> device: ``extend`` asks the tiers in order for the chunks that continue a
   device match, down to a block, and copies them into fresh device blocks.
 
+Cache events (``prefixcache.cache.events``): a full chunk evicted from the device that
+no local tier takes, and one the last local tier drops, is recorded as evicted. Shared
+tiers (``shared = True``, e.g. Redis) hold chunks for every engine, not for this one.
+
 Every chunk served is checked against the asker's prefix digest, position and tokens,
 whichever tier it comes from; one that fails is a miss and is discarded. A tier that
 raises is logged and counted, and its answer taken as a miss or a skipped store.
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.radix_node import EvictedRun
 from prefixcache.tiers.base import ChunkQuery, KVChunk, KVTier
 from prefixcache.tiers.chunk_chains import ChunkChains
@@ -64,18 +69,27 @@ class TieredCache:
     """An ordered list of ``KVTier``s behind one engine's device KV pools."""
 
     def __init__(
-        self, transfer: KVTransfer, block_size: int, chunk_size: int, tiers: Sequence[KVTier]
+        self,
+        transfer: KVTransfer,
+        block_size: int,
+        chunk_size: int,
+        tiers: Sequence[KVTier],
+        events: CacheEvents | None = None,
     ) -> None:
         self.transfer, self.tiers = transfer, list(tiers)
+        self.events = events
         self.block_size, self.chunk_size = block_size, chunk_size
         self.blocks_per_chunk = chunk_size // block_size
         self.counters = TierCounters()
         self._hit_tokens = [0] * len(self.tiers)
         self._failures = [0] * len(self.tiers)
         self._deferred: list[tuple[int, KVChunk]] | None = None  # stores held back
+        local = [i for i, tier in enumerate(self.tiers) if not is_shared(tier)]
+        self._last_local = local[-1] if local else -1
         for i, tier in enumerate(self.tiers):
             below = i + 1 < len(self.tiers)
-            tier.on_evict = functools.partial(self._spill, i + 1) if below else None
+            spill = functools.partial(self._spill, i + 1) if below else None
+            tier.on_evict = self._dropped_by_last_local if i == self._last_local else spill
 
     def tier(self, name: str) -> KVTier:
         """The tier named ``name``; ``KeyError`` if there is none."""
@@ -100,6 +114,19 @@ class TieredCache:
                 if self._guard(0, first.contains, query, default=False):
                     continue  # a trim of a chunk stored whole already
                 self._store(0, self._read(query, block_ids), owned=True)
+        if self.events is not None and self.events.enabled:
+            self._record_offloaded(run, pieces)
+
+    def _record_offloaded(self, run: EvictedRun, pieces: list[tuple[ChunkQuery, list[int]]]):
+        """Record as evicted the full chunks of ``run`` that no local tier took."""
+        kept = set()
+        if self._last_local >= 0:  # the first tier is local: ask it what it holds now
+            for query, _ in pieces:
+                held = self._deferred is not None  # held back, stored after the onload
+                if held or self._guard(0, self.tiers[0].contains, query, default=False):
+                    kept.add(query.key)
+        gone = [h for h in reversed(run.chunk_hashes) if h not in kept]  # suffix first
+        self.events.record("evicted", run.salt, gone)
 
     def on_computed(
         self,
@@ -162,6 +189,14 @@ class TieredCache:
     def _spill(self, index: int, chunk: KVChunk) -> None:
         """``on_evict`` of tier ``index - 1``: hand the chunk to tier ``index``."""
         self._store(index, chunk)
+
+    def _dropped_by_last_local(self, chunk: KVChunk) -> None:
+        """``on_evict`` of the last local tier: the engine no longer holds ``chunk``
+        (a shared tier below may still take it)."""
+        if len(chunk.tokens) == self.chunk_size and self.events is not None:
+            self.events.record("evicted", None, (chunk.key,))
+        if self._last_local + 1 < len(self.tiers):
+            self._spill(self._last_local + 1, chunk)
 
     # -- up: tiers -> device ----------------------------------------------------------
 
@@ -306,7 +341,14 @@ class TieredCache:
             return default
 
 
-def build_tiers(config: EngineConfig, kv_cache: KVCache, fingerprint: str) -> TieredCache | None:
+def is_shared(tier: KVTier) -> bool:
+    """True for a tier every engine reads and writes (a server), not this engine's own."""
+    return bool(getattr(tier, "shared", False))
+
+
+def build_tiers(
+    config: EngineConfig, kv_cache: KVCache, fingerprint: str, events: CacheEvents | None = None
+) -> TieredCache | None:
     """The tiers ``config`` asks for over ``kv_cache``'s pools, or None if it asks for none.
 
     ``ValueError`` if ``config.kv_tiers`` names a tier nobody registered.
@@ -327,4 +369,5 @@ def build_tiers(config: EngineConfig, kv_cache: KVCache, fingerprint: str) -> Ti
         device=k.device,
     )
     tiers = [make_kv_tier(name, context) for name in names]
-    return TieredCache(KVTransfer(layers), config.block_size, config.chunk_size, tiers)
+    transfer = KVTransfer(layers)
+    return TieredCache(transfer, config.block_size, config.chunk_size, tiers, events)
