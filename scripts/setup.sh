@@ -33,9 +33,10 @@ fi
 
 # The gpu extra is triton: on CPU its interpreter runs the kernel tests. It does not
 # depend on torch, so the CPU torch stays. Triton ships Linux wheels only.
-EXTRAS=dev
+# The cluster extra (Ray Serve) runs the replica tests on a local Ray instance.
+EXTRAS=dev,cluster
 if [ "$(uname -s)" = Linux ]; then
-    EXTRAS=dev,gpu
+    EXTRAS=dev,cluster,gpu
 fi
 echo "setup: installing prefixcache[$EXTRAS]"
 "${PIP[@]}" install -e ".[$EXTRAS]"
