@@ -90,6 +90,10 @@ class Ingress:
             **self.options.app_options,
         )
 
+    def routing_info(self) -> dict[str, Any] | None:
+        """The replica router's view from this ingress (tests and operators read it)."""
+        return self.client.routing_info() if self.client is not None else None
+
     def __del__(self) -> None:
         if self.client is not None:
             self.client.shutdown()

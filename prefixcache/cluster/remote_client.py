@@ -24,8 +24,8 @@ from ray.serve.exceptions import RequestCancelledError
 
 from prefixcache.cache.pins import PinHandle
 from prefixcache.client.protocol import PrewarmResult
+from prefixcache.cluster.registry import router_for
 from prefixcache.cluster.replica import PIN_SEPARATOR
-from prefixcache.cluster.router import live_replica_ids
 from prefixcache.cluster.stats import merge_stats
 from prefixcache.engine.errors import EngineDeadError, ReplicaLostError
 from prefixcache.engine.stats import EngineStats
@@ -157,8 +157,14 @@ class RemoteEngineClient:
         for stream in list(self._streams.values()):
             stream.cancel()
 
+    def routing_info(self) -> dict[str, Any] | None:
+        """The router's view (``PrefixAffinityRouter.snapshot``); None without one."""
+        router = router_for(self.handle.deployment_name, self.handle.app_name)
+        return router.snapshot() if router is not None else None
+
     def _replicas(self) -> list[str] | None:
-        return live_replica_ids(self.handle.deployment_name, self.handle.app_name)
+        router = router_for(self.handle.deployment_name, self.handle.app_name)
+        return router.replica_ids() if router is not None else None
 
     async def _each(self, call: Callable[[str | None], Any]) -> list[Any]:
         """``call(replica)`` on every live replica (one picked by the router when the

@@ -52,9 +52,11 @@ class EngineReplica:
         """What the engine accepts and runs with."""
         return self.client.limits
 
-    def whoami(self) -> str:
-        """This replica's id."""
-        return self.replica_id
+    def whoami(self, replica: str | None = None) -> tuple[str, str]:
+        """This replica's id and its Ray actor name (``ray.get_actor(name, "serve")``)."""
+        import ray
+
+        return self.replica_id, ray.get_runtime_context().get_actor_name()
 
     async def generate(
         self,
@@ -81,6 +83,7 @@ class EngineReplica:
         pin: bool = False,
         ttl: float | None = None,
         salt: str | None = None,
+        replica: str | None = None,
     ) -> PrewarmResult:
         """Prefill (and maybe pin) the prefix; the pin handle names this replica."""
         result = await self.client.prewarm(prompt_ids, pin=pin, ttl=ttl, salt=salt)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import weakref
 from typing import Any
 
 from ray.serve.request_router import (
@@ -24,6 +23,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from prefixcache.cluster import registry
 from prefixcache.cluster.affinity import (
     DEFAULT_IMBALANCE_THRESHOLD,
     DEFAULT_MAX_CHAINS,
@@ -32,17 +32,6 @@ from prefixcache.cluster.affinity import (
 from prefixcache.cluster.events import REPORT_KEY, EventCursor
 
 logger = logging.getLogger(__name__)
-_LIVE: weakref.WeakSet[PrefixAffinityRouter] = weakref.WeakSet()
-
-
-def live_replica_ids(deployment: str, app: str) -> list[str] | None:
-    """The replicas a router in this process routes to for ``app``'s ``deployment``
-    (None: no ``PrefixAffinityRouter`` here for it)."""
-    for router in list(_LIVE):
-        deployment_id = router._deployment_id
-        if deployment_id.name == deployment and deployment_id.app_name == app:
-            return [rid.unique_id for rid in router.curr_replicas]
-    return None
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
@@ -64,7 +53,17 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._cursor = EventCursor()
         self._keys: dict[str, list[int]] = {}  # internal request id -> its chain hashes
         self.choices: dict[str, int] = {"affinity": 0, "imbalanced": 0, "balance": 0}
-        _LIVE.add(self)
+        registry.register(self._deployment_id.app_name, self._deployment_id.name, self)
+
+    def replica_ids(self) -> list[str]:
+        """The replicas it routes to now."""
+        return [rid.unique_id for rid in self.curr_replicas]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What it believes: chains held per replica, and its choices so far by reason."""
+        index = self.index
+        held = {rid.unique_id: index.held(rid) if index else 0 for rid in self.curr_replicas}
+        return {"held_chains": held, "choices": dict(self.choices)}
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new replica set (and their routing stats): apply their cache events."""
