@@ -55,6 +55,12 @@ def _add_serve_parser(commands) -> None:
         "--disk-cache-bytes", type=int, default=None, help="size bound of the disk KV tier"
     )
     serve.add_argument(
+        "--kv-store",
+        default=None,
+        help="a Redis shared by several servers as the last KV tier, "
+        "e.g. redis://127.0.0.1:6379/0 (needs prefixcache[cluster])",
+    )
+    serve.add_argument(
         "--responses-dir",
         default=None,
         help="folder that keeps the Responses API's stored conversations across restarts "
@@ -193,6 +199,8 @@ def _serve(args: argparse.Namespace) -> int:
         options["disk_cache_dir"] = args.disk_cache_dir
     if args.disk_cache_bytes is not None:
         options["disk_cache_bytes"] = args.disk_cache_bytes
+    if args.kv_store is not None:
+        options["kv_store"] = args.kv_store
     if args.replicas is not None:
         return _serve_cluster(args, keys, options)
     if args.ray_address is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 """How weights are read: from the folder (``auto``/``safetensors``) or made at random."""
@@ -28,6 +29,7 @@ class EngineConfig:
     disk_cache_dir: str | os.PathLike[str] | None = None
     disk_cache_bytes: int = 16 << 30
     kv_tiers: tuple[str, ...] = ()  # registered tiers behind host and disk, in order
+    kv_store: str | None = None  # a shared Redis, "redis://host:port/db", matched last
     attention_backend: str = "auto"
     load_format: str = "auto"
     seed: int = 0
@@ -57,6 +59,7 @@ class EngineConfig:
         if per_tenant is not None and per_tenant < 0:
             raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
+        _check_kv_store(self.kv_store)
         _check_backend(self.attention_backend)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
@@ -99,6 +102,29 @@ def _check_tiers(config: EngineConfig) -> None:
     names = config.kv_tiers
     if not isinstance(names, tuple | list) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"kv_tiers must be a tuple of registered tier names, got {names!r}")
+
+
+def _check_kv_store(url: str | None) -> None:
+    """``kv_store`` is a Redis URL: ``redis://`` or ``rediss://`` with a host, or
+    ``unix://`` with a socket path; a database, if given, is a number."""
+    if url is None:
+        return
+    example = "e.g. 'redis://127.0.0.1:6379/0'"
+    if not isinstance(url, str):
+        raise ValueError(f"kv_store must be a Redis URL ({example}), got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"kv_store {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme in ("redis", "rediss"):
+        db = parts.path.strip("/")
+        if not parts.hostname or (db and not db.isdigit()) or (port is not None and port <= 0):
+            raise ValueError(f"kv_store must be redis://HOST[:PORT][/DB] ({example}), got {url!r}")
+    elif parts.scheme != "unix" or not parts.path:
+        raise ValueError(
+            f"kv_store must be a redis://, rediss:// or unix:// URL ({example}), got {url!r}"
+        )
 
 
 def _check_backend(name: str) -> None:

@@ -79,6 +79,7 @@ class CacheTier(Struct, kw_only=True):
     read_bytes: int = 0
     written_bytes: int = 0
     failures: int = 0
+    dropped_writes: int = 0
     free_blocks: int = 0
     evictable_blocks: int = 0
     locked_blocks: int = 0

@@ -79,6 +79,10 @@ _TIER_COUNTERS = {
     "read_bytes": ("prefixcache_tier_read_bytes", "Bytes read from a tier."),
     "written_bytes": ("prefixcache_tier_written_bytes", "Bytes written to a tier."),
     "failures": ("prefixcache_tier_failures", "Tier operations that failed and were skipped."),
+    "dropped_writes": (
+        "prefixcache_tier_dropped_writes",
+        "Tier writes dropped because the tier's write queue was full.",
+    ),
 }
 _TIER_GAUGES = {
     "capacity_blocks": ("prefixcache_tier_capacity_blocks", "KV blocks a tier can hold."),

@@ -5,7 +5,8 @@ tiers its configuration lists, in order.
     Engine.from_pretrained(model, host_cache_tokens=..., kv_tiers=("mytier",))
 
 The order is the host tier (when ``host_cache_tokens``), the disk tier (when
-``disk_cache_dir``), then each name in ``kv_tiers``: chunks evicted from one tier move
+``disk_cache_dir``), each name in ``kv_tiers``, then the shared Redis tier (when
+``kv_store``): chunks evicted from one tier move
 to the next, and lookups ask them in that order.
 """
 
@@ -96,6 +97,10 @@ def tier_names(config: EngineConfig) -> tuple[str, ...]:
                 "host_cache_tokens and disk_cache_dir)"
             )
         names.append(name)
+    if config.kv_store:
+        if "redis" in names:
+            raise ValueError("kv_tiers lists 'redis', which kv_store adds already")
+        names.append("redis")
     return tuple(names)
 
 

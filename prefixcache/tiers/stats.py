@@ -25,6 +25,7 @@ class TierStats:
     read_bytes: int = 0
     written_bytes: int = 0
     failures: int = 0  # operations that failed (an I/O error, a server gone) and were skipped
+    dropped_writes: int = 0  # writes dropped because a tier's write-behind queue was full
 
     def counters(self) -> dict[str, int]:
         """Every numeric field by name (what flat stats and metrics are built from)."""
