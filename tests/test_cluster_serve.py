@@ -22,10 +22,13 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from redis_server import RedisServer, require_redis  # noqa: E402
+from server_harness import running_server  # noqa: E402
+
 from prefixcache.cluster.app import ClusterOptions  # noqa: E402
 from prefixcache.cluster.launch import deploy  # noqa: E402
 from prefixcache.cluster.registry import router_for  # noqa: E402
-from tests.server_harness import running_server  # noqa: E402
+from prefixcache.sampling_params import SamplingParams  # noqa: E402
 
 APP = "prefixcache-test"
 BLOCK = 16
@@ -36,6 +39,7 @@ class Cluster(NamedTuple):
     url: str
     replicas: Any  # the replica deployment's handle (routed by PrefixAffinityRouter)
     ingress: Any  # the ingress deployment's handle
+    app: str = APP
 
     def openai(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(
@@ -44,7 +48,7 @@ class Cluster(NamedTuple):
 
     def replica_ids(self) -> list[str]:
         self.replicas.whoami.remote().result()  # makes this process's router learn them
-        return router_for("EngineReplica", APP).replica_ids()
+        return router_for("EngineReplica", self.app).replica_ids()
 
     def on(self, replica: str, method: str, *args, **kwargs) -> Any:
         return getattr(self.replicas, method).remote(*args, replica=replica, **kwargs).result()
@@ -201,6 +205,61 @@ def test_the_ingress_serves_the_whole_app(cluster):
     assert "prefixcache_prompt_tokens_total" in metrics
     total = sum(cluster.on(r, "cache_info").device.total for r in cluster.replica_ids())
     assert total > 0 and str(total) in str(info)
+
+
+def _collect(stream) -> tuple[list[int], str, int]:
+    """Token ids, text and cached prompt tokens of a replica's delta stream."""
+    ids, text, cached = [], "", 0
+    for delta in stream:
+        ids += delta.token_ids
+        text += delta.text
+        cached = delta.num_cached_tokens
+    return ids, text, cached
+
+
+def _redis_hits(cluster: Cluster, replica: str) -> int:
+    tiers = cluster.on(replica, "cache_info").tiers
+    return next(t.hit_tokens for t in tiers if t.name == "redis")
+
+
+def test_a_prefix_computed_on_one_replica_is_reused_by_another_through_redis(cluster, tiny_llama):
+    """A second application on the same Ray instance, its replicas sharing a Redis."""
+    require_redis()
+    redis = RedisServer().start()
+    app = "prefixcache-redis"
+    try:
+        handle = deploy(
+            {"model": str(tiny_llama), "device": "cpu", "kv_store": redis.url, **ENGINE},
+            model_name="tiny",
+            cluster=ClusterOptions(num_replicas=2, replica_cpus=0.25),
+            host="127.0.0.1",
+            port=0,
+            app_name=app,
+            route_prefix="/redis",
+        )
+        shared = Cluster(cluster.url + "/redis", handle, None, app)
+        client = shared.openai()
+        messages = [{"role": "user", "content": _first_message(400)}]
+        first = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=0
+        )
+        prompt = _chat_ids(shared, messages)
+        num_chunks = len(prompt) // ENGINE["chunk_size"]
+        # Written behind the request: wait until every full prompt chunk is in Redis.
+        _wait_for(lambda: len(redis.client().keys("prefixcache:kv:*")) >= num_chunks)
+        holder = next(r for r in shared.replica_ids() if shared.on(r, "cache_info").query_tokens)
+        other = next(r for r in shared.replica_ids() if r != holder)
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        stream = handle.options(stream=True).generate.remote(
+            prompt_ids=prompt, params=params, replica=other
+        )
+        ids, text, cached = _collect(stream)
+        assert cached >= num_chunks * ENGINE["chunk_size"]
+        assert _redis_hits(shared, other) >= num_chunks * ENGINE["chunk_size"]
+        assert text == first.choices[0].message.content and len(ids) == 8
+    finally:
+        serve.delete(app)
+        redis.stop()
 
 
 def _stream_until_done(client: openai.OpenAI, i: int, started: threading.Event) -> str:

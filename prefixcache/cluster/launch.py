@@ -39,9 +39,11 @@ def deploy(
     app_options: dict[str, Any] | None = None,
     responses_dir: str | None = None,
     app_name: str = DEFAULT_APP_NAME,
+    route_prefix: str = "/",
 ):
-    """Start Serve's proxy on ``host:port`` and run the application; returns the
-    replica deployment's handle once every replica is up."""
+    """Start Serve's proxy on ``host:port`` (if not started) and run the application
+    at ``route_prefix``; returns the replica deployment's handle once every replica
+    is up."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
@@ -52,7 +54,7 @@ def deploy(
         app_options=app_options,
         responses_dir=responses_dir,
     )
-    serve.run(app, name=app_name, route_prefix="/")
+    serve.run(app, name=app_name, route_prefix=route_prefix)
     return serve.get_deployment_handle("EngineReplica", app_name=app_name)
 
 
