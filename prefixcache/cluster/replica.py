@@ -47,6 +47,7 @@ class EngineReplica:
         self.replica_id = replica_id()
         self.events = CacheEventLog()
         self._unsubscribe = self.client.subscribe_cache_events(self.events.add)
+        self.num_requests = 0
 
     def limits(self) -> EngineLimits:
         """What the engine accepts and runs with."""
@@ -70,6 +71,7 @@ class EngineReplica:
 
         ``replica`` is read by the router only (a request for one replica).
         """
+        self.num_requests += 1
         async for delta in self.client.generate(prompt_ids, params, request_id, salt):
             yield delta
 
@@ -111,6 +113,23 @@ class EngineReplica:
     async def cache_info(self, replica: str | None = None) -> EngineStats:
         """This engine's counters."""
         return await self.client.cache_info()
+
+    async def peek(
+        self, prompt_ids: np.ndarray, salt: str | None = None, replica: str | None = None
+    ) -> int:
+        """Leading tokens of ``prompt_ids`` this replica's device cache holds (no lookup
+        counted, nothing locked)."""
+        return await self.client.run(lambda e: e.control.peek(prompt_ids, salt))
+
+    async def load(self, replica: str | None = None) -> dict[str, Any]:
+        """This replica's id, the requests it was sent and the prompt tokens it looked up."""
+        stats = await self.client.cache_info()
+        return {
+            "replica": self.replica_id,
+            "requests": self.num_requests,
+            "prompt_tokens": stats.query_tokens,
+            "cached_tokens": sum(t.hit_tokens for t in stats.tiers),
+        }
 
     def is_alive(self) -> bool:
         """Whether the engine loop still runs."""
