@@ -1,8 +1,10 @@
 """Multi-turn conversations over several replicas: Serve's router against prefix affinity.
 
-N conversations of T turns, each opening with one of a few long shared documents
-(about ``--context-tokens`` tokens), run in rounds (turn t of every conversation at
-once) against four deployments on one local Ray instance, each started fresh:
+N conversations of T turns, each opening with a long document (about
+``--context-tokens`` tokens; ``--documents`` of them, shared round-robin, default one
+per conversation), run in rounds (turn t of every conversation at once) against four
+deployments on one local Ray instance, all started up front and interleaved round by
+round, so that the machine's background load falls on all of them alike:
 
 - ``single``: one replica (the hit rate every router is held to);
 - ``default``: R replicas behind Ray Serve's default router (power of two choices);
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import statistics
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,7 +66,7 @@ WORDS += [
     "review",
     "plan",
 ]
-APP = "bench"
+APPS = ("single", "default", "affinity", "affinity+redis")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +74,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--documents", type=int, default=4, help="shared long documents")
+    parser.add_argument("--documents", type=int, default=None, help="default: one each")
     parser.add_argument("--context-tokens", type=int, default=8000)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--kv-cache-tokens", type=int, default=262144, help="per replica")
@@ -108,7 +110,8 @@ async def _turn(url: str, messages: list[dict], max_tokens: int) -> dict:
         "ignore_eos": True,
     }
     first, text, usage = None, "", None
-    async for elapsed, chunk in post_events(url, "/v1/chat/completions", json.dumps(body).encode()):
+    path = urlsplit(url).path + "/v1/chat/completions"  # the deployment's route prefix
+    async for elapsed, chunk in post_events(url, path, json.dumps(body).encode()):
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices", []):
             if choice["delta"].get("content") or choice.get("finish_reason"):
@@ -135,26 +138,55 @@ async def _round(url: str, convs: list[list[dict]], turn: int, max_tokens: int) 
     return results
 
 
-def _deploy(name: str, args, model: str, replicas: int, router: str, kv_store: str | None):
-    from ray import serve
+class Deployment:
+    """One deployment under test: its handle, URL, conversations and results."""
 
-    from prefixcache.cluster import ClusterOptions
-    from prefixcache.cluster.launch import deploy
+    def __init__(self, name: str, args, model: str, replicas: int, router: str, redis):
+        from prefixcache.cluster import ClusterOptions
+        from prefixcache.cluster.launch import deploy
 
-    engine = {
-        "model": model,
-        "device": "cpu",
-        "max_model_len": args.context_tokens + 4096,
-        "kv_cache_tokens": args.kv_cache_tokens,
-    }
-    if kv_store:
-        engine["kv_store"] = kv_store
-    cluster = ClusterOptions(num_replicas=replicas, router=router, replica_cpus=1.0)
-    handle = deploy(
-        engine, model_name="bench", cluster=cluster, host="127.0.0.1", port=args.port, app_name=APP
-    )
-    print(f"[{name}] {replicas} replica(s) ready", file=sys.stderr, flush=True)
-    return handle, serve
+        engine = {
+            "model": model,
+            "device": "cpu",
+            "max_model_len": args.context_tokens + 4096,
+            "kv_cache_tokens": args.kv_cache_tokens,
+        }
+        if redis is not None:
+            engine["kv_store"] = redis.url
+        cluster = ClusterOptions(num_replicas=replicas, router=router, replica_cpus=1.0)
+        prefix = "/" + name.split("+")[-1]
+        self.handle = deploy(
+            engine,
+            model_name="bench",
+            cluster=cluster,
+            host="127.0.0.1",
+            port=args.port,
+            app_name=name,
+            route_prefix=prefix,
+        )
+        self.name, self.replicas, self.redis = name, replicas, redis
+        self.url = f"http://127.0.0.1:{args.port}{prefix}"
+        self.convs = [_opening(i, args.docs) for i in range(args.conversations)]
+        self.results: list[dict] = []
+        self.wall = 0.0
+        self.replaced: set[int] = set()
+        self.replacement_s: float | None = None
+        print(f"[{name}] {replicas} replica(s) ready", file=sys.stderr, flush=True)
+
+    def round(self, turn: int, args) -> None:
+        """Turn ``turn`` of every conversation at once (the redis deployment first
+        loses its busiest replica when ``turn`` is ``--replace-after``)."""
+        if self.redis is not None and turn == args.replace_after:
+            victim, self.replaced = _victim(self, args.tokenizer)
+            self.replacement_s = _replace(self, victim)
+        start = time.perf_counter()
+        self.results += asyncio.run(_round(self.url, self.convs, turn, args.max_tokens))
+        self.wall += time.perf_counter() - start
+
+    def summary(self, args) -> dict:
+        """The row of this deployment."""
+        loads = _replica_loads(self.handle, self.replicas)
+        return _summary(self, loads, args.replace_after)
 
 
 def _replica_loads(handle, replicas: int) -> list[dict]:
@@ -169,15 +201,16 @@ def _replica_loads(handle, replicas: int) -> list[dict]:
     return sorted(seen.values(), key=lambda x: -x["requests"])
 
 
-def _victim(handle, tokenizer, convs: list[list[dict]]) -> tuple[str, set[int]]:
+def _victim(dep: Deployment, tokenizer) -> tuple[str, set[int]]:
     """The replica holding the most conversations, and which ones it holds."""
     from prefixcache.client import InputProcessor
     from prefixcache.cluster.registry import router_for
 
+    handle = dep.handle
     inputs = InputProcessor(tokenizer, handle.limits.remote().result())
-    replicas = router_for("EngineReplica", APP).replica_ids()
+    replicas = router_for("EngineReplica", dep.name).replica_ids()
     held: dict[str, set[int]] = {r: set() for r in replicas}
-    for i, conv in enumerate(convs):
+    for i, conv in enumerate(dep.convs):
         ids = inputs.chat_tokens(conv[:-1], add_generation_prompt=False)
         for r in replicas:
             if handle.peek.remote(prompt_ids=ids, replica=r).result() > len(ids) // 2:
@@ -186,43 +219,23 @@ def _victim(handle, tokenizer, convs: list[list[dict]]) -> tuple[str, set[int]]:
     return victim, held[victim]
 
 
-def _replace(handle, victim: str, replicas: int) -> float:
-    """Kill ``victim``'s actor; wait until Serve runs ``replicas`` again. Seconds taken."""
+def _replace(dep: Deployment, victim: str) -> float:
+    """Kill ``victim``'s actor; wait until Serve runs all replicas again. Seconds taken."""
     import ray
 
     from prefixcache.cluster.registry import router_for
 
+    handle, replicas = dep.handle, dep.replicas
     name = handle.whoami.remote(replica=victim).result()[1]
     start = time.perf_counter()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    router = router_for("EngineReplica", APP)
+    router = router_for("EngineReplica", dep.name)
     while True:
         ids = router.replica_ids()
         if victim not in ids and len(ids) == replicas:
             return time.perf_counter() - start
         handle.whoami.remote().result()  # keeps this process's router up to date
         time.sleep(0.2)  # polling interval while Serve starts the replacement
-
-
-def _run(name: str, args, model: str, replicas: int, router: str, redis) -> dict:
-    """One deployment: every round, then its loads; the app is deleted after."""
-    handle, serve = _deploy(name, args, model, replicas, router, redis and redis.url)
-    url = f"http://127.0.0.1:{args.port}"
-    convs = [_opening(i, args.docs) for i in range(args.conversations)]
-    results, replaced, moved, wall = [], set(), None, 0.0
-    try:
-        for turn in range(args.turns):
-            if redis is not None and turn == args.replace_after:
-                victim, replaced = _victim(handle, args.tokenizer, convs)
-                moved = _replace(handle, victim, replicas)
-            start = time.perf_counter()
-            results += asyncio.run(_round(url, convs, turn, args.max_tokens))
-            wall += time.perf_counter() - start
-            print(f"[{name}] round {turn + 1} done", file=sys.stderr, flush=True)
-        loads = _replica_loads(handle, replicas)
-    finally:
-        serve.delete(APP)
-    return _summary(name, results, wall, loads, replaced, args.replace_after, moved)
 
 
 def _hit_rate(rows: list[dict]) -> float:
@@ -235,7 +248,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _summary(name, results, wall, loads, replaced, replace_after, moved) -> dict:
+def _summary(dep: Deployment, loads: list[dict], replace_after: int) -> dict:
+    name, results, wall, replaced = dep.name, dep.results, dep.wall, dep.replaced
     later = [r for r in results if r["turn"] > 1]
     row = {
         "deployment": name,
@@ -255,7 +269,7 @@ def _summary(name, results, wall, loads, replaced, replace_after, moved) -> dict
         after = [r for r in results if r["conversation"] in replaced and r["turn"] > replace_after]
         row["replaced_conversations"] = len(replaced)
         row["replaced_hit_rate"] = _hit_rate(after)
-        row["replacement_s"] = moved
+        row["replacement_s"] = dep.replacement_s
     return row
 
 
@@ -277,7 +291,8 @@ def _setup(args) -> str:
 
     model = args.model or str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     tokenizer = load_tokenizer(resolve_model_path(model))
-    args.docs = _documents(args.documents, args.context_tokens, tokenizer, args.seed)
+    count = args.documents or args.conversations
+    args.docs = _documents(count, args.context_tokens, tokenizer, args.seed)
     args.tokenizer = tokenizer
     args.port = _free_port()
     return model
@@ -296,14 +311,23 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _args(argv)
     model = _setup(args)
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas), log_to_driver=False)
+    # Ray's CPUs are only accounting here: idle replicas take no CPU, and one
+    # deployment runs at a time.
+    ray.init(num_cpus=1 + 3 * args.replicas, include_dashboard=False, log_to_driver=False)
     redis = _start_redis()
     try:
-        rows = [_run("single", args, model, 1, "affinity", None)]
-        rows.append(_run("default", args, model, args.replicas, "default", None))
-        rows.append(_run("affinity", args, model, args.replicas, "affinity", None))
+        deps = [
+            Deployment("single", args, model, 1, "affinity", None),
+            Deployment("default", args, model, args.replicas, "default", None),
+            Deployment("affinity", args, model, args.replicas, "affinity", None),
+        ]
         if redis is not None:
-            rows.append(_run("affinity+redis", args, model, args.replicas, "affinity", redis))
+            deps.append(Deployment("affinity+redis", args, model, args.replicas, "affinity", redis))
+        for turn in range(args.turns):
+            for dep in deps:
+                dep.round(turn, args)
+            print(f"round {turn + 1} done", file=sys.stderr, flush=True)
+        rows = [dep.summary(args) for dep in deps]
     finally:
         if redis is not None:
             redis.stop()
