@@ -183,3 +183,18 @@ def test_merged_stats_sum_the_replicas(tiny_llama):
     assert both.block_size == one.block_size
     with pytest.raises(ValueError, match="no replica"):
         merge_stats([])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--replicas", "0"], "num_replicas must be a positive integer"),
+        (["--ray-address", "auto"], "--ray-address needs --replicas"),
+        (["--replicas", "2", "--replica-cpus", "-1"], "replica_cpus must be >= 0"),
+    ],
+)
+def test_serve_refuses_bad_cluster_flags_before_starting_anything(flags, message, capsys):
+    from prefixcache.cli import main
+
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err

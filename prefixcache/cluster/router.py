@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from typing import Any
 
 from ray.serve.request_router import (
@@ -32,6 +33,7 @@ from prefixcache.cluster.affinity import (
 from prefixcache.cluster.events import REPORT_KEY, EventCursor
 
 logger = logging.getLogger(__name__)
+_MAX_PENDING_KEYS = 4096
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
@@ -51,7 +53,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         AffinityIndex("check", 1, **self._options)  # bad options fail here, at deploy time
         self.index: AffinityIndex | None = None
         self._cursor = EventCursor()
-        self._keys: dict[str, list[int]] = {}  # internal request id -> its chain hashes
+        # internal request id -> its chain hashes, from choosing until routed (bounded:
+        # a request cancelled while waiting is never routed)
+        self._keys: OrderedDict[str, list[int]] = OrderedDict()
         self.choices: dict[str, int] = {"affinity": 0, "imbalanced": 0, "balance": 0}
         registry.register(self._deployment_id.app_name, self._deployment_id.name, self)
 
@@ -125,6 +129,8 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
                 return None
             hashes = self.index.key(prompt_ids, pending_request.kwargs.get("salt"))
             self._keys[request_id] = hashes
+            while len(self._keys) > _MAX_PENDING_KEYS:
+                self._keys.popitem(last=False)
         return hashes
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
