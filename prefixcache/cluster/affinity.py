@@ -23,7 +23,7 @@ import numpy as np
 from chunking.hashing import chunk_hashes, root_seed
 
 ReplicaKey = Hashable
-DEFAULT_IMBALANCE_THRESHOLD = 4  # requests; a long prefix is worth a short wait
+DEFAULT_IMBALANCE_THRESHOLD = 8  # requests; a long prefix is worth a short wait
 DEFAULT_MAX_CHAINS = 1 << 20  # per replica: 8 MB of hashes, ~268M tokens of 256-token chunks
 
 
