@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -77,6 +78,8 @@ def serve_cluster(
 
     from server.launch import print_banner
 
+    if port == 0:  # Serve's proxy needs a fixed port: pick a free one, as uvicorn would
+        port = _free_port(host)
     started = start_ray(ray_address, ray_num_cpus)
     try:
         replicas = deploy(
@@ -103,6 +106,12 @@ def serve_cluster(
         if started:
             serve.shutdown()
             ray.shutdown()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _wait_for_signal() -> None:
