@@ -26,6 +26,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # Listen now: a client that connects once the URL is printed, before uvicorn has
+    # started, waits in the backlog instead of being refused.
+    sock.listen(2048)
     return sock
 
 
