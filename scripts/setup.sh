@@ -32,8 +32,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 # The gpu extra is triton: on CPU its interpreter runs the kernel tests. It does not
-# depend on torch, so the CPU torch stays. Triton ships Linux wheels only.
-# The cluster extra (Ray Serve) runs the replica tests on a local Ray instance.
+# depend on torch, so the CPU torch stays. Triton ships Linux wheels only. The cluster
+# extra (Ray Serve, the Redis client) runs the replica and shared KV tier tests.
 EXTRAS=dev,cluster
 if [ "$(uname -s)" = Linux ]; then
     EXTRAS=dev,cluster,gpu

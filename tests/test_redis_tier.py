@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 import threading
 
+import httpx
 import numpy as np
+import openai
 import pytest
 from redis_server import RedisServer, require_redis
+from server_harness import on_engine, running_server
 
 from prefixcache import Engine, SamplingParams
 from prefixcache.tiers.chunk_chains import ChunkChains
@@ -16,6 +19,7 @@ from prefixcache.tiers.redis_link import WriteBehind
 
 CHUNK = 64
 PARAMS = SamplingParams(max_tokens=4, logprobs=True)
+_WAIT_S = 60.0  # a bound on waiting for a thread, never a synchronization
 LOGPROB_TOLERANCE = 1e-4  # float32 reorderings between a cached and a full prefill
 
 
@@ -187,11 +191,17 @@ def test_a_full_write_queue_drops_writes_and_never_blocks_a_step(tiny_llama, red
     tier.writer.submit(hold)
     assert entered.wait(60)
     prompts = [_prompt(10 + i, 3 * CHUNK) for i in range(4)]
-    outs = engine.generate(prompts, PARAMS)  # returns while the writer is still held
-    assert not stuck.is_set() and all(o.finish_reason == "length" for o in outs)
+    outs: list = []
+    steps = threading.Thread(target=lambda: outs.extend(engine.generate(prompts, PARAMS)))
+    steps.start()
+    steps.join(_WAIT_S)  # a bound on waiting: the engine must finish with the writer held
+    finished = not steps.is_alive()
+    stuck.set()
+    steps.join()
+    assert finished, "engine steps waited for the Redis write queue"
+    assert all(o.finish_reason == "length" for o in outs)
     assert tier.writer.dropped > 0
     assert engine.stats()["redis_dropped_writes"] == tier.writer.dropped
-    stuck.set()
     tier.drain()
     assert tier.stats().written_bytes > 0  # what was queued was written after all
 
@@ -204,3 +214,70 @@ def test_keys_name_the_model_fingerprint(tiny_llama, redis_url, redis_server):
     keys = {k.decode() for k in redis_server.client().keys(f"{KEY_PREFIX}:*")}
     assert set(_names(a, prompt)) <= keys
     assert all(k.startswith(f"{KEY_PREFIX}:{a.limits.fingerprint}:") for k in keys)
+
+
+def test_a_full_redis_refusing_writes_counts_failures_and_still_serves_reads(
+    tiny_llama, redis_url, redis_server
+):
+    a = _engine(tiny_llama, redis_url)
+    stored = _prompt(21, 2 * CHUNK)
+    a.generate(stored, PARAMS)
+    _tier(a).drain()
+    client = redis_server.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")  # already over it: every write is refused
+    try:
+        b = _engine(tiny_llama, redis_url)
+        b.generate(_prompt(22, 2 * CHUNK), PARAMS)
+        _tier(b).drain()
+        assert b.stats()["redis_failures"] >= 1 and _tier(b).link.is_up
+        assert b.generate(stored, PARAMS)[0].num_cached_tokens == len(stored) - 16
+    finally:
+        client.config_set("maxmemory", "256mb")
+        client.config_set("maxmemory-policy", "allkeys-lru")
+
+
+def test_chunks_only_redis_holds_are_published_as_evicted_by_the_engine(tiny_llama, redis_url):
+    engine = _engine(tiny_llama, redis_url, kv_cache_tokens=8 * CHUNK)
+    batches: list = []
+    engine.core.subscribe_cache_events(batches.append)
+    first = _prompt(23, 4 * CHUNK)
+    engine.generate(first, PARAMS)
+    engine.generate(_prompt(24, 6 * CHUNK), PARAMS)  # evicts chunks of ``first``
+    evicted = {h for batch in batches for e in batch if e.kind == "evicted" for h in e.chunk_hashes}
+    chains = ChunkChains(engine.limits.fingerprint, None, CHUNK)
+    chains.extend_to(np.asarray(first, dtype=np.int32))
+    assert evicted and evicted <= {chains.chunk_hash(c) for c in range(chains.num_chunks)}
+    _tier(engine).drain()  # yet Redis holds them, for every engine
+    assert engine.generate(first, PARAMS)[0].num_cached_tokens == len(first) - 16
+
+
+def test_two_servers_share_a_conversation_per_api_key_and_never_across_keys(tiny_llama, redis_url):
+    options = dict(dtype="float32", chunk_size=CHUNK, kv_cache_tokens=4096, kv_store=redis_url)
+    keys = ("key-a", "key-b")
+    messages = [{"role": "user", "content": "Shared history of a long conversation. " * 12}]
+    with (
+        running_server(str(tiny_llama), engine_options=options, api_keys=keys) as first,
+        running_server(str(tiny_llama), engine_options=options, api_keys=keys) as second,
+    ):
+
+        def chat(server, key: str):
+            client = openai.OpenAI(
+                base_url=server.api_url,
+                api_key=key,
+                max_retries=0,
+                http_client=httpx.Client(trust_env=False, timeout=60),
+            )
+            return client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=3, temperature=0
+            )
+
+        on_first = chat(first, "key-a")
+        on_engine(first.client, lambda e: _tier(e).drain())
+        other_key = chat(second, "key-b")
+        assert other_key.usage.prompt_tokens_details.cached_tokens == 0
+        same_key = chat(second, "key-a")
+        prompt_tokens = same_key.usage.prompt_tokens
+        assert same_key.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+        assert same_key.choices[0].message.content == on_first.choices[0].message.content
+        assert second.metric("prefixcache_prefix_cache_hit_tokens_total", tier="redis") > 0

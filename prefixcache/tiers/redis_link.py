@@ -46,10 +46,11 @@ def connect(url: str):
     )
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def _redis_errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """Errors of a server gone or slow (the link goes off), and of any refused command."""
     import redis
 
-    return (redis.RedisError, OSError)
+    return (redis.ConnectionError, redis.TimeoutError, OSError), redis.RedisError
 
 
 class RedisLink:
@@ -75,7 +76,7 @@ class RedisLink:
         self._retry_at: float | None = None  # None: on
         self._lock = threading.Lock()
         self._warning = ThrottledWarning(DOWN_WARNING_INTERVAL_S, clock)
-        self._errors = _redis_errors()
+        self._down_errors, self._errors = _redis_errors()
 
     @property
     def is_up(self) -> bool:
@@ -96,8 +97,12 @@ class RedisLink:
             return default
         try:
             result = command(self.client)
-        except self._errors as exc:
+        except self._down_errors as exc:
             self._went_down(exc)
+            return default
+        except self._errors as exc:  # refused (e.g. out of memory): the server is there
+            self.failures += 1
+            self._warning(logger, "Redis KV store %s refused a command: %s", self.url, exc)
             return default
         if self._retry_at is not None:
             self._came_back()
@@ -160,6 +165,13 @@ class WriteBehind:
             self.dropped += 1
             return False
         return True
+
+    def submit_spare(self, command: Callable[[Any], Any]) -> bool:
+        """Queue ``command`` only while the queue is less than half full: for commands
+        that only help (LRU refreshes), so they never crowd out writes. Not counted."""
+        if self._queue.qsize() >= self._queue.maxsize // 2:
+            return False
+        return self.submit(command)
 
     def drain(self) -> None:
         """Block until every command queued so far has run (or been skipped)."""
