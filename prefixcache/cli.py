@@ -98,7 +98,39 @@ def _add_serve_parser(commands) -> None:
         "--metrics-api-key", default=None, help="bearer key /metrics needs (default: open)"
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    _add_cluster_args(serve)
     serve.set_defaults(handler=_serve)
+
+
+def _add_cluster_args(serve: argparse.ArgumentParser) -> None:
+    cluster = serve.add_argument_group("replicas on Ray Serve (the cluster extra)")
+    cluster.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="serve N engine replicas on Ray Serve behind one ingress (default: one "
+        "engine in this process)",
+    )
+    cluster.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this running Ray cluster (default: start a local Ray instance)",
+    )
+    cluster.add_argument(
+        "--router",
+        default="affinity",
+        choices=("affinity", "default"),
+        help="affinity: PrefixAffinityRouter (by cached chunk chains); default: Serve's",
+    )
+    cluster.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves"
+    )
+    cluster.add_argument(
+        "--ray-num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray instance (default: all of this machine's)",
+    )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -127,16 +159,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _load_engine(args: argparse.Namespace, **options):
     """The engine the arguments ask for; ``options`` go on to ``Engine.from_pretrained``."""
     from prefixcache import Engine
-    from prefixcache.testing import default_model_path
 
-    model = args.model
-    if model is None:
-        model = str(default_model_path())
-        print(
-            f"prefixcache: no --model given; using the embedded tiny model at {model}. "
-            "Its weights are random, so its text is gibberish.",
-            file=sys.stderr,
-        )
+    model = args.model or str(_default_model(args))
     return Engine.from_pretrained(
         model,
         device=args.device,
@@ -150,6 +174,19 @@ def _load_engine(args: argparse.Namespace, **options):
         enable_prefix_caching=not args.no_prefix_caching,
         **options,
     )
+
+
+def _default_model(args: argparse.Namespace):
+    """The embedded tiny model's folder, said so on stderr."""
+    from prefixcache.testing import default_model_path
+
+    model = default_model_path()
+    print(
+        f"prefixcache: no --model given; using the embedded tiny model at {model}. "
+        "Its weights are random, so its text is gibberish.",
+        file=sys.stderr,
+    )
+    return model
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -178,6 +215,10 @@ def _serve(args: argparse.Namespace) -> int:
         options["disk_cache_bytes"] = args.disk_cache_bytes
     if args.kv_store is not None:
         options["kv_store"] = args.kv_store
+    if args.replicas is not None:
+        return _serve_cluster(args, keys, options)
+    if args.ray_address is not None:
+        raise ValueError("--ray-address needs --replicas")
     engine = _load_engine(args, **options)
     serve(
         engine,
@@ -193,6 +234,47 @@ def _serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
         metrics_api_key=args.metrics_api_key,
+    )
+    return 0
+
+
+def _serve_cluster(args: argparse.Namespace, keys: list[str], options: dict) -> int:
+    """``serve`` with ``--replicas``: the same app on Ray Serve replicas."""
+    from prefixcache.cluster.app import ClusterOptions
+    from prefixcache.cluster.launch import serve_cluster
+
+    cluster = ClusterOptions(
+        num_replicas=args.replicas, router=args.router, replica_cpus=args.replica_cpus
+    )
+    engine_options = dict(
+        options,
+        model=args.model or str(_default_model(args)),
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        attention_backend=args.attention_backend,
+        load_format=args.load_format,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    serve_cluster(
+        engine_options,
+        model_name=args.served_model_name or args.model or DEFAULT_SERVED_NAME,
+        cluster=cluster,
+        host=args.host,
+        port=args.port,
+        ray_address=args.ray_address,
+        ray_num_cpus=args.ray_num_cpus,
+        app_options={
+            "api_keys": keys,
+            "admin_api_keys": args.admin_api_key,
+            "max_queue": args.max_queue,
+            "request_timeout": args.request_timeout,
+            "shutdown_timeout": args.shutdown_timeout,
+            "metrics_api_key": args.metrics_api_key,
+        },
+        responses_dir=args.responses_dir,
+        random_weights=args.model is None or args.load_format == "dummy",
     )
     return 0
 

@@ -33,7 +33,7 @@ fi
 
 # The gpu extra is triton: on CPU its interpreter runs the kernel tests. It does not
 # depend on torch, so the CPU torch stays. Triton ships Linux wheels only. The cluster
-# extra (the Redis client) runs the shared KV tier's tests.
+# extra (Ray Serve, the Redis client) runs the replica and shared KV tier tests.
 EXTRAS=dev,cluster
 if [ "$(uname -s)" = Linux ]; then
     EXTRAS=dev,cluster,gpu

@@ -23,6 +23,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listen now: the banner printed next tells clients to connect, and until
+        # uvicorn has started a bound socket that is not listening refuses them.
+        sock.listen(socket.SOMAXCONN)
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -21,6 +21,7 @@ from prefixcache.client import (
     EngineDeadError,
     KVCacheBusyError,
     KVCacheExhaustedError,
+    ReplicaLostError,
     RequestFailedError,
 )
 from server.chat_protocol import ErrorBody, ErrorResponse, encode
@@ -87,6 +88,7 @@ class APIError(Exception):
 ENGINE_DEAD_MESSAGE = "the engine has stopped; retry later"
 REQUEST_FAILED_MESSAGE = "the engine failed while running this request; see the server log"
 KV_CACHE_BUSY_RETRY_AFTER_S = 1
+REPLICA_LOST_RETRY_AFTER_S = 1  # Serve routes the retry to a live replica
 
 
 def engine_dead() -> APIError:
@@ -97,8 +99,9 @@ def engine_dead() -> APIError:
 def engine_error(exc: Exception, param: str | None = None) -> APIError:
     """The one mapping of engine failures to HTTP: a dead engine is a 503, a request the
     engine refuses (``ValueError``) a 400 (``kv_cache_exhausted`` when pins leave too
-    little KV cache for it), a request preempted too often a 503 to retry, a request
-    the engine failed while stepping a 500 (its cause stays in the server log);
+    little KV cache for it), a request preempted too often, or whose replica was lost,
+    a 503 to retry, a request the engine failed while stepping a 500 (its cause stays
+    in the server log);
     anything else is re-raised as the bug it is."""
     if isinstance(exc, APIError):
         return exc
@@ -111,6 +114,9 @@ def engine_error(exc: Exception, param: str | None = None) -> APIError:
     if isinstance(exc, KVCacheBusyError):
         retry = {"Retry-After": str(KV_CACHE_BUSY_RETRY_AFTER_S)}
         return APIError(503, str(exc), code="kv_cache_busy", headers=retry)
+    if isinstance(exc, ReplicaLostError):
+        retry = {"Retry-After": str(REPLICA_LOST_RETRY_AFTER_S)}
+        return APIError(503, str(exc), code="replica_lost", headers=retry)
     if isinstance(exc, RequestFailedError):
         return APIError(500, REQUEST_FAILED_MESSAGE, code="engine_error")
     raise exc

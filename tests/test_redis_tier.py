@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 import threading
 
+import httpx
 import numpy as np
+import openai
 import pytest
 from redis_server import RedisServer, require_redis
+from server_harness import on_engine, running_server
 
 from prefixcache import Engine, SamplingParams
 from prefixcache.tiers.chunk_chains import ChunkChains
@@ -247,3 +250,34 @@ def test_chunks_only_redis_holds_are_published_as_evicted_by_the_engine(tiny_lla
     assert evicted and evicted <= {chains.chunk_hash(c) for c in range(chains.num_chunks)}
     _tier(engine).drain()  # yet Redis holds them, for every engine
     assert engine.generate(first, PARAMS)[0].num_cached_tokens == len(first) - 16
+
+
+def test_two_servers_share_a_conversation_per_api_key_and_never_across_keys(tiny_llama, redis_url):
+    options = dict(dtype="float32", chunk_size=CHUNK, kv_cache_tokens=4096, kv_store=redis_url)
+    keys = ("key-a", "key-b")
+    messages = [{"role": "user", "content": "Shared history of a long conversation. " * 12}]
+    with (
+        running_server(str(tiny_llama), engine_options=options, api_keys=keys) as first,
+        running_server(str(tiny_llama), engine_options=options, api_keys=keys) as second,
+    ):
+
+        def chat(server, key: str):
+            client = openai.OpenAI(
+                base_url=server.api_url,
+                api_key=key,
+                max_retries=0,
+                http_client=httpx.Client(trust_env=False, timeout=60),
+            )
+            return client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=3, temperature=0
+            )
+
+        on_first = chat(first, "key-a")
+        on_engine(first.client, lambda e: _tier(e).drain())
+        other_key = chat(second, "key-b")
+        assert other_key.usage.prompt_tokens_details.cached_tokens == 0
+        same_key = chat(second, "key-a")
+        prompt_tokens = same_key.usage.prompt_tokens
+        assert same_key.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+        assert same_key.choices[0].message.content == on_first.choices[0].message.content
+        assert second.metric("prefixcache_prefix_cache_hit_tokens_total", tier="redis") > 0

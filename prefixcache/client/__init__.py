@@ -23,6 +23,7 @@ from prefixcache.engine.errors import (
     EngineDeadError,
     KVCacheBusyError,
     KVCacheExhaustedError,
+    ReplicaLostError,
     RequestFailedError,
 )
 from prefixcache.engine.stats import DeviceBlocks, EngineStats, PinStats
@@ -58,6 +59,7 @@ __all__ = [
     "PinStats",
     "PrewarmResult",
     "PromptTooLong",
+    "ReplicaLostError",
     "RequestDelta",
     "RequestFailedError",
     "RequestOutput",

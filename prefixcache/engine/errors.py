@@ -39,3 +39,15 @@ class KVCacheBusyError(RequestFailedError):
             f"blocks without finishing; the KV cache is too busy, retry later"
         )
         self.num_preemptions = num_preemptions
+
+
+class ReplicaLostError(RequestFailedError):
+    """The replica running this request went away (its process died or its engine
+    stopped) after it had started answering; other replicas go on serving."""
+
+    def __init__(self, replica: str, cause: str) -> None:
+        super().__init__(
+            f"the replica running this request ({replica}) was lost: {cause}; "
+            f"retry the request, another replica will serve it"
+        )
+        self.replica = replica

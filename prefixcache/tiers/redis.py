@@ -153,10 +153,10 @@ class RedisTier:
         self._forget(self.name_of(chunk.parent, chunk.key))
 
     def stats(self) -> TierStats:
-        """Blocks and bytes written and read, failures, and writes dropped."""
+        """Blocks and bytes written and read, failures, and writes dropped. Sizes are
+        Redis's own (``INFO memory``): the tier does not ask, to keep stats local."""
         return TierStats(
             name=self.name,
-            entries=len(self._known),
             stored_blocks=self.stored_blocks,
             read_bytes=self.read_bytes,
             written_bytes=self.written_bytes,
