@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from kernels.backend import AttentionBackend, register_backend
+from kernels.kv_quant import is_quantized
 from kernels.metadata import AttentionMetadata
 from kernels.torch_ref import TorchReferenceBackend
 from kernels.triton_backend import TritonBackend
@@ -51,8 +52,9 @@ class FlashAttnBackend(AttentionBackend):
         self._fallback_for(k_cache.device).write_kv(key, value, k_cache, v_cache, meta)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        """Paged flash attention, or the fallback where flash-attn cannot read the pools."""
-        if not self._supports(query, meta):
+        """Paged flash attention, or the fallback where flash-attn cannot read the pools
+        (int8/fp8 pools with scales among them)."""
+        if is_quantized(k_cache) or not self._supports(query, meta):
             return self._fallback_for(query.device).attend(query, k_cache, v_cache, meta, scale)
         flash = _flash_attn()
         query = query.contiguous()
