@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from kernels.backend import AttentionBackend, check_window, register_backend
+from kernels.kv_quant import is_quantized
 from kernels.metadata import AttentionMetadata
 from kernels.torch_ref import TorchReferenceBackend
 from kernels.triton_backend import TritonBackend
@@ -61,13 +62,14 @@ class FlashAttnBackend(AttentionBackend):
         sliding_window: int | None = None,
         softcap: float | None = None,
     ):
-        """Paged flash attention, or the fallback where flash-attn cannot read the pools.
+        """Paged flash attention, or the fallback where flash-attn cannot read the pools
+        (int8/fp8 pools with scales among them).
 
         A sliding window W is flash-attn's ``window_size=(W - 1, 0)``: W keys, the
         query's own included; a score cap is its ``softcap`` (0 means none there).
         """
         check_window(sliding_window, softcap)
-        if not self._supports(query, meta):
+        if is_quantized(k_cache) or not self._supports(query, meta):
             return self._fallback_for(query.device).attend(
                 query, k_cache, v_cache, meta, scale, sliding_window=sliding_window,
                 softcap=softcap,

@@ -12,6 +12,7 @@ import torch
 
 import kernels.torch_ref as torch_ref
 from kernels.cpu_quant import decode_attention_quant, paged_decode_quant
+from kernels.flash_attn_backend import FlashAttnBackend
 from kernels.kv_quant import SCALE_BYTES, dequantize, write_quantized
 from kernels.metadata import AttentionMetadata
 
@@ -131,3 +132,12 @@ def test_c_kernel_refuses_shapes_it_cannot_take():
     # 17 query heads per KV head is over the kernel's group limit: None, not wrong output.
     assert decode_attention_quant(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   0.2) is None  # fmt: skip
+
+
+def test_flash_attn_backend_leaves_quantized_pools_to_its_fallback():
+    # float16 queries and 256-token blocks are what flash-attn reads; quantized rows it
+    # cannot, so they must go to the fallback even then (flash_attn is not needed here).
+    query, k_cache, v_cache, meta = quantized_case([3, 1], [300, 40], 4, 2, 16, 256, torch.int8)
+    out = FlashAttnBackend().attend(query.half(), k_cache, v_cache, meta, 0.3)
+    expected = naive_attention(query.half().float(), k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
