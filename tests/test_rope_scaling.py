@@ -149,8 +149,8 @@ def test_longrope_requests_longer_than_the_original_length_are_cached_apart():
 
 def test_yarn_and_dynamic_contexts_reach_factor_times_their_base_length():
     # Qwen3's config.json keeps 40960 beside YaRN x4 over 32768.
-    qwen3_as_shipped = ModelConfig.from_dict({**_raw("yarn-qwen3"), "max_position_embeddings": 40960})
-    assert resolve_max_model_len(qwen3_as_shipped, None) == 4 * 32768
+    shipped = ModelConfig.from_dict({**_raw("yarn-qwen3"), "max_position_embeddings": 40960})
+    assert resolve_max_model_len(shipped, None) == 4 * 32768
     assert resolve_max_model_len(_configs("dynamic")[0], None) == 8 * 32768
     assert resolve_max_model_len(_configs("longrope-phi3")[0], None) == 131072
 
