@@ -153,4 +153,3 @@ def test_yarn_and_dynamic_contexts_reach_factor_times_their_base_length():
     assert resolve_max_model_len(shipped, None) == 4 * 32768
     assert resolve_max_model_len(_configs("dynamic")[0], None) == 8 * 32768
     assert resolve_max_model_len(_configs("longrope-phi3")[0], None) == 131072
-
