@@ -9,6 +9,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from prefixcache.cache.tenants import salt_tenant
+from prefixcache.engine.sizing import resolve_max_model_len
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.layers import RotaryEmbedding
 from prefixcache.models.rope import dynamic_ntk_length, longrope_salt, rope_frequencies
@@ -46,13 +47,17 @@ CASES = {
 }  # fmt: skip
 
 
-def _configs(case: str, theta: float = 1e6):
+def _raw(case: str, theta: float = 1e6) -> dict:
     head_dim, max_pos, params = CASES[case]
     params = {**params, "rope_theta": theta}
-    raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "intermediate_size": 8,
-           "hidden_size": 4 * head_dim, "num_hidden_layers": 1, "num_attention_heads": 4,
-           "head_dim": head_dim, "max_position_embeddings": max_pos,
-           "rope_parameters": params}  # fmt: skip
+    return {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "intermediate_size": 8,
+            "hidden_size": 4 * head_dim, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "head_dim": head_dim, "max_position_embeddings": max_pos,
+            "rope_parameters": params}  # fmt: skip
+
+
+def _configs(case: str):
+    raw = _raw(case)
     hf = LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
     return ModelConfig.from_dict(raw), hf
 
@@ -140,3 +145,11 @@ def test_longrope_requests_longer_than_the_original_length_are_cached_apart():
     assert long_salt != "acme:docs" and salt_tenant(long_salt) == "acme"
     assert salt_tenant(longrope_salt(rope, 4097, None)) == ""  # the shared tenant's
     assert longrope_salt(_configs("yarn-qwen3")[0].rope, 10**6, "acme") == "acme"
+
+
+def test_yarn_and_dynamic_contexts_reach_factor_times_their_base_length():
+    # Qwen3's config.json keeps 40960 beside YaRN x4 over 32768.
+    shipped = ModelConfig.from_dict({**_raw("yarn-qwen3"), "max_position_embeddings": 40960})
+    assert resolve_max_model_len(shipped, None) == 4 * 32768
+    assert resolve_max_model_len(_configs("dynamic")[0], None) == 8 * 32768
+    assert resolve_max_model_len(_configs("longrope-phi3")[0], None) == 131072
