@@ -11,6 +11,7 @@ a cap over a long context too.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.metadata import AttentionMetadata
 
@@ -61,6 +62,8 @@ class _Tile:
 
 
 def _attend_tile(q, k_cache, v_cache, table, tile: _Tile, key_tile: int) -> torch.Tensor:
+    if tile.softcap is None and tile.key_end - tile.key_start <= key_tile:
+        return _fused_tile(q, k_cache, v_cache, table, tile)
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -84,6 +87,26 @@ def _attend_tile(q, k_cache, v_cache, table, tile: _Tile, key_tile: int) -> torc
         parts.append((torch.matmul(probs, values.unsqueeze(1)), lse))
     out = _merge(parts)  # [kvh, g, t, d]
     return out.permute(2, 0, 1, 3).reshape(t, heads, dim).to(q.dtype)
+
+
+def _fused_tile(q, k_cache, v_cache, table, tile: _Tile) -> torch.Tensor:
+    """Uncapped scores over one piece of keys: torch's fused attention with a mask."""
+    keys = _gather(k_cache, table, tile.key_start, tile.key_end).unsqueeze(0)
+    values = _gather(v_cache, table, tile.key_start, tile.key_end).unsqueeze(0)
+    q_pos = torch.arange(tile.first, tile.key_end, device=q.device)
+    k_pos = torch.arange(tile.key_start, tile.key_end, device=q.device)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if tile.window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - tile.window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.to(q.dtype),
+        values.to(q.dtype),
+        attn_mask=visible,
+        scale=tile.scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
