@@ -6,7 +6,8 @@ Read from a config.json dict the way transformers reads it:
   ``max_window_layers`` on;
 - Gemma 2: every other layer, starting with the first; Gemma 3: five local layers per
   global one (``sliding_window_pattern``);
-- Mistral (v0.1): ``sliding_window`` applies to every layer.
+- Mistral (v0.1): ``sliding_window`` applies to every layer (Llama ignores it, as
+  transformers does).
 Every value that is out of range, or that we do not run, raises a ValueError naming the
 field.
 """
@@ -87,7 +88,9 @@ def _layer_types(raw, arch: str, window: int | None, num_layers: int) -> tuple[s
         if pattern < 1:
             raise ValueError(f"sliding_window_pattern must be at least 1, got {pattern}")
         return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
-    return (SLIDING,) * num_layers
+    if arch == "MistralForCausalLM":
+        return (SLIDING,) * num_layers
+    return (FULL,) * num_layers  # Llama: transformers ignores a sliding_window there
 
 
 def _checked_layer_types(given, window: int | None, num_layers: int) -> tuple[str, ...]:
