@@ -126,6 +126,8 @@ def started_server(args: argparse.Namespace, caching: bool):
     cmd = [sys.executable, "-m", "prefixcache.cli", "serve", "--port", str(port)]
     cmd += ["--log-level", "warning", "--kv-cache-tokens", str(args.kv_cache_tokens)]
     cmd += ["--load-format", args.load_format, "--kv-cache-dtype", args.kv_cache_dtype]
+    if args.window_kv_cache_tokens:
+        cmd += ["--window-kv-cache-tokens", str(args.window_kv_cache_tokens)]
     if args.model:
         cmd += ["--model", args.model]
     if not caching:
@@ -648,6 +650,12 @@ def main(argv: list[str] | None = None) -> None:
         help="conversation: send turns as chat completions, or by previous_response_id",
     )
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: tiny)")
+    parser.add_argument(
+        "--window-kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV pool of the sliding-window layers (hybrid KV cache), on both sides",
+    )
     parser.add_argument(
         "--tiny-arch",
         default=None,

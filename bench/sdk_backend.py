@@ -38,6 +38,7 @@ def started_engine(args: argparse.Namespace, caching: bool) -> Iterator[Engine]:
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         enable_prefix_caching=caching,
         load_format=args.load_format,
+        window_kv_cache_tokens=getattr(args, "window_kv_cache_tokens", None),
     )
     try:
         yield engine

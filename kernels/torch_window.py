@@ -5,13 +5,14 @@ cap. A query tile at positions ``p0..p1`` reads only keys ``p0-W+1..p1``: the bl
 wholly before the window are never touched, so a hybrid KV cache may already have
 given them back to the pool. Keys are read in pieces of at most ``key_tile`` tokens
 and the pieces merge by log-sum-exp, so memory stays bounded for global layers with
-a cap over a long context too. Quantized pools (``kernels.kv_quant``) are dequantized piece by
-piece as they are read.
+a cap over a long context too. Quantized pools (``kernels.kv_quant``) are
+dequantized piece by piece as they are read.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.kv_quant import dequantize, is_quantized
 from kernels.metadata import AttentionMetadata
@@ -63,6 +64,8 @@ class _Tile:
 
 
 def _attend_tile(q, k_cache, v_cache, table, tile: _Tile, key_tile: int) -> torch.Tensor:
+    if tile.softcap is None and tile.key_end - tile.key_start <= key_tile:
+        return _fused_tile(q, k_cache, v_cache, table, tile)
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -88,6 +91,26 @@ def _attend_tile(q, k_cache, v_cache, table, tile: _Tile, key_tile: int) -> torc
     return out.permute(2, 0, 1, 3).reshape(t, heads, dim).to(q.dtype)
 
 
+def _fused_tile(q, k_cache, v_cache, table, tile: _Tile) -> torch.Tensor:
+    """Uncapped scores over one piece of keys: torch's fused attention with a mask."""
+    keys = _gather(k_cache, table, tile.key_start, tile.key_end).unsqueeze(0)
+    values = _gather(v_cache, table, tile.key_start, tile.key_end).unsqueeze(0)
+    q_pos = torch.arange(tile.first, tile.key_end, device=q.device)
+    k_pos = torch.arange(tile.key_start, tile.key_end, device=q.device)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if tile.window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - tile.window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        _as_float(keys, q.dtype),
+        _as_float(values, q.dtype),
+        attn_mask=visible,
+        scale=tile.scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
 def _gather(cache: torch.Tensor, table: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """Rows of positions ``k0..k1`` as ``[kv_heads, k1-k0, d]``; reads only their blocks."""
     block_size = cache.shape[1]
@@ -97,9 +120,9 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, k0: int, k1: int) -> torch
     return cache.index_select(0, blocks).flatten(0, 1)[offset : offset + k1 - k0].transpose(0, 1)
 
 
-def _as_float(rows: torch.Tensor) -> torch.Tensor:
-    """Gathered rows in float32: dequantized if the pool holds int8/fp8 rows."""
-    return dequantize(rows) if is_quantized(rows) else rows.float()
+def _as_float(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gathered rows in ``dtype``: dequantized if the pool holds int8/fp8 rows."""
+    return dequantize(rows, dtype) if is_quantized(rows) else rows.to(dtype)
 
 
 def _merge(parts):

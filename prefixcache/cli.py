@@ -154,6 +154,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--window-kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV pool of the sliding-window layers (hybrid KV cache); default: sized per window",
+    )
+    parser.add_argument(
+        "--no-hybrid-kv-cache",
+        action="store_true",
+        help="give sliding-window layers a full KV pool like the global layers",
+    )
 
 
 def _load_engine(args: argparse.Namespace, **options):
@@ -172,6 +183,8 @@ def _load_engine(args: argparse.Namespace, **options):
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
+        hybrid_kv_cache=False if args.no_hybrid_kv_cache else None,
+        window_kv_cache_tokens=args.window_kv_cache_tokens,
         **options,
     )
 

@@ -80,8 +80,9 @@ def test_responses_needs_the_http_backend(capsys):
 
 def test_conversation_on_a_gemma3_shaped_model_reports_hybrid_kv_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXCACHE_HOME", str(tmp_path / "home"))
-    args = ["--scenario", "conversation", "--context-tokens", "1500", "--tiny-arch"]
-    long_prompt.main(args + ["gemma3_text"] + SMALL + ["--out", str(tmp_path)])
+    args = ["--scenario", "conversation", "--context-tokens", "1300", "--tiny-arch"]
+    args += ["gemma3_text", "--window-kv-cache-tokens", "4096"]  # a window and a step
+    long_prompt.main(args + SMALL + ["--out", str(tmp_path)])
     summary, (on, off) = _report(tmp_path, "long_prompt_conversation")
     assert on["turn2_cached_tokens"] > 1000 and off["turn2_cached_tokens"] == 0
     memory = summary["kv_memory"]

@@ -115,3 +115,10 @@ def test_qwen2_window_stays_off_unless_use_sliding_window_is_set():
     assert ModelConfig.from_dict(raw).sliding_layers == ()
     raw |= {"use_sliding_window": True, "max_window_layers": 1}
     assert ModelConfig.from_dict(raw).sliding_layers == (1,)
+
+
+def test_llama_ignores_a_sliding_window_as_transformers_does():
+    raw = {**GEMMA3, "architectures": ["LlamaForCausalLM"], "sliding_window": 4}
+    assert ModelConfig.from_dict(raw).sliding_layers == ()
+    raw["architectures"] = ["MistralForCausalLM"]
+    assert ModelConfig.from_dict(raw).sliding_layers == (0, 1)

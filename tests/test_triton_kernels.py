@@ -39,7 +39,7 @@ SMALL_PREFILL = PrefillTiles(block_m=16, block_n=16)
 SMALL_DECODE = DecodeTiles(block_n=16, partition=32, block_p=4)
 needs_cuda = pytest.mark.skipif(not COMPILED_CUDA, reason="needs a CUDA GPU (compiled kernels)")
 # Fewer cases than this passing in the interpreter child means cases were skipped.
-MIN_INTERPRETED_CASES = 19
+MIN_INTERPRETED_CASES = 20
 
 
 @pytest.fixture
@@ -272,3 +272,25 @@ def test_windowed_attention_on_quantized_pools_matches_the_unquantized_reference
     reference = backend.attend(q.to(**to), k_f.to(**to), v_f.to(**to), meta, 0.3, **limits).cpu()
     assert not out.isnan().any(), "read a block before the window"
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=2e-5)
+
+
+def test_gemma_with_a_hybrid_kv_cache_on_triton_equals_torch(device, tiny_model_factory):
+    folder = tiny_model_factory("gemma2")  # windows and score caps in the kernels
+    prompts = [list(range(3, 3 + n)) for n in (7, 45)]
+    params = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=True)
+    results = {}
+    for name in ("torch", "triton"):
+        engine = Engine.from_pretrained(
+            str(folder), device=device, dtype="float32", attention_backend=name,
+            kv_cache_tokens=1024, max_num_batched_tokens=64, hybrid_kv_cache=True,
+            window_kv_cache_tokens=256,
+        )  # fmt: skip
+        first = engine.generate(prompts, params)
+        second = engine.generate([prompts[1] + first[1].token_ids + [11, 12]], params)[0]
+        assert second.num_cached_tokens > 0
+        results[name] = [out.token_ids for out in first] + [second.token_ids]
+        results[name + " logprobs"] = second.logprobs
+    assert results["triton"] == results["torch"]
+    torch.testing.assert_close(
+        results["triton logprobs"], results["torch logprobs"], atol=1e-4, rtol=0
+    )

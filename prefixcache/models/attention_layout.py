@@ -6,7 +6,8 @@ Read from a config.json dict the way transformers reads it:
   the layers from ``max_window_layers`` on;
 - Gemma 2: every other layer, starting with the first; Gemma 3: five local layers per
   global one (``sliding_window_pattern``);
-- Mistral (v0.1): ``sliding_window`` applies to every layer.
+- Mistral (v0.1), Mixtral and Phi-3: ``sliding_window`` applies to every layer (Llama
+  ignores it, as transformers does).
 Every value that is out of range, or that we do not run, raises a ValueError naming the
 field.
 """
@@ -24,6 +25,8 @@ _QWEN_ARCHS = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 )
+# transformers windows every layer of these when the config has a sliding_window.
+_EVERY_LAYER_ARCHS = ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
 # The activations transformers names for Gemma's MLP, mapped to torch's GELU variants.
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu": "none"}
 
@@ -94,7 +97,9 @@ def _layer_types(raw, arch: str, window: int | None, num_layers: int) -> tuple[s
         if pattern < 1:
             raise ValueError(f"sliding_window_pattern must be at least 1, got {pattern}")
         return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
-    return (SLIDING,) * num_layers
+    if arch in _EVERY_LAYER_ARCHS:
+        return (SLIDING,) * num_layers
+    return (FULL,) * num_layers  # Llama: transformers ignores a sliding_window there
 
 
 def _checked_layer_types(given, window: int | None, num_layers: int) -> tuple[str, ...]:
