@@ -26,6 +26,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # Listening now: a client that connects once the port is announced waits in the
+    # backlog until the server accepts, instead of being refused while it starts.
+    sock.listen(2048)
     return sock
 
 
