@@ -23,14 +23,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        # Listen now: the banner printed next tells clients to connect, and until
-        # uvicorn has started a bound socket that is not listening refuses them.
-        sock.listen(socket.SOMAXCONN)
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    # Listen now, not when uvicorn starts: a client told the port (the banner) may
-    # connect first, and is then queued instead of refused.
+    # Listening now: a client that connects once the port is announced waits in the
+    # backlog until the server accepts, instead of being refused while it starts.
     sock.listen(2048)
     return sock
 

@@ -110,7 +110,7 @@ def test_a_tool_list_is_rendered_once_and_tokenized_once(tiny_model_factory, arc
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory(arch, chat_style=style))
     segments = SegmentTokenizer(tokenizer)
     call = {"id": "c1", "type": "function", "function": {"name": "tool_3", "arguments": '{"x": 1}'}}
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Go"}]
+    conversation = [{"role": "user", "content": "Go"}]
     for _ in range(3):  # an agent's turns: same tools, one more exchange each
         ids = segments.encode_chat(conversation, tools=TOOLS)
         assert np.array_equal(ids, _whole(tokenizer, conversation))
@@ -120,6 +120,8 @@ def test_a_tool_list_is_rendered_once_and_tokenized_once(tiny_model_factory, arc
         ]
     assert segments.tool_blocks.full_renders == 1 and segments.tool_blocks.splices > 0
     misses = segments.misses
-    other = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Other"}]
+    other = [{"role": "user", "content": "Other"}]  # a new conversation, the same tools
     assert np.array_equal(segments.encode_chat(other, tools=TOOLS), _whole(tokenizer, other))
-    assert segments.misses == misses + 1  # only the new user turn: the tools were a hit
+    assert segments.misses == misses + 1  # only the piece with the new user turn
+    first = segments.segments(other, True, tools=TOOLS)[0]
+    assert all(t["function"]["name"] in first for t in TOOLS) and "Other" not in first
