@@ -142,3 +142,28 @@ def test_engine_client_delivers_events_from_the_loop_thread(tiny_llama):
         client.shutdown()
     assert _hashes_of(batches, "stored", "s") == _hashes(engine, prompt, "s")
     assert sorted(_hashes_of(batches, "evicted", "s")) == sorted(_hashes(engine, prompt, "s"))
+
+
+def test_chunks_the_disk_tier_drops_are_evicted_once_the_device_has_them_no_more(
+    tiny_llama, tmp_path
+):
+    probe = _engine(tiny_llama, disk_cache_dir=tmp_path / "probe")
+    probe.generate(_prompt(16, CHUNK), PARAMS)
+    file_size = next((tmp_path / "probe").rglob("*.kv")).stat().st_size
+    prompts = [_prompt(seed, CHUNK) for seed in range(17, 22)]
+    for device_tokens, still_on_device in ((4096, True), (3 * CHUNK, False)):
+        engine = _engine(
+            tiny_llama,
+            kv_cache_tokens=device_tokens,
+            disk_cache_dir=tmp_path / str(device_tokens),
+            disk_cache_bytes=3 * file_size,  # the disk drops the first prompt's file
+        )
+        batches = _collect(engine)
+        engine.generate(prompts[0], PARAMS)
+        read_before = engine.stats()["disk_read_bytes"]
+        for prompt in prompts[1:]:
+            engine.generate(prompt, PARAMS)
+        assert engine.stats()["disk_evicted_blocks"] > 0
+        evicted = set(_hashes_of(batches, "evicted"))
+        assert set(_hashes(engine, prompts[0])).isdisjoint(evicted) == still_on_device
+        assert engine.stats()["disk_read_bytes"] == read_before  # names known: no file read

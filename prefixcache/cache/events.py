@@ -55,6 +55,9 @@ class CacheEvents:
     """
 
     def __init__(self) -> None:
+        # Full chunks the device cache holds now, kept whether or not anyone listens, so
+        # a chunk a lower tier drops while the device still holds it is not "evicted".
+        self.on_device: set[int] = set()
         self._pending: list[ChunkEvent] = []
         self._subscribers: dict[int, CacheEventCallback] = {}
         self._next_id = 0
@@ -96,6 +99,15 @@ class CacheEvents:
             self._pending[-1] = last._replace(chunk_hashes=last.chunk_hashes + hashes)
         else:
             self._pending.append(ChunkEvent(kind, salt, hashes))
+
+    def device_added(self, salt: str | None, chunk_hashes: list[int]) -> None:
+        """Full chunks entered the device cache: note them, record them as stored."""
+        self.on_device.update(chunk_hashes)
+        self.record("stored", salt, chunk_hashes)
+
+    def device_dropped(self, chunk_hashes: list[int]) -> None:
+        """Full chunks left the device cache (whether a tier took them is told apart)."""
+        self.on_device.difference_update(chunk_hashes)
 
     def publish(self) -> None:
         """Hand what was recorded since the last call to every subscriber, as one list."""

@@ -231,6 +231,8 @@ class RadixCache:
         self.pool.free(block_ids)
         self._roots.clear()
         self._heap.clear()
+        if self.events is not None:
+            self.events.on_device.clear()
         self._num_cached = self._num_locked = self._num_nodes = 0
         self.stats = CacheStats()
 
@@ -314,7 +316,7 @@ class RadixCache:
         parent = path[-1]
         self._num_cached += len(block_ids)
         if self.events is not None:
-            self.events.record("stored", path[0].salt, hashes)
+            self.events.device_added(path[0].salt, hashes)
         if parent.parent is not None and not parent.children and not parent.lock_ref:
             parent.tokens = np.concatenate((parent.tokens, tokens[pos:]))
             parent.block_ids += block_ids
@@ -370,8 +372,10 @@ class RadixCache:
         freed = leaf.block_ids[keep:]
         first_gone = (leaf.start + keep * self.block_size) // self.chunk_size
         gone = leaf.hashes[first_gone - leaf.start // self.chunk_size :]
-        if not offloaded and gone and self.events is not None and self.events.enabled:
-            self.events.record("evicted", _root_of(leaf).salt, reversed(gone))
+        if gone and self.events is not None:
+            self.events.device_dropped(gone)
+            if not offloaded and self.events.enabled:
+                self.events.record("evicted", _root_of(leaf).salt, reversed(gone))
         if keep:
             leaf.tokens = leaf.tokens[: keep * self.block_size]
             del leaf.block_ids[keep:]

@@ -112,7 +112,9 @@ class KVTier(Protocol):
     """Set by the tiered cache when a tier sits below this one. A tier that drops a
     chunk to make room calls it first with that chunk (its ``data`` readable during the
     call), so the chunk moves down instead of vanishing. A tier whose store evicts on
-    its own (a server with its own memory policy) may never call it."""
+    its own (a server with its own memory policy) may never call it. When
+    ``on_evict.needs_data`` is False (no tier below wants the KV), a tier may pass the
+    chunk with empty ``data``, to spare reading it."""
 
     def contains(self, query: ChunkQuery) -> bool:
         """True if a chunk covering every token of ``query`` is stored; changes nothing."""

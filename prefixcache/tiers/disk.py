@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from chunking.hashing import TOKEN_DTYPE, common_prefix_length
 from prefixcache.logs import ThrottledWarning
@@ -51,6 +52,7 @@ WRITE_WARNING_INTERVAL_S = 60.0
 _NAME = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{16})\.kv$")
 _OLD_NAME = re.compile(r"^[0-9a-f]{16}\.kv$")  # an earlier naming, without the parent digest
 _STALE_TEMP_SECONDS = 3600.0  # older temp files are left over from a crash
+_NONE = torch.empty(0)  # the data of a chunk handed on by name only
 
 
 @dataclass(slots=True, eq=False)
@@ -261,9 +263,13 @@ class DiskTier:
     def _make_room(self, size: int) -> None:
         while self._lru and self.used_bytes + size > self.max_bytes:
             victim = next(iter(self._lru.values()))
-            chunk = self._read(victim) if self.on_evict is not None else None
+            # A receiver that needs only the names (no tier below) is spared the read.
+            wants_data = getattr(self.on_evict, "needs_data", True)
+            chunk = self._read(victim) if self.on_evict is not None and wants_data else None
             if self._read_names(victim):
                 self.evicted_blocks += len(victim.tokens) // self.layout.block_size
+                if self.on_evict is not None and not wants_data:
+                    chunk = KVChunk(victim.key, victim.parent, victim.start, victim.tokens, _NONE)
             self._delete(victim)
             if chunk is not None:
                 self.on_evict(chunk)

@@ -89,7 +89,7 @@ class TieredCache:
         for i, tier in enumerate(self.tiers):
             below = i + 1 < len(self.tiers)
             spill = functools.partial(self._spill, i + 1) if below else None
-            tier.on_evict = self._dropped_by_last_local if i == self._last_local else spill
+            tier.on_evict = _Dropped(self, below) if i == self._last_local else spill
 
     def tier(self, name: str) -> KVTier:
         """The tier named ``name``; ``KeyError`` if there is none."""
@@ -191,10 +191,12 @@ class TieredCache:
         self._store(index, chunk)
 
     def _dropped_by_last_local(self, chunk: KVChunk) -> None:
-        """``on_evict`` of the last local tier: the engine no longer holds ``chunk``
-        (a shared tier below may still take it)."""
-        if len(chunk.tokens) == self.chunk_size and self.events is not None:
-            self.events.record("evicted", None, (chunk.key,))
+        """``on_evict`` of the last local tier: unless the device cache still holds
+        ``chunk``, the engine no longer does (a shared tier below may still take it)."""
+        events = self.events
+        whole = len(chunk.tokens) == self.chunk_size
+        if whole and events is not None and chunk.key not in events.on_device:
+            events.record("evicted", None, (chunk.key,))
         if self._last_local + 1 < len(self.tiers):
             self._spill(self._last_local + 1, chunk)
 
@@ -339,6 +341,17 @@ class TieredCache:
             name, call = self.tiers[index].name, method.__name__
             logger.log(level, "KV tier %r failed in %s; taken as a miss", name, call, exc_info=True)
             return default
+
+
+class _Dropped:
+    """``on_evict`` of the last local tier. With no tier below, only the chunk's names
+    are needed (``needs_data`` False: a disk tier then does not read the file)."""
+
+    def __init__(self, cache: TieredCache, needs_data: bool) -> None:
+        self.cache, self.needs_data = cache, needs_data
+
+    def __call__(self, chunk: KVChunk) -> None:
+        self.cache._dropped_by_last_local(chunk)
 
 
 def is_shared(tier: KVTier) -> bool:
