@@ -74,6 +74,7 @@ EOF
 fi
 
 cd "$work"
+export PREFIXCACHE_MUTATION=1  # tests/conftest.py: Hypothesis does not shrink failures
 start=$SECONDS
 status=0
 timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" || status=$?
