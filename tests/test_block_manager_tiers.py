@@ -321,3 +321,124 @@ def test_free_caches_computed_blocks_only_when_asked(cache_blocks):
     rig.compute(seq, 10)
     rig.blocks.free(seq, cache_blocks=cache_blocks)
     assert rig.blocks.cache.num_cached_blocks == (5 if cache_blocks else 0)
+
+
+# -- tenants on the device, and what scheduling peeks at --------------------------------
+
+
+def test_a_tenant_never_reuses_another_tenants_device_blocks():
+    rig = _Rig()
+    prompt = _tokens(23, 12)
+    rig.serve(prompt)  # unsalted
+    assert rig.serve(prompt + [1], salt="bob:") == 0
+    seq = Sequence("peek", np.asarray(prompt + [1], np.int32), SamplingParams(), 0, "carol:")
+    assert rig.blocks.cached_prefix_tokens(seq) == 0
+    assert rig.serve(prompt + [1], salt="bob:") == 12
+
+
+def test_kv_onloaded_for_a_tenant_stays_in_that_tenants_tree():
+    rig = _Rig(host_chunks=8)
+    prompt = _tokens(24, 12)
+    rig.serve(prompt, salt="alice:")
+    _evict_all(rig)
+    assert rig.serve(prompt + [1], salt="alice:") == 12  # back on the device
+    assert rig.serve(prompt + [1]) == 0  # the unsalted tree never got it
+    assert rig.serve(prompt + [1], salt="alice:") == 12
+
+
+def test_the_cached_prefix_peek_leaves_out_the_last_token():
+    rig = _Rig()
+    prompt = _tokens(25, 12)
+    rig.serve(prompt)
+    same = Sequence("same", np.asarray(prompt, np.int32), SamplingParams(), 0)
+    assert rig.blocks.cached_prefix_tokens(same) == 10  # the last token is computed again
+
+
+def test_a_request_that_reused_a_prefix_leaves_no_lock_or_state_behind():
+    rig = _Rig(host_chunks=8)
+    prompt = _tokens(26, 8)
+    rig.serve(prompt)
+    assert rig.serve(prompt + [1, 2, 3]) == 8
+    assert rig.blocks.cache.num_locked_blocks == 0
+    assert not rig.blocks._chunks  # no chunk names kept for finished requests
+    rig.blocks.cache.check_integrity()
+
+
+def test_a_block_manager_caches_prefixes_unless_told_not_to():
+    assert BlockManager(8, BS, CS, FINGERPRINT).cache is not None
+
+
+# -- the last block or two --------------------------------------------------------------
+
+
+def test_the_last_spare_block_is_onloaded():
+    rig = _Rig(num_blocks=6, host_chunks=8)
+    prompt = _tokens(27, 12)
+    seq = rig.start(prompt)
+    rig.compute(seq, 12)
+    rig.blocks.free(seq)
+    _evict_all(rig)
+    holder = rig.start(_tokens(28, 7))
+    rig.compute(holder, 7)  # four blocks held: two left, one of them to spare
+    seq = rig.start(prompt[:4] + [9])
+    assert seq.num_computed_tokens == 2 and len(seq.block_ids) == 1
+    rig.blocks.free(seq, cache_blocks=False)
+    rig.blocks.free(holder, cache_blocks=False)
+
+
+def test_one_whole_block_past_the_device_match_is_onloaded():
+    rig = _Rig(host_chunks=8)
+    prompt = _tokens(29, 4)  # one chunk
+    rig.serve(prompt + [7])
+    rig.blocks.cache.evict(1)  # the chunk's second block: the chunk goes to host whole
+    assert rig.blocks.cache.num_cached_blocks == 1
+    assert rig.serve(prompt + [8]) == 4  # block 0 on the device, block 1 from the host
+
+
+def test_a_chunk_left_partial_by_eviction_is_offloaded_and_comes_back():
+    rig = _Rig(host_chunks=8)
+    prompt = _tokens(30, 11)  # five whole blocks: two chunks and half of a third
+    rig.serve(prompt)
+    _evict_all(rig)
+    assert rig.tier("host").num_used_blocks == 5
+    assert rig.serve(prompt + [1]) == 10
+
+
+# -- reserving a prompt's blocks at once ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "prompt_blocks", "reserved"),
+    [(64, 55, True), (64, 56, False), (65, 56, True)],
+)
+def test_a_prompt_is_reserved_while_an_eighth_of_the_pool_stays_free(
+    num_blocks, prompt_blocks, reserved
+):
+    # ``prompt_blocks`` full blocks and 8 outputs: one more block when reserved at once.
+    manager = BlockManager(num_blocks, BS, CS, FINGERPRINT)
+    prompt = np.arange(1, prompt_blocks * BS + 1, dtype=np.int32)
+    seq = Sequence("a", prompt, SamplingParams(max_tokens=2), 0)
+    assert manager.allocate(seq, BS)
+    assert len(seq.block_ids) == (prompt_blocks + 1 if reserved else 1)
+
+
+def test_a_prompt_after_a_cached_prefix_reserves_only_its_own_blocks():
+    rig = _Rig(num_blocks=64)
+    prompt = _tokens(31, 16)
+    rig.serve(prompt)  # eight cached blocks
+    seq = rig.start(prompt + _tokens(32, 20), outputs=4)
+    assert seq.num_locked_blocks == 8
+    assert rig.blocks.allocate(seq, 20)
+    assert len(seq.block_ids) == rig.blocks.blocks_for(36 + 4)
+    rig.blocks.free(seq, cache_blocks=False)
+
+
+def test_a_later_chunk_never_reserves_even_when_room_appeared():
+    manager = BlockManager(64, BS, CS, FINGERPRINT)
+    other = Sequence("b", np.arange(1, 21, dtype=np.int32), SamplingParams(max_tokens=1), 0)
+    assert manager.allocate(other, 20)  # ten blocks held
+    seq = Sequence("a", np.arange(100, 200, dtype=np.int32), SamplingParams(max_tokens=2), 0)
+    assert manager.allocate(seq, BS) and len(seq.block_ids) == 1  # 51 wanted: too few free
+    seq.num_computed_tokens = BS
+    manager.free(other, cache_blocks=False)
+    assert manager.allocate(seq, BS) and len(seq.block_ids) == 2  # chunk by chunk still
