@@ -480,6 +480,49 @@ def test_chunk_size_must_be_a_multiple_of_block_size():
         RadixCache(BlockPool(4), block_size=4, chunk_size=6)
 
 
+def test_defaults_are_the_engines_block_and_chunk_sizes():
+    cache = RadixCache(BlockPool(4))
+    assert (cache.block_size, cache.chunk_size, cache.fingerprint) == (16, 256, "")
+
+
+@pytest.mark.parametrize(
+    ("block_size", "chunk_size", "message"),
+    [
+        (0, 4, "block_size must be a positive integer, got 0"),
+        (-2, 4, "block_size must be a positive integer"),
+        ("2", 4, "block_size must be a positive integer"),
+        (2, 0, "positive multiple of block_size"),
+        (2, -4, "positive multiple of block_size"),
+        (2, 4.0, "positive multiple of block_size"),
+    ],
+)
+def test_bad_sizes_are_refused(block_size, chunk_size, message):
+    with pytest.raises(ValueError, match=message):
+        RadixCache(BlockPool(4), block_size=block_size, chunk_size=chunk_size)
+
+
+def test_the_smallest_sizes_are_accepted():
+    cache = RadixCache(BlockPool(4), block_size=1, chunk_size=1)
+    assert cache.insert([5, 6], cache.pool.allocate(2)).num_existing_tokens == 0
+    cache.check_integrity()
+
+
+def test_evicted_blocks_add_up_over_evictions():
+    cache, pool = _cache()
+    _serve(cache, pool, list(range(8)))
+    cache.evict(1)
+    cache.evict(2)
+    assert cache.stats.evicted_blocks == 3
+
+
+def test_a_salt_whose_entries_are_all_evicted_leaves_no_tree_behind():
+    cache, pool = _cache()
+    _serve(cache, pool, [1, 2, 3, 4], "t")
+    cache.evict(2)
+    assert "t" not in cache._roots  # one empty root per salt ever seen would add up
+    cache.check_integrity()
+
+
 def test_stats_count_query_hit_and_evicted():
     cache, pool = _cache()
     _serve(cache, pool, list(range(8)))
