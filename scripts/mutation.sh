@@ -6,6 +6,7 @@
 #   scripts/mutation.sh chunking/hashing.py ...  # a subset, with only the tests that cover it
 #   MUTATION_BUDGET=30m scripts/mutation.sh      # time budget (default 60m), as for timeout(1)
 #   MUTATION_JOBS=2 scripts/mutation.sh          # parallel mutant runs (default: CPU count)
+#   MUTATION_DIR=.mutation-b scripts/mutation.sh ...  # another scratch copy, for a second run
 #
 # The run happens in a scratch copy (.mutation/) so that a subset can rewrite the
 # [tool.mutmut] table without touching the checkout; the results are printed per module.
@@ -18,14 +19,14 @@ jobs=${MUTATION_JOBS:-$(nproc)}
 
 # The tests that cover each module: a subset run collects coverage over these only.
 declare -A tests_for=(
-    [prefixcache/cache/block_manager.py]="tests/test_block_reservation.py tests/test_block_pool.py"
+    [prefixcache/cache/block_manager.py]="tests/test_block_manager_tiers.py tests/test_block_reservation.py tests/test_block_pool.py tests/test_tiers.py"
     [prefixcache/cache/radix_cache.py]="tests/test_radix_cache.py tests/test_tenant_quotas.py"
     [prefixcache/tiers/chunk_chains.py]="tests/test_chunk_names.py tests/test_tiers.py tests/test_kv_tier_registry.py"
     [prefixcache/tiers/tiered.py]="tests/test_tiers.py tests/test_kv_tier_registry.py tests/test_kv_tier_partial_chunks.py tests/test_disk_tier_full.py"
-    [prefixcache/cache/pins.py]="tests/test_cache_control.py tests/test_admission_pins.py tests/test_server_cache.py tests/test_tenant_quotas.py"
+    [prefixcache/cache/pins.py]="tests/test_pin_registry.py tests/test_cache_control.py tests/test_admission_pins.py tests/test_server_cache.py tests/test_tenant_quotas.py"
     [prefixcache/apps/response_store.py]="tests/test_responses.py tests/test_responses_disk_failures.py tests/test_server_responses.py"
     [server/streaming.py]="tests/test_stream_errors.py tests/test_server_errors.py tests/test_server_responses.py"
-    [server/auth.py]="tests/test_server.py tests/test_server_cache.py tests/test_tenant_quotas.py tests/test_tenant_tiers.py tests/test_server_errors.py"
+    [server/auth.py]="tests/test_auth_keys.py tests/test_server.py tests/test_server_cache.py tests/test_tenant_quotas.py tests/test_tenant_tiers.py tests/test_server_errors.py"
     [chunking/hashing.py]="tests/test_chunk_names.py tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
 )
 
@@ -43,7 +44,7 @@ for m in "${modules[@]}"; do
     [[ -n ${tests_for[$m]:-} ]] || { echo "not a configured module: $m" >&2; exit 2; }
 done
 
-work=$root/.mutation
+work=$root/${MUTATION_DIR:-.mutation}
 mkdir -p "$work"
 # mutmut's own state in .mutation/mutants/ is kept so that an interrupted run resumes,
 # but only for the same modules: mutmut takes a module it did not mutate last time as
@@ -73,6 +74,7 @@ EOF
 fi
 
 cd "$work"
+export PREFIXCACHE_MUTATION=1  # tests/conftest.py: Hypothesis does not shrink failures
 start=$SECONDS
 status=0
 timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" || status=$?

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 from prefixcache.testing import make_tiny_model
+
+# Under scripts/mutation.sh a failing example only has to be found, not shrunk: shrinking
+# the failures a mutant causes can take minutes per mutant, and their size is unused.
+if os.environ.get("PREFIXCACHE_MUTATION"):
+    settings.register_profile("mutation", phases=[Phase.explicit, Phase.generate])
+    settings.load_profile("mutation")
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@ pins holding half the KV pool, a 20 MB prompt, and one key flooding the Response
 store. The server must answer every request without a 5xx, keep other keys' stored
 responses, leak no block, and not grow its memory round after round.
 
-The only time bound is a liveness one: every small request is answered within
-``SMALL_REQUEST_BOUND_S`` (a stall, not a slow machine, is what it catches).
+No duration is asserted: a stall shows as a client timeout (``CLIENT_TIMEOUT_S``) or
+as an engine that never settles (``SETTLE_TIMEOUT_S``), bounds far above any machine's
+speed; the seconds each round took are only printed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ ROUNDS = 8
 STREAMS = 48
 FLOOD = 12
 STORE_ENTRIES = 10  # the flood alone would fill the store several times over
-SMALL_REQUEST_BOUND_S = 120.0
+SETTLE_TIMEOUT_S = 120.0
+CLIENT_TIMEOUT_S = 300.0
 GIANT_BYTES = 20 << 20
 RSS_GROWTH_LIMIT = 150 << 20  # over the second half of the rounds
 # The first rounds warm up the allocator (one arena per tokenizer thread that held a
@@ -88,7 +90,9 @@ async def _flood(http: httpx.AsyncClient) -> list[int]:
 async def _round(url: str, seed: int) -> dict:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=STREAMS + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits, trust_env=False) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=CLIENT_TIMEOUT_S, limits=limits, trust_env=False
+    ) as http:
         started = time.monotonic()
         streams = [_stream(http, rng, hang_up=i % 3 == 0) for i in range(STREAMS)]
         results = await asyncio.gather(_giant(http), _flood(http), *streams)
@@ -103,7 +107,7 @@ def _pinned_blocks(engine) -> int:
 
 def _settled(server) -> dict:
     """Wait until no request runs or waits; then the blocks must add up."""
-    deadline = time.monotonic() + SMALL_REQUEST_BOUND_S
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
         stats = on_engine(server.client, lambda e: e.stats())
         if not stats["running"] and not stats["waiting"]:
@@ -140,7 +144,6 @@ def test_hostile_load_gives_no_5xx_no_leak_and_flat_memory(tiny_llama):
                 assert all(s == 200 for s in statuses)
                 finished = [done for i, (_, done) in enumerate(result["streams"]) if i % 3]
                 assert all(finished), "a stream that stayed connected did not end with [DONE]"
-                assert result["seconds"] < SMALL_REQUEST_BOUND_S
                 assert stats["locked_blocks"] == locked  # only the pin holds blocks
 
             again = http.get(f"/v1/responses/{kept['id']}", headers=_headers(KEYS[0]))

@@ -75,6 +75,8 @@ class RadixAgainstNaive(RuleBasedStateMachine):
         chain = chunk_hashes(prefix, cs, root_seed("m", salt))
         assert run.seed == (chain[run.start // cs - 1] if run.start else root_seed("m", salt))
         assert run.chunk_hashes == chain[(run.start + cut) // cs :]
+        heads = [(salt, prefix[: run.start + (i + 1) * bs]) for i in range(cut // bs)]
+        assert [self.content[0][block] for block in run.head_block_ids] == heads
         for i, block in enumerate(run.block_ids):
             assert self.content[0][block] == (salt, prefix[: run.start + cut + (i + 1) * bs])
             assert self.pools[0].ref_count(block) == 1  # still allocated during the call
@@ -329,6 +331,74 @@ def test_on_evict_gets_chunk_aligned_tokens_seed_and_hashes():
     assert all(pool.ref_count(block) == 0 for block in run.block_ids)
 
 
+def _check_run(run: EvictedRun, content: dict[int, tuple], salt=None) -> None:
+    """``run`` against the prefix each block was computed for (``content``)."""
+    tokens = tuple(run.token_ids.tolist())
+    cut = len(tokens) - len(run.block_ids) * BS  # the evicted blocks hold tokens[cut:]
+    prefix = content[run.block_ids[-1]]
+    assert run.start % CS == 0 and prefix[run.start :] == tokens
+    chain = chunk_hashes(prefix, CS, root_seed("m", salt))
+    assert run.seed == (chain[run.start // CS - 1] if run.start else root_seed("m", salt))
+    assert run.chunk_hashes == chain[(run.start + cut) // CS :]
+    heads = [prefix[: run.start + (i + 1) * BS] for i in range(cut // BS)]
+    assert [content[b] for b in run.head_block_ids] == heads
+
+
+@pytest.mark.parametrize(
+    ("split", "end"),
+    [(6, 10), (8, 10), (2, 6), (4, 12)],
+    ids=["chunk-starts-inside-a-later-node", "node-starts-on-the-chunk", "short", "long"],
+)
+def test_runs_evicted_block_by_block_name_their_chunk_across_nodes(split, end):
+    """Leaves below a node that starts at ``split``: their chunk may begin inside that
+    node, or exactly where it starts; every run's seed, head blocks and hashes hold."""
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append)
+    content: dict[int, tuple] = {}
+
+    def serve(tokens):
+        hit = cache.match(tokens)
+        fresh = pool.allocate(len(tokens) // BS - len(hit.block_ids))
+        for i, block in enumerate(fresh, start=len(hit.block_ids)):
+            content[block] = tuple(tokens[: (i + 1) * BS])
+        cache.insert(tokens, hit.block_ids + fresh)
+        cache.unlock(hit.node)
+
+    base = list(range(1, end + 1))
+    serve(base)
+    serve(base[:split] + [90, 91])  # splits the node at ``split``
+    serve(base + [70, 71])
+    serve(base + [80, 81])  # two leaves below the node [split, end)
+    while cache.num_cached_blocks:
+        cache.evict(1)
+    assert sum(len(run.block_ids) for run in runs) == len(content)
+    for run in runs:
+        _check_run(run, content)
+    cache.check_integrity()
+
+
+def test_a_tenant_flush_counts_what_it_frees_and_offloads_nothing():
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append)
+    for salt in ("a:1", "a:2", "b:1"):
+        _serve(cache, pool, [1, 2, 3, 4, 5, 6], salt)
+        _serve(cache, pool, [1, 2, 7, 8], salt)  # a branch: three nodes per tree
+    assert cache.flush("a") == 8
+    assert runs == [] and cache.num_cached_blocks == 4
+    assert cache.flush() == 4 and runs == []
+    cache.check_integrity()
+
+
+def test_reset_forgets_the_counters_too():
+    cache, pool = _cache()
+    _serve(cache, pool, [1, 2, 3, 4])
+    _serve(cache, pool, [1, 2, 3, 4, 5, 6])
+    assert cache.stats.hit_tokens == 4
+    cache.reset()
+    assert cache.stats.query_tokens == cache.stats.hit_tokens == 0
+    assert cache.stats.evicted_blocks == 0
+
+
 def test_lru_order_evicts_the_least_recently_used_leaf_first():
     cache, pool = _cache()
     old, middle, new = [1] * 4, [2] * 4, [3] * 4
@@ -367,7 +437,7 @@ def test_flush_drops_unlocked_entries_and_reset_drops_everything():
     miss = cache.match([2] * 8)
     assert miss.num_tokens == 0
     cache.unlock(miss.node)
-    with pytest.raises(RuntimeError, match="locked"):
+    with pytest.raises(RuntimeError, match=r"^reset\(\) while nodes are locked$"):
         cache.reset()
     cache.unlock(held.node)
     cache.reset()
@@ -408,6 +478,49 @@ def test_bad_inserts_raise_and_change_nothing():
 def test_chunk_size_must_be_a_multiple_of_block_size():
     with pytest.raises(ValueError, match="multiple of block_size"):
         RadixCache(BlockPool(4), block_size=4, chunk_size=6)
+
+
+def test_defaults_are_the_engines_block_and_chunk_sizes():
+    cache = RadixCache(BlockPool(4))
+    assert (cache.block_size, cache.chunk_size, cache.fingerprint) == (16, 256, "")
+
+
+@pytest.mark.parametrize(
+    ("block_size", "chunk_size", "message"),
+    [
+        (0, 4, "block_size must be a positive integer, got 0"),
+        (-2, 4, "block_size must be a positive integer"),
+        ("2", 4, "block_size must be a positive integer"),
+        (2, 0, "positive multiple of block_size"),
+        (2, -4, "positive multiple of block_size"),
+        (2, 4.0, "positive multiple of block_size"),
+    ],
+)
+def test_bad_sizes_are_refused(block_size, chunk_size, message):
+    with pytest.raises(ValueError, match=message):
+        RadixCache(BlockPool(4), block_size=block_size, chunk_size=chunk_size)
+
+
+def test_the_smallest_sizes_are_accepted():
+    cache = RadixCache(BlockPool(4), block_size=1, chunk_size=1)
+    assert cache.insert([5, 6], cache.pool.allocate(2)).num_existing_tokens == 0
+    cache.check_integrity()
+
+
+def test_evicted_blocks_add_up_over_evictions():
+    cache, pool = _cache()
+    _serve(cache, pool, list(range(8)))
+    cache.evict(1)
+    cache.evict(2)
+    assert cache.stats.evicted_blocks == 3
+
+
+def test_a_salt_whose_entries_are_all_evicted_leaves_no_tree_behind():
+    cache, pool = _cache()
+    _serve(cache, pool, [1, 2, 3, 4], "t")
+    cache.evict(2)
+    assert "t" not in cache._roots  # one empty root per salt ever seen would add up
+    cache.check_integrity()
 
 
 def test_stats_count_query_hit_and_evicted():
