@@ -25,13 +25,17 @@ class TokenBitmask(NamedTuple):
     """Allowed tokens of the constrained rows of a batch: one bit per token."""
 
     bits: torch.Tensor  # int32 [rows in the batch, ceil(vocab / 32)]
-    rows: list[int]  # the constrained rows; the others are left as they are
+    rows: list[int]  # the rows to mask; the others (free, or all allowed) are left as they are
     vocab_size: int
 
     def apply(self, logits: torch.Tensor) -> None:
-        """Set every forbidden token's logit to -inf, in place."""
+        """Set every forbidden token's logit to -inf, in place (one call for the batch)."""
+        if not self.rows:
+            return
         bits = self.bits if self.bits.device == logits.device else self.bits.to(logits.device)
-        xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=self.vocab_size, indices=self.rows)
+        # With every row masked, no index list: the kernel walks the batch as it lies.
+        rows = None if len(self.rows) == logits.shape[0] else self.rows
+        xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=self.vocab_size, indices=rows)
 
 
 class PendingMask(NamedTuple):
@@ -52,6 +56,7 @@ class MaskFiller:
         self.vocab_size = vocab_size
         self.overlap = overlap
         self._pool: ThreadPoolExecutor | None = None
+        self._bits = xgr.allocate_token_bitmask(0, vocab_size)  # grown to the largest batch
 
     def start(self, grammars: Sequence[RequestGrammar | None]) -> PendingMask | None:
         """Begin filling the masks of ``grammars`` (one per sampled row; None: free
@@ -67,11 +72,23 @@ class MaskFiller:
         return PendingMask(self._pool.submit(self.fill, grammars, rows))
 
     def fill(self, grammars: Sequence[RequestGrammar | None], rows: list[int]) -> TokenBitmask:
-        """Fill the masks of ``rows`` now, on this thread."""
-        bits = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
-        for row in rows:
-            grammars[row].fill(bits, row)
-        return TokenBitmask(bits, rows, self.vocab_size)
+        """Fill the masks of ``rows`` now, on this thread.
+
+        The bitmask is a view of one buffer that every fill reuses: it is valid until
+        the next fill, which the engine starts only after the step that used it. xgrammar
+        writes the whole of each filled row, so stale rows need no reset; the rows of
+        free requests are never read.
+        """
+        bits = self._batch_bits(len(grammars))
+        masked = [row for row in rows if grammars[row].fill(bits, row)]  # False: all allowed
+        return TokenBitmask(bits, masked, self.vocab_size)
+
+    def _batch_bits(self, batch: int) -> torch.Tensor:
+        if batch > self._bits.shape[0]:
+            self._bits = xgr.allocate_token_bitmask(
+                max(batch, 2 * self._bits.shape[0]), self.vocab_size
+            )
+        return self._bits[:batch]
 
     def close(self) -> None:
         """Stop the worker thread."""

@@ -36,9 +36,10 @@ class RequestGrammar:
         """True once the grammar is complete and its stop token accepted."""
         return self.matcher.is_terminated()
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into ``bitmask[row]``."""
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the allowed next tokens into ``bitmask[row]``; False when every token
+        is allowed (the row then needs no masking)."""
+        return self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens the grammar forces next, already accepted (none unless
