@@ -29,7 +29,7 @@ class TokenBitmask(NamedTuple):
     """Allowed tokens of the constrained rows of a batch: one bit per token."""
 
     bits: torch.Tensor  # int32 [rows in the batch, ceil(vocab / 32)]
-    rows: list[int]  # the rows to mask; the others (free, or all allowed) are left as they are
+    rows: list[int]  # the constrained rows; the others are left as they are
     vocab_size: int
 
     def apply(self, logits: torch.Tensor) -> None:
@@ -84,6 +84,8 @@ class MaskFiller:
         self.overlap = overlap
         self._pool: ThreadPoolExecutor | None = None
         self._bits = xgr.allocate_token_bitmask(0, vocab_size)  # grown to the largest batch
+        # In line (CPU) the fill shares the cores with the forward: one thread is enough.
+        self._batch = xgr.BatchGrammarMatcher("auto" if overlap else 1)
 
     def start(self, grammars: Sequence[RequestGrammar | None]) -> PendingMask | None:
         """Begin filling the masks of ``grammars`` (one per sampled row; None: free
@@ -107,8 +109,9 @@ class MaskFiller:
         free requests are never read.
         """
         bits = self._batch_bits(len(grammars))
-        masked = [row for row in rows if grammars[row].fill(bits, row)]  # False: all allowed
-        return TokenBitmask(bits, masked, self.vocab_size)
+        matchers = [grammars[row].matcher for row in rows]
+        self._batch.batch_fill_next_token_bitmask(matchers, bits, rows)  # one call, in C++
+        return TokenBitmask(bits, rows, self.vocab_size)
 
     def _batch_bits(self, batch: int) -> torch.Tensor:
         if batch > self._bits.shape[0]:
