@@ -36,7 +36,8 @@ class TokenBitmask(NamedTuple):
         """Set every forbidden token's logit to -inf, in place (one call for the batch)."""
         if not self.rows:
             return
-        if logits.device.type == "cpu" and _LITTLE_ENDIAN:
+        # numpy has no bfloat16; the sampler masks float32 logits.
+        if logits.device.type == "cpu" and logits.dtype != torch.bfloat16 and _LITTLE_ENDIAN:
             _apply_on_cpu(logits, self.bits, self.rows, self.vocab_size)
             return
         bits = self.bits if self.bits.device == logits.device else self.bits.to(logits.device)
@@ -46,23 +47,22 @@ class TokenBitmask(NamedTuple):
 
 
 def _apply_on_cpu(logits: torch.Tensor, bits: torch.Tensor, rows: list[int], vocab: int) -> None:
-    """The same masking as xgrammar's CPU kernel, four times as fast on a 32k
-    vocabulary: that kernel tests one bit per token (2 ms for 16 rows of 32k), while
-    numpy unpacks the words to one flag per token in bulk and torch fills the flagged
-    logits in one pass. Bit ``j`` of word ``w`` is token ``32 * w + j``: on a
-    little-endian machine, bit ``j % 8`` of byte ``4 * w + j // 8``, the order in which
+    """The same masking as xgrammar's CPU kernel, several times faster: that kernel
+    tests one bit per token (2 ms for 16 rows of a 32k vocabulary), while numpy
+    unpacks the words to one flag per token in bulk and sets the flagged logits in one
+    pass. Bit ``j`` of word ``w`` is token ``32 * w + j``: on a little-endian machine,
+    bit ``j % 8`` of byte ``4 * w + j // 8``, the order in which
     ``unpackbits(bitorder="little")`` reads the words' bytes."""
     every_row = len(rows) == logits.shape[0]
     words = bits.numpy() if every_row else bits.numpy()[rows]
-    forbidden = np.unpackbits((~words).view(np.uint8), axis=-1, count=vocab, bitorder="little")
-    forbidden = torch.from_numpy(forbidden).view(torch.bool)
+    forbidden = np.unpackbits(np.invert(words).view(np.uint8), -1, vocab, bitorder="little")
+    values = logits.detach().numpy()  # shares the tensor's memory
     if every_row:
-        logits[:, :vocab].masked_fill_(forbidden, float("-inf"))
+        values[:, :vocab][forbidden.view(np.bool_)] = -np.inf
     else:
-        index = torch.tensor(rows)
-        masked = logits.index_select(0, index)
-        masked[:, :vocab].masked_fill_(forbidden, float("-inf"))
-        logits.index_copy_(0, index, masked)
+        masked = values[rows, :vocab]  # a copy: written back below
+        masked[forbidden.view(np.bool_)] = -np.inf
+        values[rows, :vocab] = masked
 
 
 class PendingMask(NamedTuple):
