@@ -222,7 +222,7 @@ class EngineCore:
             return state.append_token(token_id, max_len)
         grammar.accept(token_id)
         delta = state.append_token(token_id, max_len, grammar.is_terminated)
-        if delta.finish_reason is None:
+        if delta.finish_reason is None and grammar.jump_forward:
             room = min(seq.params.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
             for forced in grammar.forced_tokens(room - 1):  # one left to sample after them
                 more = state.append_token(forced, max_len)

@@ -20,25 +20,31 @@ class GrammarRejected(RuntimeError):
 class RequestGrammar:
     """An xgrammar matcher for one request, with jump-forward when asked for."""
 
-    __slots__ = ("matcher", "jump_forward")
+    __slots__ = ("matcher", "jump_forward", "_stop_ids", "_terminated")
 
     def __init__(self, compiled: xgr.CompiledGrammar, jump_forward: bool = False) -> None:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.jump_forward = jump_forward
+        self._stop_ids = frozenset(compiled.tokenizer_info.stop_token_ids)
+        self._terminated = False
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``; ``GrammarRejected`` if the grammar forbids it."""
         if not self.matcher.accept_token(token_id):
             raise GrammarRejected(f"token {token_id} is not allowed by the request's grammar")
+        # Only an accepted stop token ends a grammar, so the matcher is asked only then.
+        if token_id in self._stop_ids:
+            self._terminated = self.matcher.is_terminated()
 
     @property
     def is_terminated(self) -> bool:
         """True once the grammar is complete and its stop token accepted."""
-        return self.matcher.is_terminated()
+        return self._terminated
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into ``bitmask[row]``."""
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the allowed next tokens into ``bitmask[row]``; False when every token
+        is allowed (the row then needs no masking)."""
+        return self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens the grammar forces next, already accepted (none unless
