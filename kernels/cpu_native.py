@@ -43,19 +43,6 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def paged_decode():
-    """The C ``paged_decode_f32`` function, or None when native kernels are unavailable."""
-    library = _library()
-    if library is None:
-        return None
-    function = library.paged_decode_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [_F32, _F32, _F32, _I32, _I32, _F32] + [ctypes.c_int] * 6
-    function.argtypes += [ctypes.c_float, ctypes.c_int]
-    return function
-
-
-@functools.cache
 def paged_decode_window():
     """The C ``paged_decode_window_f32`` function (sliding window, score cap), or None."""
     library = _library()

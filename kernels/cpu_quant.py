@@ -24,19 +24,6 @@ _FP8_FLAG = {torch.int8: 0, torch.float8_e4m3fn: 1}
 
 
 @functools.cache
-def paged_decode_quant():
-    """The C ``paged_decode_quant`` function, or None when native kernels are unavailable."""
-    library = load_library(_SOURCE)
-    if library is None:
-        return None
-    function = library.paged_decode_quant
-    function.restype = ctypes.c_int
-    function.argtypes = [_F32, _U8, _U8, _I32, _I32, _F32] + [ctypes.c_int] * 6
-    function.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    return function
-
-
-@functools.cache
 def paged_decode_quant_window():
     """The C ``paged_decode_quant_window`` function (sliding window, score cap), or None."""
     library = load_library(_SOURCE)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels.torch_ref as torch_ref
-from kernels.cpu_quant import decode_attention_quant, paged_decode_quant
+from kernels.cpu_quant import decode_attention_quant, paged_decode_quant_window
 from kernels.flash_attn_backend import FlashAttnBackend
 from kernels.kv_quant import SCALE_BYTES, dequantize, write_quantized
 from kernels.metadata import AttentionMetadata
@@ -88,7 +88,7 @@ def test_torch_reference_reads_quantized_pools(monkeypatch, dtype, query_lens, s
 
 @native
 def test_the_quantized_kernel_builds_and_loads_here():
-    assert paged_decode_quant() is not None
+    assert paged_decode_quant_window() is not None
 
 
 @native

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels.torch_ref as torch_ref
-from kernels.cpu_native import decode_attention, paged_decode
+from kernels.cpu_native import decode_attention, paged_decode_window
 from kernels.metadata import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_the_kernel_builds_and_loads_here():
-    assert paged_decode() is not None
+    assert paged_decode_window() is not None
 
 
 def _reference(monkeypatch, query, k_cache, v_cache, meta, scale):

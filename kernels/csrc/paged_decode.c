@@ -16,9 +16,9 @@
  *   block_tables  [num_seqs, table_stride] int32
  *   seq_lens      [num_seqs] int32, keys visible to each sequence's query
  *
- * ``paged_decode_window_f32`` adds a sliding window (the query sees only its last
- * ``window`` keys, its own included; 0: all) and a score cap (``softcap * tanh(s /
- * softcap)``; 0: none). Blocks wholly before the window are never read, so they may
+ * The entry point, ``paged_decode_window_f32``, takes a sliding window (the query
+ * sees only its last ``window`` keys, its own included; 0: all) and a score cap
+ * (``softcap * tanh(s / softcap)``; 0: none). Blocks wholly before the window are never read, so they may
  * already be back in the pool.
  */
 
@@ -382,15 +382,4 @@ int paged_decode_window_f32(const float *q, const float *k_cache, const float *v
         attend_head(&a, q + at, out + at, seq, kv_head);
     }
     return 0;
-}
-
-/* Full attention, scores uncapped. */
-int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
-                     const int32_t *block_tables, const int32_t *seq_lens, float *out,
-                     int num_seqs, int heads, int kv_heads, int dim, int block_size,
-                     int table_stride, float scale, int num_threads)
-{
-    return paged_decode_window_f32(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs,
-                                   heads, kv_heads, dim, block_size, table_stride, scale, 0,
-                                   0.0f, num_threads);
 }

@@ -1,6 +1,6 @@
 /* Decode attention over a quantized paged KV cache (int8 or fp8 e4m3 codes with a
- * float16 scale per token and KV head), for CPUs: the counterpart of paged_decode_f32,
- * built on its vector helpers.
+ * float16 scale per token and KV head), for CPUs: the counterpart of
+ * paged_decode_window_f32, built on its vector helpers.
  *
  * A cached row (one token, one KV head) is `dim` one-byte codes followed by the
  * little-endian float16 scale they are multiplied by (see kernels/kv_quant.py). Codes
@@ -16,8 +16,8 @@
  *   block_tables  [num_seqs, table_stride] int32
  *   seq_lens      [num_seqs] int32, keys visible to each sequence's query
  *
- * ``paged_decode_quant_window`` adds a sliding window and a score cap with the meaning
- * they have in ``paged_decode_window_f32``: blocks wholly before the window are never
+ * Its entry point, ``paged_decode_quant_window``, takes a sliding window and a score cap
+ * with the meaning they have in ``paged_decode_window_f32``: blocks wholly before the window are never
  * read, so a hybrid KV cache may already have given them back to the pool.
  */
 
@@ -431,15 +431,4 @@ int paged_decode_quant_window(const float *q, const uint8_t *k_cache, const uint
         attend_head_q(&a, q + at, out + at, seq, kv_head, fp8);
     }
     return 0;
-}
-
-/* Full attention, scores uncapped. */
-int paged_decode_quant(const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
-                       const int32_t *block_tables, const int32_t *seq_lens, float *out,
-                       int num_seqs, int heads, int kv_heads, int dim, int block_size,
-                       int table_stride, float scale, int fp8, int num_threads)
-{
-    return paged_decode_quant_window(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs,
-                                     heads, kv_heads, dim, block_size, table_stride, scale, 0,
-                                     0.0f, fp8, num_threads);
 }
