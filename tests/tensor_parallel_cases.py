@@ -48,6 +48,7 @@ _VOCAB_LAYERS = (VocabParallelEmbedding, ParallelLMHead)
 BENCH_SHAPE = "qwen3-moe"  # bench/tiny_models.py's shape (8:1 heads, 64 experts), 2 layers
 
 PROMPTS = ((30, 0), (13, 3))  # (tokens, first block) of the two sequences
+SPLIT = 18  # the first sequence's first prefill chunk
 BLOCK_SIZE, NUM_BLOCKS, DECODE_STEPS = 16, 6, 3
 
 
@@ -67,18 +68,24 @@ def build_folders(root: Path) -> dict[str, Path]:
 
 @torch.inference_mode()
 def run_case(folder: Path, parallel: TensorParallel | None) -> dict[str, torch.Tensor]:
-    """Prefill two sequences in one step, then decode both greedily; every logit."""
+    """Prefill two sequences (the first in two chunks, the second chunk over the cached
+    first), then decode both greedily; every logit of every step."""
     config = ModelConfig.from_folder(folder)
     cpu = torch.device("cpu")
     model = load_model(folder, config, torch.float32, cpu, "auto", parallel)
     kv = KVCache(model.config.for_rank(parallel), NUM_BLOCKS, BLOCK_SIZE, torch.float32, cpu)
     runner = ModelRunner(model, kv, get_backend("torch", cpu), cpu)
-    generator = torch.Generator().manual_seed(len(str(folder)))
+    generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 251, (n,), generator=generator).tolist() for n, _ in PROMPTS]
     tables = [list(range(first, first + 3)) for _, first in PROMPTS]
-    chunks = [SequenceChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
-    prefill = runner.run(chunks, all_logits=True)
-    last = prefill[[len(prompts[0]) - 1, -1]]
+    first = [
+        SequenceChunk(prompts[0][:SPLIT], 0, tables[0]),
+        SequenceChunk(prompts[1], 0, tables[1]),
+    ]
+    rest = SequenceChunk(prompts[0][SPLIT:], SPLIT, tables[0])
+    prefill = torch.cat([runner.run(first, all_logits=True), runner.run([rest], all_logits=True)])
+    last = prefill[[-1, len(first[0].token_ids) + len(prompts[1]) - 1]]
+    chunks = [rest, first[1]]
     steps, ids = [], []
     for _ in range(DECODE_STEPS):
         tokens = last.argmax(dim=-1).tolist()
