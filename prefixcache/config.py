@@ -46,6 +46,8 @@ class EngineConfig:
     # Ranks the model is sharded over: rank 0 in this process, the others in worker
     # processes (``prefixcache.engine.tensor_parallel``).
     tensor_parallel_size: int = 1
+    # Longest a tensor-parallel worker may take to start, or any collective to finish.
+    tensor_parallel_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -168,6 +170,9 @@ def _check_tensor_parallel(config: EngineConfig) -> None:
     size = config.tensor_parallel_size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    timeout = config.tensor_parallel_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"tensor_parallel_timeout_s must be > 0 seconds, got {timeout!r}")
     if size == 1:
         return
     device = config.device.split(":")

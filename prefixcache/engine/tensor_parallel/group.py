@@ -37,7 +37,6 @@ from prefixcache.engine.tensor_parallel.messages import Message, Stop, encode
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 300.0  # to start (load the weights) and for any one collective
 _FAILURE_GRACE_S = 5.0  # a failed collective waits this long for the monitor's verdict
 _STOP_GRACE_S = 10.0  # a worker asked to stop gets this long before it is killed
 
@@ -61,10 +60,13 @@ class WorkerGroup:
     One per process: ``torch.distributed`` keeps one default group per process.
     """
 
-    def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, config: EngineConfig) -> None:
+        """Start the workers and join them in the process group; the workers go on
+        loading their shards (``wait_ready``). ``config.tensor_parallel_timeout_s``
+        bounds the start and every collective."""
         from prefixcache.engine.tensor_parallel.worker import run_worker
 
-        self.size = config.tensor_parallel_size
+        self.size, timeout_s = config.tensor_parallel_size, config.tensor_parallel_timeout_s
         self.failure: EngineDeadError | None = None
         self._timeout = timedelta(seconds=timeout_s)
         self._failed = threading.Event()
