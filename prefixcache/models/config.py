@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,17 @@ class ModelConfig:
         if self.layer_types and self.layer_types[layer] == "sliding_attention":
             return self.sliding_window
         return None
+
+    def for_rank(self, parallel) -> ModelConfig:
+        """This config with one tensor-parallel rank's query and KV head counts, to size
+        that rank's KV pools (``parallel``: a ``models.parallel.TensorParallel``)."""
+        if parallel is None or parallel.size == 1:
+            return self
+        return replace(
+            self,
+            num_heads=parallel.heads_per_rank(self.num_heads),
+            num_kv_heads=parallel.kv_heads_per_rank(self.num_kv_heads),
+        )
 
     @property
     def sliding_layers(self) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from prefixcache.models.attention_layout import GEMMA_ACTIVATIONS
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.layers import GatedMLP, RotaryEmbedding
 from prefixcache.models.llama import Attention, LlamaForCausalLM
+from prefixcache.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 from prefixcache.models.registry import register_model
 
 
@@ -92,7 +93,7 @@ class GemmaModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.normalizer = config.hidden_size**0.5
@@ -114,7 +115,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         nn.Module.__init__(self)
         self.config = config
         self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

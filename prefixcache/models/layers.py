@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prefixcache.models.parallel_layers import RowParallelLinear, merged_column_linear
 from prefixcache.models.rope import RopeConfig, rope_frequencies
 
 
@@ -76,12 +77,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU feed-forward with the gate and up projections fused into one matmul."""
+    """SwiGLU feed-forward with the gate and up projections fused into one matmul.
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    Tensor-parallel: gate/up column-parallel, down row-parallel; ``reduce=False`` leaves
+    the all-reduce to the caller (a MoE block sums its shared expert with the experts).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, reduce: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        sizes = (intermediate, intermediate)
+        self.gate_up_proj = merged_column_linear(hidden, sizes, "intermediate_size")
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the feed-forward block."""

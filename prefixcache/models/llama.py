@@ -11,6 +11,13 @@ from prefixcache.engine.forward_context import ForwardContext
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.layers import RMSNorm, RotaryEmbedding
 from prefixcache.models.moe import feed_forward
+from prefixcache.models.parallel import current_parallel
+from prefixcache.models.parallel_layers import (
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    qkv_linear,
+)
 from prefixcache.models.registry import register_model
 
 # Checkpoint names that load into a slice of one of our fused parameters.
@@ -24,19 +31,26 @@ _FUSED = {
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with fused QKV and optional per-head q/k RMSNorm."""
+    """Grouped-query self-attention with fused QKV and optional per-head q/k RMSNorm.
+
+    Tensor-parallel: ``num_heads`` and ``num_kv_heads`` are this rank's; q/k/v are
+    column-parallel and ``o_proj`` row-parallel (the one all-reduce of attention).
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        rank = config.for_rank(current_parallel())
+        self.num_heads, self.num_kv_heads = rank.num_heads, rank.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        out = self.q_size + 2 * self.kv_size
-        self.qkv_proj = nn.Linear(config.hidden_size, out, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = qkv_linear(
+            config.hidden_size, config.num_heads, config.num_kv_heads, self.head_dim,
+            bias=config.attention_bias,
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(config.num_heads * self.head_dim, config.hidden_size, False)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope)
         self.sliding_window = config.layer_window(layer)
         self.softcap: float | None = None
@@ -85,7 +99,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -105,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -13,6 +13,8 @@ from torch import nn
 from prefixcache.config import LOAD_FORMATS
 from prefixcache.models import resolve_model
 from prefixcache.models.config import ModelConfig
+from prefixcache.models.parallel import TensorParallel, building_for, check_layout
+from prefixcache.models.parallel_loader import load_sharded
 
 _DTYPES = {
     "float32": torch.float32,
@@ -56,26 +58,55 @@ def resolve_model_path(model: str | Path) -> Path:
 
 
 def load_model(
-    folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str
+    folder: Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str,
+    parallel: TensorParallel | None = None,
 ) -> nn.Module:
-    """Instantiate the registered class for ``config`` and fill its weights."""
+    """Instantiate the registered class for ``config`` and fill its weights.
+
+    With ``parallel`` (size > 1) the model is this rank's shard (``models.parallel``):
+    every rank of the group must call this, and each reads only its slices.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
     model_class, config = resolve_model(config)
-    with torch.device("meta"):
+    if parallel is not None and parallel.size == 1:
+        parallel = None
+    if parallel is not None:
+        check_layout(config, parallel)
+    with torch.device("meta"), building_for(parallel):
         model = model_class(config)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()  # moving off the meta device unties shared parameters
     if load_format == "dummy":
         _init_dummy(model)
-    else:
+    elif parallel is None:
         _load_safetensors(model, folder, device)
+    else:
+        _load_rank_slices(model, model_class, config, folder)
     return model.eval()
+
+
+def _load_rank_slices(model: nn.Module, model_class, config: ModelConfig, folder: Path) -> None:
+    with torch.device("meta"):
+        reference = model_class(config)  # the one-rank layout names the whole tensors
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()  # vocabulary padding rows are never loaded
+    loaded = load_sharded(model, reference, safetensors_files(folder))
+    _check_complete(reference, loaded, folder)
 
 
 def _load_safetensors(model: nn.Module, folder: Path, device: torch.device) -> None:
     loaded = model.load_weights(_iter_tensors(folder, device))
-    missing = sorted(model.expected_checkpoint_names() - _loaded_names(loaded))
+    _check_complete(model, _loaded_names(loaded), folder)
+
+
+def _check_complete(model: nn.Module, loaded: set[str], folder: Path) -> None:
+    missing = sorted(model.expected_checkpoint_names() - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"checkpoint in {folder} is missing {len(missing)} weights: {shown}")

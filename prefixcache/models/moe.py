@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from prefixcache.models.layers import GatedMLP
+from prefixcache.models.parallel import current_parallel
+from prefixcache.models.parallel_layers import expert_runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +101,17 @@ def route(
 
 
 class GroupedExperts(nn.Module):
-    """``num_experts`` SwiGLU experts stored as stacked weights, run grouped by expert."""
+    """``num_experts`` SwiGLU experts stored as stacked weights, run grouped by expert.
+
+    Tensor-parallel: each rank holds a slice of every expert's intermediate dimension
+    and returns its partial sum (the block all-reduces it).
+    """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
+        tp = current_parallel()
+        self.shard_runs = expert_runs(tp, intermediate)
+        intermediate = tp.split(intermediate, "moe_intermediate_size")
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
@@ -132,15 +141,21 @@ class GroupedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router, grouped experts and, when the model has one, a sigmoid-gated shared expert."""
+    """Router, grouped experts and, when the model has one, a sigmoid-gated shared expert.
+
+    Tensor-parallel: the router is replicated; the experts and the shared expert give
+    partial outputs, summed over ranks by one all-reduce.
+    """
 
     def __init__(self, hidden: int, moe: MoeConfig) -> None:
         super().__init__()
+        self.parallel = current_parallel()
         self.top_k, self.normalize = moe.top_k, moe.norm_topk_prob
         self.gate = nn.Linear(hidden, moe.num_experts, bias=False)
         self.experts = GroupedExperts(moe.num_experts, hidden, moe.intermediate_size)
         if moe.shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(hidden, moe.shared_expert_intermediate_size)
+            size = moe.shared_expert_intermediate_size
+            self.shared_expert = GatedMLP(hidden, size, reduce=False)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None
@@ -151,7 +166,7 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(x, experts, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return self.parallel.all_reduce(out)
 
 
 def feed_forward(hidden: int, intermediate: int, moe: MoeConfig | None, layer: int) -> nn.Module:
