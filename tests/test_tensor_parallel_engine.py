@@ -71,6 +71,9 @@ def _forward_twice(engine: Engine) -> torch.Tensor:
 
 
 def test_tp2_logits_match_tp1_on_the_same_weights(tp1: Engine, tp2: Engine):
+    # Rank 0 holds half the vocabulary (126 of 251 rows, one padding row on rank 1).
+    assert tp2.core.runner.model.lm_head.weight.shape[0] == 126
+    assert tp1.core.runner.model.lm_head.weight.shape[0] == 251
     expected, got = _forward_twice(tp1), _forward_twice(tp2)
     assert got.shape == expected.shape == (30 + 13 + 2, 251)
     assert torch.allclose(got, expected, atol=LOGPROB_TOLERANCE, rtol=0), (

@@ -35,6 +35,7 @@ from prefixcache.inputs.tokenizer import eos_token_ids, load_tokenizer
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.fingerprint import model_fingerprint
 from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
+from prefixcache.models.parallel import TensorParallel
 from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
 
@@ -141,10 +142,12 @@ def build_runner(config: EngineConfig, rank: int, group: WorkerGroup | None = No
     model_config = ModelConfig.from_folder(folder)
     device = rank_device(config.device, rank)
     dtype = resolve_dtype(config.dtype, device, model_config)
-    model = load_model(folder, model_config, dtype, device, config.load_format)
+    size = config.tensor_parallel_size
+    parallel = TensorParallel(rank, size) if size > 1 else None
+    model = load_model(folder, model_config, dtype, device, config.load_format, parallel)
     window = window_blocks(config, model_config)
     kv_cache = KVCache(
-        model_config, config.num_kv_blocks, config.block_size, dtype, device,
+        model.config.for_rank(parallel), config.num_kv_blocks, config.block_size, dtype, device,
         kv_cache_dtype=config.kv_cache_dtype,
         num_window_blocks=window.pool.num_blocks if window else None,
     )  # fmt: skip
