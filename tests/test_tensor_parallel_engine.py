@@ -7,6 +7,7 @@ the whole module, with a disk tier; the TP=1 engine is the reference.
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,12 @@ def test_disk_tier_written_at_tp2_is_read_back_at_tp2_and_never_at_tp1(
         out = one.generate([prompt], GREEDY, salt="disk")[0]
         assert out.num_cached_tokens == 0 and one.stats()["disk_hit_tokens"] == 0
         assert out.token_ids == first.token_ids
+
+
+def test_a_layout_the_model_cannot_take_is_refused_before_any_worker_starts(model: Path):
+    before = multiprocessing.active_children()
+    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible .* \(3\)"):
+        Engine.from_pretrained(str(model), tensor_parallel_size=3, **OPTIONS)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        Engine.from_pretrained(str(model), tensor_parallel_size=0, **OPTIONS)
+    assert multiprocessing.active_children() == before

@@ -2,23 +2,31 @@
 
 Killed while the engine is idle, the monitor stops the engine loop and the other
 workers: the server answers 503 with an error body, and shutting down leaves no worker
-behind. Killed during a step, the step's request fails with ``EngineDeadError`` naming
-the worker, instead of hanging in a collective.
+behind; ``prefixcache serve`` exits by itself with the engine-died status. Killed
+during a step, the step's request fails with ``EngineDeadError`` naming the worker,
+instead of hanging in a collective.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from server_harness import on_engine, running_server
+from test_server_cli import SMALL, _read_lines, _wait_for_url
 
 from prefixcache import Engine, SamplingParams
 from prefixcache.client import EngineDeadError
+from server.launch import ENGINE_DIED_EXIT_CODE
 
 OPTIONS = {"tensor_parallel_size": 2, "kv_cache_tokens": 1024, "tensor_parallel_timeout_s": 60.0}
 KILLED = "tensor-parallel worker 1 exited with signal 9"
@@ -72,3 +80,35 @@ def test_worker_killed_during_a_step_fails_the_request_with_engine_dead_error(ti
             engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
         assert engine.core.requests == {}  # nothing left behind
     assert not _alive(pid)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """``pid``'s child processes started by multiprocessing's spawn (its workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_prefixcache_serve_exits_when_a_worker_dies_and_leaves_no_worker(tiny_llama):
+    argv = [sys.executable, "-m", "prefixcache.cli", "serve", "--model", str(tiny_llama), *SMALL]
+    argv += ["--port", "0", "--log-level", "warning", "--tensor-parallel-size", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        api = _wait_for_url(lines, timeout=120)
+        with httpx.Client(trust_env=False, timeout=60) as http:
+            assert http.post(api + "/completions", json=BODY).status_code == 200
+        [worker] = _spawned_children(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(timeout=60) == ENGINE_DIED_EXIT_CODE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = "".join(lines.queue)
+    assert KILLED in log
+    assert not _alive(worker)

@@ -32,10 +32,11 @@ from prefixcache.engine.tensor_parallel.transfer import ShardedKVTransfer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
 from prefixcache.inputs.tokenizer import eos_token_ids, load_tokenizer
+from prefixcache.models import resolve_model
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.fingerprint import model_fingerprint
 from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
-from prefixcache.models.parallel import TensorParallel
+from prefixcache.models.parallel import TensorParallel, check_layout
 from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
 
@@ -92,7 +93,10 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     With ``tensor_parallel_size`` N > 1 this process is rank 0 and N-1 worker processes
     are started for the other ranks (stopped again if anything here fails).
     """
-    group = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
+    group = None
+    if config.tensor_parallel_size > 1:
+        _check_layout(config)  # before any process starts
+        group = WorkerGroup(config)
     try:
         return _build_engine(config, group)
     except BaseException:
@@ -155,6 +159,12 @@ def build_runner(config: EngineConfig, rank: int, group: WorkerGroup | None = No
     if group is None:
         return ModelRunner(model, kv_cache, backend, device)
     return TensorParallelRunner(model, kv_cache, backend, device, group)
+
+
+def _check_layout(config: EngineConfig) -> None:
+    """A ``ValueError`` naming the sizes if the model cannot be split over the ranks."""
+    _, resolved = resolve_model(ModelConfig.from_folder(config.model_path))
+    check_layout(resolved, TensorParallel(0, config.tensor_parallel_size))
 
 
 def window_blocks(config: EngineConfig, model_config: ModelConfig) -> WindowBlocks | None:

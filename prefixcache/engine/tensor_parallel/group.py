@@ -16,6 +16,7 @@ so the error the engine reports names the worker that died.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing as mp
@@ -93,6 +94,8 @@ class WorkerGroup:
             self.stop()
             raise
         threading.Thread(target=self._watch, name="prefixcache-tp-monitor", daemon=True).start()
+        # Before multiprocessing's own exit handler, which would kill the workers.
+        atexit.register(self.stop)
 
     def _spawn(self, target, config: EngineConfig, timeout_s: float) -> None:
         context = mp.get_context("spawn")
@@ -216,6 +219,7 @@ class WorkerGroup:
             if self._stopping:
                 return
             self._stopping = True
+        atexit.unregister(self.stop)
         for conn in self._conns:
             if graceful:
                 with contextlib.suppress(OSError):  # that worker is gone already
