@@ -14,7 +14,11 @@ At Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16
    ours) on the same shape (goal: >= 0.6x SDPA's speed);
 4. tries a few tile shapes for both kernels and reports the fastest;
 5. runs an end-to-end second turn at 200k context on the Llama-3.1-8B config with
-   dummy weights (config written locally, nothing downloaded).
+   dummy weights (config written locally, nothing downloaded);
+6. with two or more GPUs visible (``--smoke``: two CPU ranks over gloo), runs the
+   engine at ``tensor_parallel_size`` 2 against one rank on the same tiny weights
+   (greedy ids identical, logprobs within 1e-4 in float32), then a second turn on the
+   Llama-3.1-8B config sharded over the GPUs; skipped with the reason otherwise.
 It writes ``gpu_check.json`` under ``--out`` after every section and prints a table last.
 """
 
@@ -290,6 +294,62 @@ def _timed_request(engine, prompt: list[int], max_tokens: int) -> dict:
     }  # fmt: skip
 
 
+TP_TOLERANCE = 1e-4  # float32 logprobs, sums split over ranks
+
+
+def run_tensor_parallel(shapes: Shapes, context: int) -> dict:
+    """TP=2 against one rank on the same tiny weights, then a sharded e2e second turn."""
+    from prefixcache import Engine, SamplingParams
+    from prefixcache.testing import make_tiny_model
+
+    gpus = torch.cuda.device_count() if shapes.device == "cuda" else 2
+    if gpus < 2:
+        return {"skipped": f"needs 2 or more GPUs, {gpus} visible"}
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-tp-"))
+    try:
+        tiny = str(make_tiny_model(folder / "tiny"))
+        params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=True)
+        prompts = [
+            [random.Random(i).randrange(3, 200) for _ in range(40 + 30 * i)] for i in range(3)
+        ]
+        outs = {}
+        for size in (1, 2):
+            with Engine.from_pretrained(
+                tiny, device=shapes.device, dtype="float32", tensor_parallel_size=size,
+                kv_cache_tokens=4096,
+            ) as engine:  # fmt: skip
+                outs[size] = engine.generate(prompts, params)
+        pairs = list(zip(outs[1], outs[2], strict=True))
+        diff = max(
+            abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)
+        )
+        same = all(a.token_ids == b.token_ids for a, b in pairs)
+        result = {"size": 2, "same_greedy_ids": same, "max_logprob_diff": diff}
+        if shapes.device == "cuda":
+            result["e2e"] = _tensor_parallel_e2e(folder, min(gpus, 8), context)
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tensor_parallel_e2e(folder: Path, size: int, context: int) -> dict:
+    """Turn one and a reusing turn two on the Llama-3.1-8B config over ``size`` GPUs."""
+    from prefixcache import Engine
+
+    model = _write_model_folder(folder / "8b", smoke=False)
+    with Engine.from_pretrained(
+        str(model), device="cuda", dtype=torch.bfloat16, load_format="dummy",
+        max_model_len=context + 1024, kv_cache_tokens=context + 2048, tensor_parallel_size=size,
+    ) as engine:  # fmt: skip
+        rng = random.Random(0)
+        turn1 = [rng.randrange(100, 100_000) for _ in range(context - 512)]
+        first = _timed_request(engine, turn1, max_tokens=16)
+        turn2 = turn1 + first.pop("token_ids") + [rng.randrange(100, 100_000) for _ in range(256)]
+        second = _timed_request(engine, turn2, max_tokens=32)
+        second.pop("token_ids")
+    return {"size": size, "context": len(turn2), "turn1": first, "turn2": second}
+
+
 def _write_model_folder(folder: Path, smoke: bool) -> Path:
     """A tiny model's tokenizer files next to the Llama-3.1-8B config (no weights needed)."""
     from prefixcache.testing import make_tiny_model
@@ -298,7 +358,7 @@ def _write_model_folder(folder: Path, smoke: bool) -> Path:
     if smoke:
         return tiny
     model = folder / "llama-3.1-8b-config"
-    model.mkdir()
+    model.mkdir(parents=True)
     for path in tiny.iterdir():
         if path.name.startswith(("tokenizer", "chat_template", "generation_config")):
             shutil.copy(path, model / path.name)
@@ -378,7 +438,25 @@ def _summary_rows(results: dict) -> list[dict]:
         if best := (results.get("sweep") or {}).get(f"best_{kind}"):
             value = f"{tuple(best['tiles'].values())}: {best['ms']:.3f} ms"
             rows.append(_row(f"fastest {kind} tiles", value))
-    return rows + _e2e_rows(results.get("e2e") or {})
+    return rows + _e2e_rows(results.get("e2e") or {}) + _tp_rows(results.get("tensor_parallel"))
+
+
+def _tp_rows(tp: dict | None) -> list[dict]:
+    if not tp or "error" in tp:
+        return []
+    if "skipped" in tp:
+        return [_row("tensor parallel", f"skipped: {tp['skipped']}")]
+    value = f"ids {'equal' if tp['same_greedy_ids'] else 'DIFFER'}, logprobs within "
+    value += f"{tp['max_logprob_diff']:.1e}"
+    ok = tp["same_greedy_ids"] and tp["max_logprob_diff"] <= TP_TOLERANCE
+    rows = [_row(f"TP={tp['size']} vs one rank, tiny weights", value, "<= tol", ok)]
+    if e2e := tp.get("e2e"):
+        t2 = e2e["turn2"]
+        value = (f"TTFT {t2['ttft_s']:.2f} s, {t2['cached_tokens']} cached, "
+                 f"decode {t2['decode_ms_per_token']:.1f} ms/token")  # fmt: skip
+        item = f"e2e TP={e2e['size']} turn 2 at {_k(e2e['context'])}"
+        rows.append(_row(item, value, "reuses turn 1", t2["cached_tokens"] > 0))
+    return rows
 
 
 def _e2e_rows(e2e: dict) -> list[dict]:
@@ -449,6 +527,7 @@ def _sections(args, shapes: Shapes, results: dict) -> list:
         ("prefill", lambda: time_prefill(shapes)),
         ("sweep", lambda: sweep_tiles(shapes, results["copy_GBps"], args.smoke) if sweep else None),
         ("e2e", lambda: None if args.skip_e2e else run_e2e(shapes, e2e_context)),
+        ("tensor_parallel", lambda: run_tensor_parallel(shapes, min(e2e_context, 32_768))),
     ]
 
 

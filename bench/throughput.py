@@ -5,6 +5,9 @@ engine with N requests at once, HF transformers one request at a time, and HF wi
 one left-padded batch. Each request generates exactly ``--max-tokens`` tokens.
 
     python bench/throughput.py --num-requests 16 --out bench/out
+
+With ``--tensor-parallel-size N`` our engine also runs sharded over N ranks (``gloo``
+worker processes on CPU) on the same requests, reported against one rank.
 """
 
 from __future__ import annotations
@@ -130,6 +133,18 @@ def _result(system: str, generated: int, elapsed: float, ttfts: list[float]) -> 
     }
 
 
+def run_tensor_parallel(
+    model: str, size: int, prompts: list[list[int]], warm_up: list[list[int]], max_tokens: int
+) -> dict:
+    """Our engine sharded over ``size`` ranks on the same requests (its own warm-up)."""
+    with Engine.from_pretrained(
+        model, device="cpu", dtype="float32", kv_cache_tokens=65536, tensor_parallel_size=size
+    ) as engine:
+        run_ours(engine, warm_up, 4)
+        row = run_ours(engine, prompts, max_tokens)
+    return dict(row, system=f"prefixcache, tensor-parallel {size}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the three systems on the same requests and report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="folder for JSON, markdown and PNG")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="also run our engine over N ranks (gloo on CPU), reported against one rank",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads:
@@ -162,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         run_hf_padded(hf, prompts, args.max_tokens, engine.tokenizer.pad_token_id or 0),
     ]
     ours, sequential, padded = (r["tokens_per_s"] for r in rows)
+    size = args.tensor_parallel_size
+    if size > 1:
+        rows.append(run_tensor_parallel(model, size, prompts, warm_up, args.max_tokens))
     summary = {
         "benchmark": "throughput",
         "num_requests": args.num_requests,
@@ -174,13 +198,19 @@ def main(argv: list[str] | None = None) -> None:
         "device": "cpu",
         "threads": torch.get_num_threads(),
     }
+    if size > 1:
+        summary["tensor_parallel_size"] = size
+        summary["tensor_parallel_tokens_per_s"] = rows[-1]["tokens_per_s"]
+        summary["tensor_parallel_vs_one_rank"] = rows[-1]["tokens_per_s"] / ours
+        summary["tensor_parallel_ttft_p50_ms"] = rows[-1]["ttft_p50_ms"]
     if args.out:
         labels = ["prefixcache", "HF sequential", "HF padded"]
+        labels += [f"prefixcache TP={size}"] if size > 1 else []
         Path(args.out).mkdir(parents=True, exist_ok=True)
         bar_chart(
             Path(args.out) / "throughput.png",
             labels,
-            [ours, sequential, padded],
+            [r["tokens_per_s"] for r in rows],
             "generated tokens / s",
             f"{args.num_requests} concurrent chat requests",
         )

@@ -152,6 +152,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="store KV at the model's dtype (auto) or quantized: int8, fp8 (e4m3)",
     )
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="shard the model over N ranks: this process and N-1 workers (gloo on CPU, "
+        "nccl on CUDA with one device per rank)",
+    )
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument(
@@ -181,6 +188,7 @@ def _load_engine(args: argparse.Namespace, **options):
         kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype,
         attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
         hybrid_kv_cache=False if args.no_hybrid_kv_cache else None,
@@ -229,6 +237,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.kv_store is not None:
         options["kv_store"] = args.kv_store
     if args.replicas is not None:
+        if args.tensor_parallel_size != 1:
+            raise ValueError("--tensor-parallel-size cannot be combined with --replicas")
         return _serve_cluster(args, keys, options)
     if args.ray_address is not None:
         raise ValueError("--ray-address needs --replicas")

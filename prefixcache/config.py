@@ -43,6 +43,11 @@ class EngineConfig:
     # None: on for models with such layers unless tiers are on or it saves nothing.
     hybrid_kv_cache: bool | None = None
     window_kv_cache_tokens: int | None = None  # that pool's size; None: sized per window
+    # Ranks the model is sharded over: rank 0 in this process, the others in worker
+    # processes (``prefixcache.engine.tensor_parallel``).
+    tensor_parallel_size: int = 1
+    # Longest a tensor-parallel worker may take to start, or any collective to finish.
+    tensor_parallel_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _positive("max_model_len", self.max_model_len)
@@ -67,6 +72,7 @@ class EngineConfig:
         if per_tenant is not None and per_tenant < 0:
             raise ValueError(f"max_pinned_tokens_per_tenant must be >= 0, got {per_tenant}")
         _check_tiers(self)
+        _check_tensor_parallel(self)
         _check_kv_store(self.kv_store)
         _check_hybrid(self)
         _check_backend(self.attention_backend)
@@ -156,6 +162,28 @@ def _check_hybrid(config: EngineConfig) -> None:
         raise ValueError(
             f"window_kv_cache_tokens must hold at least one block of {config.block_size} "
             f"tokens, got {tokens!r}"
+        )
+
+
+def _check_tensor_parallel(config: EngineConfig) -> None:
+    """A positive rank count; on CUDA the ranks take devices 0 .. size-1 (one each)."""
+    size = config.tensor_parallel_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    timeout = config.tensor_parallel_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"tensor_parallel_timeout_s must be > 0 seconds, got {timeout!r}")
+    if size == 1:
+        return
+    device = config.device.split(":")
+    if device[0] not in ("cpu", "cuda"):
+        raise ValueError(
+            f"tensor_parallel_size > 1 runs on cpu or cuda devices, got device {config.device!r}"
+        )
+    if device[0] == "cuda" and device[1:] not in ([], ["0"]):
+        raise ValueError(
+            f"with tensor_parallel_size {size} the ranks use cuda:0 .. cuda:{size - 1}; "
+            f"got device {config.device!r}"
         )
 
 

@@ -53,6 +53,18 @@ class Engine:
         """
         return cls(resolve_config(model, **options))
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process's memory: with
+        ``tensor_parallel_size`` > 1, stop its worker processes. Idempotent; the engine
+        serves nothing afterwards."""
+        self.core.runner.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         """The model's Hugging Face tokenizer."""

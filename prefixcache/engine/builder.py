@@ -26,12 +26,17 @@ from prefixcache.engine.sizing import (
     resolve_kv_cache_tokens,
     resolve_max_model_len,
 )
+from prefixcache.engine.tensor_parallel.group import WorkerGroup, rank_device
+from prefixcache.engine.tensor_parallel.runner import TensorParallelRunner
+from prefixcache.engine.tensor_parallel.transfer import ShardedKVTransfer
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
 from prefixcache.inputs.tokenizer import eos_token_ids, load_tokenizer
+from prefixcache.models import resolve_model
 from prefixcache.models.config import ModelConfig
 from prefixcache.models.fingerprint import model_fingerprint
 from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_path
+from prefixcache.models.parallel import TensorParallel, check_layout
 from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
 
@@ -83,23 +88,37 @@ def resolve_config(
 
 
 def build_engine(config: EngineConfig) -> BuiltEngine:
-    """Load the model and tokenizer of ``config`` and assemble an engine core over them."""
+    """Load the model and tokenizer of ``config`` and assemble an engine core over them.
+
+    With ``tensor_parallel_size`` N > 1 this process is rank 0 and N-1 worker processes
+    are started for the other ranks (stopped again if anything here fails).
+    """
+    group = None
+    if config.tensor_parallel_size > 1:
+        _check_layout(config)  # before any process starts
+        group = WorkerGroup(config)
+    try:
+        return _build_engine(config, group)
+    except BaseException:
+        if group is not None:
+            group.stop()
+        raise
+
+
+def _build_engine(config: EngineConfig, group: WorkerGroup | None) -> BuiltEngine:
     folder = config.model_path
     model_config = ModelConfig.from_folder(folder)
-    device = torch.device(config.device)
-    dtype = resolve_dtype(config.dtype, device, model_config)
     tokenizer = load_tokenizer(folder)
-    model = load_model(folder, model_config, dtype, device, config.load_format)
-    window = window_blocks(config, model_config)
-    kv_cache = KVCache(
-        model_config, config.num_kv_blocks, config.block_size, dtype, device,
-        kv_cache_dtype=config.kv_cache_dtype,
-        num_window_blocks=window.pool.num_blocks if window else None,
-    )  # fmt: skip
-    runner = ModelRunner(model, kv_cache, get_backend(config.attention_backend, device), device)
+    runner = build_runner(config, 0, group)
+    transfer = None
+    if group is not None:
+        group.wait_ready()
+        transfer = ShardedKVTransfer(runner.kv_cache.layers, group)
+    dtype = str(resolve_dtype(config.dtype, torch.device(config.device), model_config))
     fingerprint = model_fingerprint(
-        folder, model_config.architecture, str(dtype), config.load_format, config.kv_cache_dtype
-    )
+        folder, model_config.architecture, dtype, config.load_format,
+        config.kv_cache_dtype, config.tensor_parallel_size,
+    )  # fmt: skip
     events = CacheEvents()  # one log for the device cache and the tiers
     blocks = BlockManager(
         config.num_kv_blocks,
@@ -107,17 +126,45 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         config.chunk_size,
         fingerprint,
         config.enable_prefix_caching,
-        tiers=build_tiers(config, kv_cache, fingerprint, events),
+        tiers=build_tiers(config, runner.kv_cache, fingerprint, events, transfer),
         events=events,
-        window=window,
+        window=window_blocks(config, model_config),
     )
     eos = eos_token_ids(folder, tokenizer, model_config.eos_token_ids)
     grammars = GrammarCache(tokenizer, model_config.vocab_size, eos)
     core = EngineCore(config, runner, blocks, tokenizer, eos, grammars)
-    limits = _limits(config, model_config, fingerprint, str(dtype), runner.backend.name)
-    limits = replace(limits, kv_bytes_per_token=kv_cache.bytes_per_token)
+    limits = _limits(config, model_config, fingerprint, dtype, runner.backend.name)
+    limits = replace(limits, kv_bytes_per_token=runner.kv_cache.bytes_per_token)
     inputs = InputProcessor(tokenizer, limits, grammars)
     return BuiltEngine(core, inputs, limits, model_config)
+
+
+def build_runner(config: EngineConfig, rank: int, group: WorkerGroup | None = None) -> ModelRunner:
+    """Rank ``rank``'s model runner: its shard of the weights and of the KV pools (all
+    of them with one rank). ``group``: on rank 0 of several, the workers it drives."""
+    folder = config.model_path
+    model_config = ModelConfig.from_folder(folder)
+    device = rank_device(config.device, rank)
+    dtype = resolve_dtype(config.dtype, device, model_config)
+    size = config.tensor_parallel_size
+    parallel = TensorParallel(rank, size) if size > 1 else None
+    model = load_model(folder, model_config, dtype, device, config.load_format, parallel)
+    window = window_blocks(config, model_config)
+    kv_cache = KVCache(
+        model.config.for_rank(parallel), config.num_kv_blocks, config.block_size, dtype, device,
+        kv_cache_dtype=config.kv_cache_dtype,
+        num_window_blocks=window.pool.num_blocks if window else None,
+    )  # fmt: skip
+    backend = get_backend(config.attention_backend, device)
+    if group is None:
+        return ModelRunner(model, kv_cache, backend, device)
+    return TensorParallelRunner(model, kv_cache, backend, device, group)
+
+
+def _check_layout(config: EngineConfig) -> None:
+    """A ``ValueError`` naming the sizes if the model cannot be split over the ranks."""
+    _, resolved = resolve_model(ModelConfig.from_folder(config.model_path))
+    check_layout(resolved, TensorParallel(0, config.tensor_parallel_size))
 
 
 def window_blocks(config: EngineConfig, model_config: ModelConfig) -> WindowBlocks | None:

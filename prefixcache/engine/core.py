@@ -24,7 +24,7 @@ from prefixcache.cache.control import CacheControl
 from prefixcache.cache.events import CacheEventCallback
 from prefixcache.config import EngineConfig
 from prefixcache.engine.capacity import KVCapacity
-from prefixcache.engine.errors import RequestFailedError
+from prefixcache.engine.errors import EngineDeadError, RequestFailedError
 from prefixcache.engine.model_runner import ModelRunner, SequenceChunk
 from prefixcache.engine.output_processor import RequestState
 from prefixcache.engine.sampler import Sampler, make_generator
@@ -167,6 +167,9 @@ class EngineCore:
         try:
             logits = self.runner.run([self._chunk(s) for s in scheduled])
             sampled = self._sample(seqs, logits[completing], pending) if seqs else None
+        except EngineDeadError:
+            _settle(pending)
+            raise  # not this step's failure: the engine's (a tensor-parallel worker died)
         except Exception as exc:
             _settle(pending)  # no matcher may still be in use once the requests fail
             # Nothing was advanced: the KV written went to blocks the failed requests

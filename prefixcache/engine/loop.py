@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -47,6 +48,9 @@ class EngineLoop:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="prefixcache-engine", daemon=True)
         self._thread.start()
+        # A runner that fails between steps (a tensor-parallel worker died) stops the
+        # loop at once, not at the next request.
+        engine.core.runner.on_failure(lambda error: self._submit(functools.partial(_raise, error)))
 
     # ------------------------------------------------------------ public API
 
@@ -119,6 +123,7 @@ class EngineLoop:
             self._running = False
             self._wakeup.notify()
         self._thread.join(timeout=30)
+        self.engine.close()  # e.g. stops tensor-parallel workers
         if self._error is None:
             self._error = EngineDeadError("the engine was shut down")
         self._fail_all(EngineDeadError("the engine was shut down"))
@@ -151,7 +156,9 @@ class EngineLoop:
         except BaseException as exc:  # the loop must report, not vanish
             logger.exception("engine loop died")
             self._error = exc
-            self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
+            if not isinstance(exc, EngineDeadError):
+                exc = EngineDeadError(f"engine loop died: {exc!r}")
+            self._fail_all(exc)
 
     def _step(self) -> None:
         core = self.engine.core
@@ -217,6 +224,10 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> Non
     # RuntimeError: the caller's loop is gone, so nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

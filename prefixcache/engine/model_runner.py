@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -44,6 +44,14 @@ class ModelRunner:
         """The prefix-cache salt of a request: KV computed with other RoPE factors for
         the same tokens is kept apart (``models.rope.longrope_salt``)."""
         return longrope_salt(self.model.config.rope, num_prompt_tokens, salt)
+
+    def on_failure(self, callback: Callable[[Exception], None]) -> None:
+        """Call ``callback(error)`` if the runner fails outside a step. One process fails
+        only inside ``run``, which raises: never called here (tensor-parallel runners
+        call it when a worker dies)."""
+
+    def close(self) -> None:
+        """Release what the runner holds beyond its tensors (nothing, in one process)."""
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:

@@ -13,10 +13,17 @@ _SAMPLE_BYTES = 1 << 16
 
 
 def model_fingerprint(
-    folder: Path, architecture: str, dtype: str, load_format: str, kv_cache_dtype: str = "auto"
+    folder: Path,
+    architecture: str,
+    dtype: str,
+    load_format: str,
+    kv_cache_dtype: str = "auto",
+    tensor_parallel_size: int = 1,
 ) -> str:
-    """Hex digest over architecture, dtype, KV cache dtype, tokenizer files and the
-    weights' identity: KV stored at one KV dtype is never read at another.
+    """Hex digest over architecture, dtype, KV cache dtype, parallel layout, tokenizer
+    files and the weights' identity: KV stored at one KV dtype is never read at another,
+    nor KV stored by ranks of one tensor-parallel size by ranks of another (a chunk's
+    data holds every rank's shard of its heads, in rank order).
 
     Weights are identified by each file's safetensors header (names, shapes, offsets),
     its size and samples of its bytes, so a multi-GB checkpoint is not read whole.
@@ -26,6 +33,8 @@ def model_fingerprint(
         digest.update(part.encode() + b"\0")
     if kv_cache_dtype != "auto":  # left out for auto: existing disk caches stay valid
         digest.update(b"kv_cache_dtype=" + kv_cache_dtype.encode() + b"\0")
+    if tensor_parallel_size != 1:  # left out for one rank, like kv_cache_dtype auto
+        digest.update(b"tensor_parallel_size=%d\0" % tensor_parallel_size)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         path = folder / name
         if path.is_file():

@@ -280,10 +280,8 @@ class TieredCache:
         if chunk is None:
             return 0
         bs = self.block_size
-        num_blocks = len(chunk.tokens) // bs
-        k = self.transfer.device_layers[0][0]
-        shape = (len(self.transfer.device_layers), 2, num_blocks, *k.shape[1:])
-        fits = tuple(chunk.data.shape) == shape and chunk.data.dtype == k.dtype
+        shape = self.transfer.copy_shape(len(chunk.tokens) // bs)
+        fits = tuple(chunk.data.shape) == shape and chunk.data.dtype == self.transfer.dtype
         blocks = chunk.matched_tokens(query) // bs if fits else 0
         if not blocks:
             logger.warning("tier %r returned a chunk that does not match", self.tiers[index].name)
@@ -360,27 +358,31 @@ def is_shared(tier: KVTier) -> bool:
 
 
 def build_tiers(
-    config: EngineConfig, kv_cache: KVCache, fingerprint: str, events: CacheEvents | None = None
+    config: EngineConfig,
+    kv_cache: KVCache,
+    fingerprint: str,
+    events: CacheEvents | None = None,
+    transfer: KVTransfer | None = None,
 ) -> TieredCache | None:
     """The tiers ``config`` asks for over ``kv_cache``'s pools, or None if it asks for none.
 
-    ``ValueError`` if ``config.kv_tiers`` names a tier nobody registered.
+    ``transfer``: how blocks are copied out of and into the pools (default: this
+    process's pools alone; a tensor-parallel engine passes one that moves every
+    rank's shard). ``ValueError`` if ``config.kv_tiers`` names a tier nobody registered.
     """
     names = tier_names(config)
     if not config.enable_prefix_caching or not names:
         return None
-    layers = kv_cache.layers
-    k = layers[0][0]
+    transfer = transfer or KVTransfer(kv_cache.layers)
     context = TierContext(
         config=config,
         fingerprint=fingerprint,
         block_size=config.block_size,
         chunk_size=config.chunk_size,
-        block_shape=tuple(k.shape[1:]),
-        dtype=k.dtype,
-        num_layers=len(layers),
-        device=k.device,
+        block_shape=transfer.block_shape,
+        dtype=transfer.dtype,
+        num_layers=len(kv_cache.layers),
+        device=transfer.device,
     )
     tiers = [make_kv_tier(name, context) for name in names]
-    transfer = KVTransfer(layers)
     return TieredCache(transfer, config.block_size, config.chunk_size, tiers, events)

@@ -15,6 +15,7 @@ On CPU every copy is a synchronous tensor copy.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,10 +32,23 @@ class KVTransfer:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
+    def block_shape(self) -> tuple[int, ...]:
+        """One K or V block as copies hold it: ``(block_size, kv_heads, row)``."""
+        return tuple(self.device_layers[0][0].shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the pools and of every copy."""
+        return self.device_layers[0][0].dtype
+
+    def copy_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The shape of a copy of ``num_blocks`` blocks."""
+        return (len(self.device_layers), 2, num_blocks, *self.block_shape)
+
+    @property
     def block_bytes(self) -> int:
         """Bytes of one block's K and V over all layers."""
-        k = self.device_layers[0][0]
-        return k[0].numel() * k.element_size() * 2 * len(self.device_layers)
+        return math.prod(self.copy_shape(1)) * self.device_layers[0][0].element_size()
 
     def read(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy ``[layers, 2, n, ...]`` of device blocks ``block_ids``, on the device."""
