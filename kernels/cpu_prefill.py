@@ -47,8 +47,9 @@ def prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_sta
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
     query = query.contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens, starts = seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous()
+    tables, lens, starts = (
+        t.to(torch.int32).contiguous() for t in (block_tables, seq_lens, query_start_loc)
+    )
     out = torch.empty_like(query)
     _, heads, dim = query.shape
     _, block_size, kv_heads, _ = k_cache.shape
