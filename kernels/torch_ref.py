@@ -8,7 +8,10 @@ a 200k-token context fits in memory and a long decode step copies no KV.
 
 Decode steps in float32 go to a small C kernel (``kernels.cpu_native``) when the
 machine can build it: one call for the whole batch, each sequence's blocks streamed
-in place. Everything else, and every step without that kernel, is torch ops.
+in place. Prefill steps in float32 (no window, no score cap) go to its prefill
+counterpart (``kernels.cpu_prefill``): one call per layer over cached and new keys
+together, GQA rows sharing each key tile. Everything else, and every step without
+those kernels, is torch ops.
 
 Quantized pools (int8/fp8 rows with scales, ``kernels.kv_quant``) take the same paths:
 decode steps go to the C kernel's int8/fp8 variant (``kernels.cpu_quant``), which
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from kernels.backend import AttentionBackend, check_window, register_backend
 from kernels.cpu_native import decode_attention
+from kernels.cpu_prefill import prefill_attention
 from kernels.cpu_quant import decode_attention_quant
 from kernels.kv_quant import dequantize, is_quantized, write_quantized
 from kernels.metadata import AttentionMetadata
@@ -81,6 +85,13 @@ class TorchReferenceBackend(AttentionBackend):
             )  # fmt: skip
         if meta.is_decode_only and max(meta.seq_lens_cpu) <= BATCHED_DECODE_MAX_LEN:
             return _batched_decode(query, k_cache, v_cache, meta, scale)
+        if not quantized and not meta.is_decode_only:
+            out = prefill_attention(
+                query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                meta.query_start_loc, scale,
+            )  # fmt: skip
+            if out is not None:
+                return out
         out = torch.empty_like(query)
         start = 0
         context_type = _QuantContext if quantized else _Context
