@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -116,9 +117,15 @@ class ServedEngineLoop(EngineLoop):
         self.outbox.send(wire.Dead(wire.encode_error(error)))
 
 
-def run_engine_process(conn: Connection, model: str, options: dict[str, Any]) -> None:
+def run_engine_process(
+    conn: Connection, model: str, options: dict[str, Any], log_level: str = "WARNING"
+) -> None:
     """The engine process's entry point (see the module doc)."""
-    logging.basicConfig(level=options.pop("log_level", "WARNING"))
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    # Ctrl-C and SIGTERM reach the whole process group: the front drains first and then
+    # stops this process itself (and a front that dies closes the pipe, which ends it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     outbox = _Outbox(conn)
     try:
         engine = Engine.from_pretrained(model, **options)

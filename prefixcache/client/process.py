@@ -75,13 +75,13 @@ class ProcessEngineClient:
         self._reader.start()
 
     @classmethod
-    def start(cls, model: str, **options: Any) -> ProcessEngineClient:
+    def start(cls, model: str, *, log_level: str = "WARNING", **options: Any) -> ProcessEngineClient:
         """Start an engine process loading ``model``; raises what loading raised there."""
         context = multiprocessing.get_context("spawn")  # no forked torch or threads
         conn, child_conn = context.Pipe(duplex=True)
         process = context.Process(
             target=run_engine_process,
-            args=(child_conn, model, options),
+            args=(child_conn, model, options, log_level),
             name="prefixcache-engine",
             daemon=True,
         )
