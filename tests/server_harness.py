@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import httpx
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixcache import Engine
@@ -83,7 +84,8 @@ def running_server(
         raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {engine!r}")
     options = {"device": "cpu", **(engine_options or {})}
     if engine == "process":
-        client = ProcessEngineClient.start(model, **options)
+        # As many torch threads as this process: its outputs match an engine here.
+        client = ProcessEngineClient.start(model, num_threads=torch.get_num_threads(), **options)
     else:
         client = InProcessEngineClient(Engine.from_pretrained(model, **options))
     try:

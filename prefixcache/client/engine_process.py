@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import torch
 
 from prefixcache.client import wire
 from prefixcache.engine.loop import EngineLoop
@@ -118,9 +119,15 @@ class ServedEngineLoop(EngineLoop):
 
 
 def run_engine_process(
-    conn: Connection, model: str, options: dict[str, Any], log_level: str = "WARNING"
+    conn: Connection,
+    model: str,
+    options: dict[str, Any],
+    log_level: str = "WARNING",
+    num_threads: int | None = None,
 ) -> None:
     """The engine process's entry point (see the module doc)."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group: the front drains first and then
     # stops this process itself (and a front that dies closes the pipe, which ends it).

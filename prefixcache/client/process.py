@@ -75,13 +75,23 @@ class ProcessEngineClient:
         self._reader.start()
 
     @classmethod
-    def start(cls, model: str, *, log_level: str = "WARNING", **options: Any) -> ProcessEngineClient:
-        """Start an engine process loading ``model``; raises what loading raised there."""
+    def start(
+        cls,
+        model: str,
+        *,
+        log_level: str = "WARNING",
+        num_threads: int | None = None,
+        **options: Any,
+    ) -> ProcessEngineClient:
+        """Start an engine process loading ``model``; raises what loading raised there.
+
+        ``num_threads``: torch's intra-op threads there (None: torch's default).
+        """
         context = multiprocessing.get_context("spawn")  # no forked torch or threads
         conn, child_conn = context.Pipe(duplex=True)
         process = context.Process(
             target=run_engine_process,
-            args=(child_conn, model, options, log_level),
+            args=(child_conn, model, options, log_level, num_threads),
             name="prefixcache-engine",
             daemon=True,
         )

@@ -33,7 +33,8 @@ from prefixcache.structured import GrammarError
 _ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls
     for cls in (
-        ValueError, TypeError, KeyError, RuntimeError, TimeoutError, PromptTooLong,
+        ValueError, TypeError, KeyError, RuntimeError, TimeoutError, OSError,
+        FileNotFoundError, PromptTooLong,
         GrammarError, KVCacheExhaustedError, RequestFailedError, KVCacheBusyError,
         ReplicaLostError, EngineDeadError,
     )
