@@ -98,6 +98,11 @@ def _add_serve_parser(commands) -> None:
         "--metrics-api-key", default=None, help="bearer key /metrics needs (default: open)"
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    serve.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run the engine on a thread of the HTTP process instead of in its own process",
+    )
     _add_cluster_args(serve)
     serve.set_defaults(handler=_serve)
 
@@ -178,9 +183,14 @@ def _load_engine(args: argparse.Namespace, **options):
     """The engine the arguments ask for; ``options`` go on to ``Engine.from_pretrained``."""
     from prefixcache import Engine
 
+    model, options = _engine_options(args, **options)
+    return Engine.from_pretrained(model, **options)
+
+
+def _engine_options(args: argparse.Namespace, **options) -> tuple[str, dict]:
+    """The model and the ``Engine.from_pretrained`` options the arguments ask for."""
     model = args.model or str(_default_model(args))
-    return Engine.from_pretrained(
-        model,
+    return model, dict(
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -242,9 +252,11 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_cluster(args, keys, options)
     if args.ray_address is not None:
         raise ValueError("--ray-address needs --replicas")
-    engine = _load_engine(args, **options)
+    model, engine_options = _engine_options(args, **options)
     serve(
-        engine,
+        model,
+        engine_options,
+        engine_in_process=args.engine_in_process,
         model_name=args.served_model_name or args.model or DEFAULT_SERVED_NAME,
         host=args.host,
         port=args.port,

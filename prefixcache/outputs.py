@@ -46,3 +46,6 @@ class RequestDelta(NamedTuple):
     # Set on the finishing delta (``finish_reason == "error"``) of a request the engine
     # failed; the request's blocks are already released.
     error: Exception | None = None
+    # The chosen tokens' log-probabilities, one per id in ``token_ids`` (None unless
+    # the request asked for ``logprobs``).
+    logprobs: list[float] | None = None

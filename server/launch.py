@@ -13,7 +13,12 @@ from typing import TextIO
 import uvicorn
 
 from prefixcache import Engine
-from prefixcache.client import EngineLimits, InProcessEngineClient, ResponseStore
+from prefixcache.client import (
+    EngineLimits,
+    InProcessEngineClient,
+    ProcessEngineClient,
+    ResponseStore,
+)
 from server.app import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -65,9 +70,11 @@ ENGINE_DIED_EXIT_CODE = 1  # so a supervisor (systemd, Kubernetes) restarts the 
 
 
 def serve(
-    engine: Engine,
+    model: str,
+    engine_options: dict,
     *,
     model_name: str,
+    engine_in_process: bool = False,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
@@ -80,7 +87,11 @@ def serve(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
     metrics_api_key: str | None = None,
 ) -> None:
-    """Serve ``engine`` over HTTP until interrupted (Ctrl-C or SIGTERM).
+    """Serve ``model`` over HTTP until interrupted (Ctrl-C or SIGTERM).
+
+    The engine (``Engine.from_pretrained(model, **engine_options)``) runs in its own
+    process (``ProcessEngineClient``), so the HTTP process only parses, tokenizes and
+    streams; ``engine_in_process`` keeps it on a thread of this process instead.
 
     If the engine's loop dies the server stops at once and this raises
     ``SystemExit(ENGINE_DIED_EXIT_CODE)``: a process that cannot generate any more
@@ -93,7 +104,7 @@ def serve(
     ``shutdown_timeout`` seconds. ``request_timeout`` and ``metrics_api_key``: see
     ``create_app``.
     """
-    client = InProcessEngineClient(engine)
+    client = start_engine(model, engine_options, engine_in_process, log_level)
     try:
         store = ResponseStore(folder=responses_dir) if responses_dir is not None else None
         app = create_app(
@@ -124,7 +135,19 @@ def serve(
         client.shutdown()
 
 
-def _stop_when_engine_stops(server: uvicorn.Server, client: InProcessEngineClient) -> None:
+def start_engine(
+    model: str, options: dict, in_process: bool, log_level: str = "warning"
+) -> InProcessEngineClient | ProcessEngineClient:
+    """The engine's client once the engine is loaded: in a child process, or in this one."""
+    if in_process:
+        return InProcessEngineClient(Engine.from_pretrained(model, **options))
+    level = "DEBUG" if log_level == "trace" else log_level.upper()
+    return ProcessEngineClient.start(model, log_level=level, **options)
+
+
+def _stop_when_engine_stops(
+    server: uvicorn.Server, client: InProcessEngineClient | ProcessEngineClient
+) -> None:
     """Ask ``server`` to exit, as a signal would, once the engine's loop has stopped."""
 
     def watch() -> None:

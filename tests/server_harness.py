@@ -14,19 +14,28 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import httpx
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixcache import Engine
-from prefixcache.client import InProcessEngineClient
+from prefixcache.client import InProcessEngineClient, ProcessEngineClient
 from server.app import create_app
 from server.background import BackgroundServer
+
+
+ENGINE_KINDS = ("thread", "process")  # an engine on a thread of the server, or its own process
 
 
 class RunningServer(NamedTuple):
     """A server started by ``running_server``: its base URL and its engine client."""
 
     url: str
-    client: InProcessEngineClient
+    client: InProcessEngineClient | ProcessEngineClient
+
+    @property
+    def in_process(self) -> bool:
+        """True when the engine runs on a thread of this process (``on_engine`` works)."""
+        return isinstance(self.client, InProcessEngineClient)
 
     @property
     def api_url(self) -> str:
@@ -58,14 +67,27 @@ class RunningServer(NamedTuple):
 
 @contextlib.contextmanager
 def running_server(
-    model: str, *, model_name: str = "tiny", engine_options: dict | None = None, **app_options
+    model: str,
+    *,
+    model_name: str = "tiny",
+    engine_options: dict | None = None,
+    engine: str = "thread",
+    **app_options,
 ) -> Iterator[RunningServer]:
     """Load ``model``, serve it on 127.0.0.1 (a free port) in a thread; stop it after.
 
-    ``engine_options`` go to ``Engine.from_pretrained``, ``app_options`` to ``create_app``.
+    ``engine_options`` go to ``Engine.from_pretrained``, ``app_options`` to ``create_app``;
+    ``engine`` (one of ``ENGINE_KINDS``) runs the engine on a thread of this process
+    or in its own process (``ProcessEngineClient``).
     """
-    engine = Engine.from_pretrained(model, device="cpu", **(engine_options or {}))
-    client = InProcessEngineClient(engine)
+    if engine not in ENGINE_KINDS:
+        raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {engine!r}")
+    options = {"device": "cpu", **(engine_options or {})}
+    if engine == "process":
+        # As many torch threads as this process: its outputs match an engine here.
+        client = ProcessEngineClient.start(model, num_threads=torch.get_num_threads(), **options)
+    else:
+        client = InProcessEngineClient(Engine.from_pretrained(model, **options))
     try:
         app = create_app(client, model_name=model_name, **app_options)
         with BackgroundServer(app) as server:
@@ -79,13 +101,17 @@ def on_engine(client: InProcessEngineClient, fn: Callable[[Engine], Any]) -> Any
     return asyncio.run(client.run(fn))
 
 
-def wait_until_idle(client: InProcessEngineClient, timeout: float = 30.0) -> dict:
+def wait_until_idle(
+    client: InProcessEngineClient | ProcessEngineClient, timeout: float = 30.0
+) -> dict:
     """Wait until no request runs or waits and no block is locked; return the stats.
 
     Then check block accounting (``check_integrity``). Raises TimeoutError if the
     engine is still busy after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
+    if isinstance(client, ProcessEngineClient):
+        return _wait_until_process_idle(client, deadline)
     while True:
         stats = on_engine(client, lambda e: e.stats())
         if not stats["running"] and not stats["waiting"] and not stats.get("locked_blocks"):
@@ -93,4 +119,16 @@ def wait_until_idle(client: InProcessEngineClient, timeout: float = 30.0) -> dic
             return stats
         if time.monotonic() > deadline:
             raise TimeoutError(f"engine still busy after {timeout}s: {stats}")
+        time.sleep(0.02)  # polling interval
+
+
+def _wait_until_process_idle(client: ProcessEngineClient, deadline: float) -> dict:
+    """``wait_until_idle`` for an engine process, through its cache-control calls."""
+    while True:
+        info = asyncio.run(client.cache_info())
+        if not info.running and not info.waiting and not info.device.locked:
+            asyncio.run(client.check_integrity())
+            return {"running": 0, "waiting": 0, "locked_blocks": 0, "free_blocks": info.device.free}
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"engine still busy: {info}")
         time.sleep(0.02)  # polling interval

@@ -10,7 +10,7 @@ import openai
 import pytest
 from engine_hooks import forward_gate, step_until_idle
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import running_server
+from server_harness import ENGINE_KINDS, running_server
 
 BLOCK = 16
 KEY_A, KEY_B = "key-a", "key-b"
@@ -20,14 +20,25 @@ LONG_TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama):
+@pytest.fixture(scope="module", params=ENGINE_KINDS)
+def served(tiny_llama, request):
+    """The server, with its engine on a thread and then in its own process: the HTTP
+    contract is the same."""
     with running_server(
         str(tiny_llama),
         engine_options={"kv_cache_tokens": 8192, "max_model_len": 2048},
+        engine=request.param,
         api_keys=(KEY_A, KEY_B),
     ) as server:
         yield server
+
+
+def _needs_engine_thread(served) -> None:
+    if not served.in_process:
+        pytest.skip(
+            "holds the forward pass of an engine thread (test_engine_process.py "
+            "covers hang-ups with an engine process)"
+        )
 
 
 def _client(served, key: str = KEY_A) -> openai.OpenAI:
@@ -213,6 +224,7 @@ def _aborted_count(served) -> float:
 
 
 def test_client_disconnecting_mid_stream_frees_its_blocks(served):
+    _needs_engine_thread(served)
     before = _aborted_count(served)
     url = served.api_url + "/chat/completions"
     with forward_gate(served.client) as gate, _http() as http:
@@ -232,6 +244,7 @@ def test_client_disconnecting_mid_stream_frees_its_blocks(served):
 
 
 def test_client_disconnecting_before_a_non_streamed_reply_aborts_it(served):
+    _needs_engine_thread(served)
     before = _aborted_count(served)
 
     async def hang_up_while_running(gate) -> None:

@@ -22,21 +22,25 @@ SMALL = ["--kv-cache-tokens", "4096", "--max-model-len", "512", "--device", "cpu
 
 @pytest.fixture
 def captured_serve(monkeypatch, tiny_llama):
-    """Replace ``server.launch.serve`` with a recorder; the default model is tiny_llama."""
+    """Replace ``server.launch.serve`` with a recorder of (model, engine options, the
+    rest); the default model is tiny_llama."""
     calls = []
-    monkeypatch.setattr("server.launch.serve", lambda engine, **kw: calls.append((engine, kw)))
+    monkeypatch.setattr(
+        "server.launch.serve", lambda model, options, **kw: calls.append((model, options, kw))
+    )
     monkeypatch.setattr("prefixcache.testing.default_model_path", lambda: tiny_llama)
     return calls
 
 
 def test_serve_without_model_serves_the_default_and_says_its_weights_are_random(
-    captured_serve, capsys
+    captured_serve, capsys, tiny_llama
 ):
     assert cli.main(["serve", "--port", "0", *SMALL]) == 0
-    (engine, kwargs), = captured_serve  # fmt: skip
+    (model, options, kwargs), = captured_serve  # fmt: skip
     assert kwargs["model_name"] == cli.DEFAULT_SERVED_NAME and kwargs["random_weights"]
     assert "random" in capsys.readouterr().err.lower()
-    assert engine.config.max_model_len == 512
+    assert options["max_model_len"] == 512 and model == str(tiny_llama)
+    assert not kwargs["engine_in_process"]  # the engine gets its own process by default
 
 
 def test_serve_passes_engine_and_server_flags_through(captured_serve, tiny_llama, tmp_path):
@@ -48,19 +52,22 @@ def test_serve_passes_engine_and_server_flags_through(captured_serve, tiny_llama
     argv += ["--log-level", "warning", "--served-model-name", "m"]
     argv += ["--disk-cache-dir", str(tmp_path / "kv"), "--disk-cache-bytes", "5000000"]
     assert cli.main(argv) == 0
-    (engine, kwargs), = captured_serve  # fmt: skip
+    (_, options, kwargs), = captured_serve  # fmt: skip
     assert kwargs["api_keys"] == ["k1", "k2", "key-from-file", "second-key"]
     assert (kwargs["host"], kwargs["port"], kwargs["max_queue"]) == ("0.0.0.0", 9999, 7)
     assert kwargs["model_name"] == "m" and not kwargs["random_weights"]
-    config = engine.config
-    assert (config.max_num_seqs, config.host_cache_tokens) == (3, 1024)
-    assert (config.disk_cache_dir, config.disk_cache_bytes) == (str(tmp_path / "kv"), 5000000)
+    assert (options["max_num_seqs"], options["host_cache_tokens"]) == (3, 1024)
+    assert (options["disk_cache_dir"], options["disk_cache_bytes"]) == (
+        str(tmp_path / "kv"),
+        5000000,
+    )
 
 
 def test_serve_can_turn_prefix_caching_off(captured_serve, tiny_llama):
-    assert cli.main(["serve", "--model", str(tiny_llama), *SMALL, "--no-prefix-caching"]) == 0
-    (engine, _), = captured_serve  # fmt: skip
-    assert not engine.config.enable_prefix_caching
+    argv = ["serve", "--model", str(tiny_llama), *SMALL, "--no-prefix-caching"]
+    assert cli.main([*argv, "--engine-in-process"]) == 0
+    (_, options, kwargs), = captured_serve  # fmt: skip
+    assert not options["enable_prefix_caching"] and kwargs["engine_in_process"]
 
 
 def test_serve_reports_bad_flags_without_a_traceback(captured_serve, tmp_path, capsys):

@@ -18,6 +18,7 @@ from prefixcache.cache.events import ChunkEvent
 from prefixcache.cache.pins import PinHandle
 from prefixcache.cache.tenants import TENANT_SEPARATOR, salt_tenant
 from prefixcache.client.in_process import InProcessEngineClient
+from prefixcache.client.process import ProcessEngineClient
 from prefixcache.client.protocol import EngineClient, PrewarmResult
 from prefixcache.engine.errors import (
     EngineDeadError,
@@ -58,6 +59,7 @@ __all__ = [
     "PinHandle",
     "PinStats",
     "PrewarmResult",
+    "ProcessEngineClient",
     "PromptTooLong",
     "ReplicaLostError",
     "RequestDelta",

@@ -69,7 +69,15 @@ class RequestState:
             seq.num_prompt_tokens,
             seq.num_cached_tokens,
             self._timings() if seq.finish_reason is not None else None,
+            logprobs=self._logprobs(len(token_ids)),
         )
+
+    def _logprobs(self, num_tokens: int) -> list[float] | None:
+        """The log-probs of the last ``num_tokens`` tokens (each sampled token has one)."""
+        if not self.seq.params.logprobs:
+            return None
+        logprobs = self.seq.logprobs
+        return list(logprobs[len(logprobs) - num_tokens :]) if num_tokens else []
 
     def _timings(self) -> RequestTimings | None:
         seq = self.seq
