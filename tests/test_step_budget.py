@@ -14,6 +14,7 @@ from prefixcache.config import EngineConfig
 from prefixcache.engine.scheduler import Scheduler
 from prefixcache.engine.sequence import Sequence
 from prefixcache.engine.step_cost import (
+    BASE_STEP_MULTIPLE,
     MIN_PREFILL_TOKENS,
     StepBudget,
     StepCostModel,
@@ -23,8 +24,8 @@ from prefixcache.sampling_params import SamplingParams
 
 BLOCK = 16
 MS = 1e-3
-# 1 ms per token, nothing else: a 100 ms target leaves room for 100 tokens.
-PER_TOKEN = StepCostModel((0.0, 1.0 * MS, 0.0, 0.0))
+# 40 ms a step and 1 ms per token: a 100 ms target leaves room for 60 tokens.
+PER_TOKEN = StepCostModel((40 * MS, 1.0 * MS, 0.0, 0.0))
 
 
 def _scheduler(cost: StepCostModel | None, target_ms: float | None = 100.0, cap=2048, seqs=256):
@@ -67,32 +68,43 @@ def test_a_lone_prefill_gets_what_the_target_allows():
     scheduler = _scheduler(PER_TOKEN)
     long = _seq(0, 5000)
     scheduler.add(long)
-    assert _step(scheduler) == [(long, 100)]
+    assert _step(scheduler) == [(long, 60)]
+
+
+def test_a_lax_target_is_lowered_to_a_few_cheapest_steps():
+    scheduler = _scheduler(PER_TOKEN, target_ms=1000.0)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    limit_ms = BASE_STEP_MULTIPLE * (40 + 1)  # the cheapest step: one token
+    assert _step(scheduler) == [(long, int(limit_ms - 40))]
 
 
 def test_decode_heavy_step_leaves_less_prefill_room():
     scheduler = _scheduler(PER_TOKEN)
-    decoding = _decoding(scheduler, 40)
+    decoding = _decoding(scheduler, 20)
     long = _seq(1000, 5000)
     scheduler.add(long)
     work = dict(_step(scheduler))
     assert all(work[s] == 1 for s in decoding)
-    assert work[long] == 100 - 40
+    assert work[long] == 60 - 20
 
 
 def test_deep_context_leaves_smaller_chunks_when_attention_costs():
-    # 1 ms per million query-key pairs plus 0.1 ms per token.
-    cost = StepCostModel((0.0, 0.1 * MS, 0.0, 1e-6 * MS))
+    # 1 ms per million query-key pairs plus 0.1 ms per token, 50 ms a step.
+    cost = StepCostModel((50 * MS, 0.1 * MS, 0.0, 1e-6 * MS))
     budget = StepBudget(8192, 0.1, cost)
     shallow, deep = budget.prefill_room(0, 8192), budget.prefill_room(50_000, 8192)
     assert 0 < deep < shallow
-    assert cost.predict(StepShape().plus(50_000, deep)) <= 0.1
-    assert cost.predict(StepShape().plus(50_000, deep + 1)) > 0.1
+    assert (
+        cost.predict(StepShape().plus(50_000, deep))
+        <= 0.1
+        < cost.predict(StepShape().plus(50_000, deep + 1))
+    )
 
 
 def test_every_decoding_sequence_runs_even_past_the_target():
-    # 2 ms per sequence: 80 decoding sequences alone take 160 ms, past the 100 ms target.
-    scheduler = _scheduler(StepCostModel((0.0, 0.0, 2.0 * MS, 0.0)))
+    # 2 ms per sequence: 80 decoding sequences alone take 200 ms, past the 100 ms target.
+    scheduler = _scheduler(StepCostModel((40 * MS, 0.0, 2.0 * MS, 0.0)))
     decoding = _decoding(scheduler, 80)
     waiting = _seq(1000, 3000)
     scheduler.add(waiting)
@@ -110,10 +122,10 @@ def test_a_long_prompt_completes_in_chunks_within_the_target():
     while long.num_output_tokens == 0:
         work = _step(scheduler)
         steps += 1
-        assert sum(n for _, n in work) <= 100
+        assert sum(n for _, n in work) <= 60
         assert {s for s, _ in work} >= set(decoding)
     assert long.num_computed_tokens == 2000
-    assert steps == -(-2000 // 90)  # 90 tokens of prefill beside the 10 decodes
+    assert steps == -(-2000 // 50)  # 50 tokens of prefill beside the 10 decodes
 
 
 def test_no_waiting_request_starves_behind_a_decode_load_past_the_target():
@@ -135,7 +147,7 @@ def test_without_a_target_the_fixed_budget_decides():
 
 
 def test_the_cap_bounds_the_adaptive_budget():
-    scheduler = _scheduler(StepCostModel((0.0, 1e-6 * MS, 0.0, 0.0)), cap=256)
+    scheduler = _scheduler(StepCostModel((40 * MS, 1e-6 * MS, 0.0, 0.0)), cap=256)
     long = _seq(0, 5000)
     scheduler.add(long)
     assert _step(scheduler) == [(long, 256)]

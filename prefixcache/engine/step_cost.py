@@ -26,6 +26,10 @@ REFIT_EVERY = 8  # steps between refits: a refit costs well under a millisecond
 # A step that has prefill work prefills at least this many tokens, whatever the
 # model predicts, so waiting requests progress even when decode alone fills the target.
 MIN_PREFILL_TOKENS = 32
+# A step with prefill aims at no more than this many times the cheapest step (one
+# decode token), so a stream's inter-token latency under load stays a small multiple
+# of what it is alone, on any device and under any load the fit has seen.
+BASE_STEP_MULTIPLE = 2.5
 
 # Feature scales keep the least-squares problem well conditioned.
 _SCALES = np.array([1.0, 1e-3, 1e-2, 1e-6])
@@ -127,9 +131,9 @@ class StepBudget:
 
     ``max_tokens`` is the hard cap on a step's tokens. With a ``target_s`` and a
     ready ``cost`` model, a prefill chunk gets as many tokens as keep the predicted
-    step time within the target (at least ``MIN_PREFILL_TOKENS`` for the step's first
-    prefill, so prefill never starves); otherwise the cap alone decides, as a fixed
-    budget does.
+    step time within ``step_limit`` (at least ``MIN_PREFILL_TOKENS`` for the step's
+    first prefill, so prefill never starves); otherwise the cap alone decides, as a
+    fixed budget does.
     """
 
     def __init__(
@@ -160,15 +164,21 @@ class StepBudget:
         self.shape = self.shape.plus(context, num_tokens)
         self.prefilled = self.prefilled or prefill
 
+    def step_limit(self) -> float:
+        """The seconds prefill may fill a step to (only when ``adaptive``): the target,
+        or ``BASE_STEP_MULTIPLE`` cheapest steps when that is less."""
+        return min(self.target_s, BASE_STEP_MULTIPLE * self.cost.predict(StepShape().plus(0, 1)))
+
     def prefill_room(self, context: int, wanted: int) -> int:
         """How many of ``wanted`` prefill tokens, after ``context`` computed ones, fit."""
         cap = max(0, min(wanted, self.tokens_left))
         if cap == 0 or not self.adaptive:
             return cap
-        low, high = 0, cap  # the largest chunk predicted within the target
+        limit = self.step_limit()
+        low, high = 0, cap  # the largest chunk predicted within the limit
         while low < high:
             mid = (low + high + 1) // 2
-            if self.cost.predict(self.shape.plus(context, mid)) <= self.target_s:
+            if self.cost.predict(self.shape.plus(context, mid)) <= limit:
                 low = mid
             else:
                 high = mid - 1
