@@ -69,6 +69,13 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=128, help="requests run at once")
     serve.add_argument("--max-num-batched-tokens", type=int, default=None)
     serve.add_argument(
+        "--step-time-target-ms",
+        type=float,
+        default=None,
+        help="prefill per step sized to keep a step within this time (default: 75 on CPU, "
+        "off on GPU; 0: a fixed budget of --max-num-batched-tokens)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=512, help="requests waiting beyond those (then 429)"
     )
     serve.add_argument(
@@ -240,6 +247,8 @@ def _serve(args: argparse.Namespace) -> int:
     options = {"max_num_seqs": args.max_num_seqs, "host_cache_tokens": args.host_cache_tokens}
     if args.max_num_batched_tokens is not None:
         options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.step_time_target_ms is not None:
+        options["step_time_target_ms"] = args.step_time_target_ms
     if args.disk_cache_dir is not None:
         options["disk_cache_dir"] = args.disk_cache_dir
     if args.disk_cache_bytes is not None:

@@ -25,8 +25,12 @@ class EngineConfig:
     block_size: int = 16
     chunk_size: int = 256
     kv_cache_tokens: int = 65536
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 2048  # the hard cap on a step's tokens
     max_num_seqs: int = 128
+    # Prefill per step sized so a step's predicted time stays within this many
+    # milliseconds (engine.step_cost, fitted to the device's own steps); 0: a fixed
+    # budget of max_num_batched_tokens, deterministic.
+    step_time_target_ms: float = 0.0
     enable_prefix_caching: bool = True
     host_cache_tokens: int = 0
     disk_cache_dir: str | os.PathLike[str] | None = None
@@ -54,6 +58,7 @@ class EngineConfig:
         _positive("block_size", self.block_size)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_num_seqs", self.max_num_seqs)
+        _check_step_time_target(self.step_time_target_ms)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.chunk_size <= 0 or self.chunk_size % self.block_size:
@@ -200,6 +205,15 @@ def _check_kv_cache_dtype(name: str) -> None:
     if name not in KV_CACHE_DTYPES:
         raise ValueError(
             f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}"
+        )
+
+
+def _check_step_time_target(value: float) -> None:
+    """A non-negative, finite number of milliseconds (0 turns the target off)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 0 <= value < float("inf"):
+        raise ValueError(
+            f"step_time_target_ms must be a number of milliseconds >= 0 (0: off), got {value!r}"
         )
 
 

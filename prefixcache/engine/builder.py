@@ -23,6 +23,7 @@ from prefixcache.engine.model_runner import ModelRunner
 from prefixcache.engine.sizing import (
     default_batched_tokens,
     default_device,
+    default_step_time_target_ms,
     resolve_kv_cache_tokens,
     resolve_max_model_len,
 )
@@ -58,12 +59,14 @@ def resolve_config(
     kv_cache_tokens: int | None = None,
     max_num_batched_tokens: int | None = None,
     kv_cache_memory: int | None = None,
+    step_time_target_ms: float | None = None,
     **options,
 ) -> EngineConfig:
     """An ``EngineConfig`` with every default resolved for ``model`` and the device.
 
     ``kv_cache_memory``: a byte budget for the device KV pools instead of
     ``kv_cache_tokens``; the tokens it holds depend on ``kv_cache_dtype``.
+    ``step_time_target_ms``: None picks the device's default (0 turns it off).
     """
     folder = resolve_model_path(model)
     model_config = ModelConfig.from_folder(folder)
@@ -83,6 +86,11 @@ def resolve_config(
         max_model_len=max_len,
         kv_cache_tokens=kv_tokens,
         max_num_batched_tokens=max_num_batched_tokens or default_batched_tokens(device),
+        step_time_target_ms=(
+            default_step_time_target_ms(device)
+            if step_time_target_ms is None
+            else step_time_target_ms
+        ),
         **options,
     )
 

@@ -31,6 +31,7 @@ from prefixcache.engine.sampler import Sampler, make_generator
 from prefixcache.engine.scheduler import ScheduledSeq, Scheduler
 from prefixcache.engine.sequence import Sequence
 from prefixcache.engine.stats import DeviceBlocks, EngineStats
+from prefixcache.engine.step_cost import StepBudget, StepShape
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.structured import GrammarCache, MaskFiller, PendingMask, RequestGrammar
@@ -69,8 +70,10 @@ class EngineCore:
             cache_salt=runner.cache_salt,
         )
         self.capacity = KVCapacity(blocks, self.control.pins)
+        target = config.step_time_target_ms / 1000 or None  # 0: a fixed token budget
+        budget = StepBudget(config.max_num_batched_tokens, target)
         self.scheduler = Scheduler(
-            blocks, config.max_num_batched_tokens, config.max_num_seqs, self.capacity
+            blocks, config.max_num_batched_tokens, config.max_num_seqs, self.capacity, budget
         )
         self.sampler = Sampler()
         self.grammars = grammars
@@ -162,6 +165,7 @@ class EngineCore:
             return deltas
         completing = [i for i, s in enumerate(scheduled) if s.completes]  # before advancing
         seqs = [scheduled[i].seq for i in completing]
+        shape, started = _shape(scheduled), time.perf_counter()
         # The masks depend only on tokens already accepted: fill them during the forward.
         pending = self.masks.start([s.grammar for s in seqs])
         try:
@@ -185,6 +189,8 @@ class EngineCore:
             self.blocks.cache_computed_blocks(s.seq)
         if sampled is not None:
             deltas += self._append_sampled(seqs, sampled)
+        if self.scheduler.budget.cost is not None:  # the adaptive budget learns the device
+            self.scheduler.budget.cost.observe(shape, time.perf_counter() - started)
         return deltas
 
     def _chunk(self, s: ScheduledSeq) -> SequenceChunk:
@@ -301,6 +307,14 @@ def _settle(pending: PendingMask | None) -> None:
             pending.result()
         except Exception:
             logger.debug("mask fill of a failed step also failed", exc_info=True)
+
+
+def _shape(scheduled: list[ScheduledSeq]) -> StepShape:
+    """The step's work as the cost model prices it (before the sequences advance)."""
+    shape = StepShape()
+    for s in scheduled:
+        shape = shape.plus(s.seq.num_computed_tokens, s.num_tokens)
+    return shape
 
 
 def _chunk(s: ScheduledSeq, long_rope: bool) -> SequenceChunk:

@@ -12,6 +12,7 @@ from prefixcache.cache.block_manager import BlockManager
 from prefixcache.engine.capacity import KVCapacity
 from prefixcache.engine.errors import KVCacheBusyError, KVCacheExhaustedError
 from prefixcache.engine.sequence import Sequence, SequenceStatus
+from prefixcache.engine.step_cost import StepBudget
 
 # Admission looks this far down the queue for the request with the longest cached prefix.
 ADMISSION_WINDOW = 8
@@ -36,9 +37,14 @@ class ScheduledSeq(NamedTuple):
 
 
 class Scheduler:
-    """Packs decode tokens first, then chunked prefill, under a per-step token budget.
+    """Packs decode tokens first, then chunked prefill, under a per-step budget.
 
-    A long prompt is prefilled over several steps, never more than the budget at once.
+    ``budget`` (a ``StepBudget``; by default a fixed ``max_num_batched_tokens``)
+    decides how many prefill tokens join the decode tokens of a step: with a step time
+    target, as many as its cost model predicts keep the step within it. Decode tokens
+    are always scheduled first, so a long prefill never stalls the streams already
+    decoding. A long prompt is prefilled over several steps, never more than the
+    budget at once.
     When blocks run out, the youngest running sequence is preempted: its computed
     blocks go to the prefix cache, so its recompute is mostly a cache hit.
 
@@ -53,9 +59,10 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         capacity: KVCapacity | None = None,
+        budget: StepBudget | None = None,
     ):
         self.blocks = blocks
-        self.token_budget = max_num_batched_tokens
+        self.budget = budget if budget is not None else StepBudget(max_num_batched_tokens)
         self.max_num_seqs = max_num_seqs
         self.capacity = capacity
         self.max_preemptions = MAX_PREEMPTIONS
@@ -73,23 +80,31 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
-        """Choose this step's work."""
-        budget = self.token_budget
+        """Choose this step's work: every decoding sequence, then prefill chunks of the
+        running sequences (oldest first), then new admissions, while the budget lasts."""
+        budget = self.budget
+        budget.start()
         scheduled: list[ScheduledSeq] = []
         preempted = False
-        for seq in list(self.running):
+        decoding = [seq for seq in self.running if _is_decoding(seq)]
+        prefilling = [seq for seq in self.running if not _is_decoding(seq)]
+        for seq in decoding + prefilling:
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            num = min(seq.num_uncomputed_tokens, budget)
+            decode, context = _is_decoding(seq), seq.num_computed_tokens
+            wanted = seq.num_uncomputed_tokens
+            num = (
+                min(wanted, budget.tokens_left) if decode else budget.prefill_room(context, wanted)
+            )
             if num == 0:
                 continue
             if not self._allocate_or_preempt(seq, num, scheduled):
                 preempted = True
                 continue
             scheduled.append(ScheduledSeq(seq, num))
-            budget -= num
+            budget.take(context, num, prefill=not decode)
         if not preempted:
-            self._admit(budget, scheduled)
+            self._admit(scheduled)
         return scheduled
 
     def _allocate_or_preempt(self, seq: Sequence, num: int, scheduled: list) -> bool:
@@ -123,12 +138,14 @@ class Scheduler:
         failed, self._failed = self._failed, []
         return failed
 
-    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
+    def _admit(self, scheduled: list[ScheduledSeq]) -> None:
         """Admit waiting sequences while blocks and budget last. One that cannot get its
         blocks now is passed over for this step, so smaller ones behind it still run,
-        until it has been passed over ``MAX_SKIPS`` times: then the queue waits for it."""
+        until it has been passed over ``MAX_SKIPS`` times: then the queue waits for it.
+        When the step has no time left for a first chunk, admission waits a step."""
         passed: list[Sequence] = []
-        while budget > 0 and len(self.running) < self.max_num_seqs:
+        budget = self.budget
+        while budget.tokens_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting(passed)
             if seq is None:
                 break
@@ -137,10 +154,12 @@ class Scheduler:
             started = time.perf_counter()
             self.blocks.match_prefix(seq)
             seq.lookup_seconds += time.perf_counter() - started
-            num = min(seq.num_uncomputed_tokens, budget)
+            num = budget.prefill_room(seq.num_computed_tokens, seq.num_uncomputed_tokens)
+            if num == 0:  # no time left in this step: unmatch, and try again next step
+                self._unmatch(seq)
+                break
             if not self.blocks.allocate(seq, num):
-                self.blocks.free(seq, cache_blocks=False)
-                seq.num_computed_tokens = 0
+                self._unmatch(seq)
                 if seq.skipped >= MAX_SKIPS:
                     break
                 passed.append(seq)
@@ -152,8 +171,13 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             # Arrival order, so preemption (youngest first) never takes an older one.
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            budget.take(seq.num_computed_tokens, num, prefill=True)
             scheduled.append(ScheduledSeq(seq, num))
-            budget -= num
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Give back the prefix match of a sequence that stays waiting."""
+        self.blocks.free(seq, cache_blocks=False)
+        seq.num_computed_tokens = 0
 
     def _can_ever_fit(self, seq: Sequence) -> bool:
         """Check a waiting ``seq`` against what pins leave (they may have changed since
@@ -200,3 +224,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """Whether ``seq`` is past its prompt (decode tokens, or tokens a grammar forced),
+    as opposed to prefilling it (or recomputing it after a preemption)."""
+    return seq.num_computed_tokens >= seq.num_prompt_tokens

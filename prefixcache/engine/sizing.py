@@ -12,6 +12,7 @@ from prefixcache.models.rope import scaled_context_length
 _CPU_KV_FRACTION = 0.2
 _CPU_KV_CAP_BYTES = 8 << 30
 _GPU_KV_FRACTION = 0.85
+_CPU_STEP_TARGET_MS = 75.0
 
 
 def default_device() -> str:
@@ -63,6 +64,16 @@ def resolve_kv_cache_tokens(
 def default_batched_tokens(device: torch.device) -> int:
     """Per-step token budget for chunked prefill."""
     return 8192 if device.type == "cuda" else 2048
+
+
+def default_step_time_target_ms(device: torch.device) -> float:
+    """The step time the adaptive prefill budget aims for (0: a fixed budget).
+
+    On CPU a step with a 2,048-token prefill chunk takes hundreds of milliseconds, and
+    every decoding stream waits for it; a target keeps their tokens flowing. A GPU
+    runs the fixed budget, whose steps are already short.
+    """
+    return _CPU_STEP_TARGET_MS if device.type == "cpu" else 0.0
 
 
 def _total_ram() -> int:

@@ -1,0 +1,203 @@
+"""The adaptive step budget: prefill sized by a step cost model, decode never starved.
+
+Costs are given to the scheduler (a fixed ``StepCostModel``), never measured here, so
+every expectation is exact arithmetic on the model's coefficients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prefixcache.cache.block_manager import BlockManager
+from prefixcache.config import EngineConfig
+from prefixcache.engine.scheduler import Scheduler
+from prefixcache.engine.sequence import Sequence
+from prefixcache.engine.step_cost import (
+    BASE_STEP_MULTIPLE,
+    MIN_PREFILL_TOKENS,
+    StepBudget,
+    StepCostModel,
+    StepShape,
+)
+from prefixcache.sampling_params import SamplingParams
+
+BLOCK = 16
+MS = 1e-3
+# 40 ms a step and 1 ms per token: a 100 ms target leaves room for 60 tokens.
+PER_TOKEN = StepCostModel((40 * MS, 1.0 * MS, 0.0, 0.0))
+
+
+def _scheduler(cost: StepCostModel | None, target_ms: float | None = 100.0, cap=2048, seqs=256):
+    target = target_ms * MS if target_ms is not None else None
+    blocks = BlockManager(4096, BLOCK, 4 * BLOCK, "fingerprint", enable_prefix_caching=False)
+    return Scheduler(blocks, cap, seqs, budget=StepBudget(cap, target, cost))
+
+
+def _seq(arrival: int, tokens: int, max_tokens: int = 4) -> Sequence:
+    prompt = (np.arange(tokens, dtype=np.int32) + arrival) % 500 + 3
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Sequence(f"r{arrival}", prompt, params, arrival=arrival)
+
+
+def _step(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
+    """Schedule and run one step as the core does: advance, sample a token where a
+    chunk completes, finish a sequence at its max_tokens."""
+    work = scheduler.schedule()
+    for s in work:
+        completes = s.completes
+        s.seq.num_computed_tokens += s.num_tokens
+        if completes:
+            s.seq.append_token(7)
+            if s.seq.num_output_tokens >= s.seq.params.max_tokens:
+                scheduler.finish(s.seq)
+    return [(s.seq, s.num_tokens) for s in work]
+
+
+def _decoding(scheduler: Scheduler, count: int, prompt: int = 20) -> list[Sequence]:
+    """``count`` sequences past their prompts, each with one token to decode."""
+    seqs = [_seq(i, prompt, max_tokens=10_000) for i in range(count)]
+    for seq in seqs:
+        scheduler.add(seq)
+    while any(not s.num_output_tokens for s in seqs):
+        _step(scheduler)
+    return seqs
+
+
+def test_a_lone_prefill_gets_what_the_target_allows():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 60)]
+
+
+def test_a_lax_target_is_lowered_to_a_few_cheapest_steps():
+    scheduler = _scheduler(PER_TOKEN, target_ms=1000.0)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    limit_ms = BASE_STEP_MULTIPLE * (40 + 1)  # the cheapest step: one token
+    assert _step(scheduler) == [(long, int(limit_ms - 40))]
+
+
+def test_decode_heavy_step_leaves_less_prefill_room():
+    scheduler = _scheduler(PER_TOKEN)
+    decoding = _decoding(scheduler, 20)
+    long = _seq(1000, 5000)
+    scheduler.add(long)
+    work = dict(_step(scheduler))
+    assert all(work[s] == 1 for s in decoding)
+    assert work[long] == 60 - 20
+
+
+def test_deep_context_leaves_smaller_chunks_when_attention_costs():
+    # 1 ms per million query-key pairs plus 0.1 ms per token, 50 ms a step.
+    cost = StepCostModel((50 * MS, 0.1 * MS, 0.0, 1e-6 * MS))
+    budget = StepBudget(8192, 0.1, cost)
+    shallow, deep = budget.prefill_room(0, 8192), budget.prefill_room(50_000, 8192)
+    assert 0 < deep < shallow
+    assert (
+        cost.predict(StepShape().plus(50_000, deep))
+        <= 0.1
+        < cost.predict(StepShape().plus(50_000, deep + 1))
+    )
+
+
+def test_every_decoding_sequence_runs_even_past_the_target():
+    # 2 ms per sequence: 80 decoding sequences alone take 200 ms, past the 100 ms target.
+    scheduler = _scheduler(StepCostModel((40 * MS, 0.0, 2.0 * MS, 0.0)))
+    decoding = _decoding(scheduler, 80)
+    waiting = _seq(1000, 3000)
+    scheduler.add(waiting)
+    work = dict(_step(scheduler))
+    assert all(work[s] == 1 for s in decoding)
+    assert work[waiting] == MIN_PREFILL_TOKENS  # prefill still moves, at its floor
+
+
+def test_a_long_prompt_completes_in_chunks_within_the_target():
+    scheduler = _scheduler(PER_TOKEN)
+    decoding = _decoding(scheduler, 10)
+    long = _seq(1000, 2000, max_tokens=1)
+    scheduler.add(long)
+    steps = 0
+    while long.num_output_tokens == 0:
+        work = _step(scheduler)
+        steps += 1
+        assert sum(n for _, n in work) <= 60
+        assert {s for s, _ in work} >= set(decoding)
+    assert long.num_computed_tokens == 2000
+    assert steps == -(-2000 // 50)  # 50 tokens of prefill beside the 10 decodes
+
+
+def test_no_waiting_request_starves_behind_a_decode_load_past_the_target():
+    scheduler = _scheduler(StepCostModel((0.150, 0.0, 0.0, 0.0)))  # every step 150 ms
+    _decoding(scheduler, 30)
+    newcomers = [_seq(1000 + i, 300, max_tokens=2) for i in range(5)]
+    for seq in newcomers:
+        scheduler.add(seq)
+    for _ in range(5 * (-(-300 // MIN_PREFILL_TOKENS) + 2)):
+        _step(scheduler)
+    assert all(seq.num_output_tokens == 2 for seq in newcomers)
+
+
+def test_without_a_target_the_fixed_budget_decides():
+    scheduler = _scheduler(PER_TOKEN, target_ms=None, cap=512)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 512)]
+
+
+def test_the_cap_bounds_the_adaptive_budget():
+    scheduler = _scheduler(StepCostModel((40 * MS, 1e-6 * MS, 0.0, 0.0)), cap=256)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 256)]
+
+
+def test_until_the_model_has_seen_enough_steps_the_cap_decides():
+    scheduler = _scheduler(StepCostModel(), cap=300)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 300)]
+
+
+def test_cost_model_recovers_the_costs_of_the_steps_it_saw():
+    truth = np.array([2.0 * MS, 0.05 * MS, 0.3 * MS, 2e-6 * MS])
+    model, rng = StepCostModel(), np.random.default_rng(0)
+    for _ in range(64):
+        shape = StepShape().plus(int(rng.integers(0, 4000)), int(rng.integers(1, 2048)))
+        for _ in range(int(rng.integers(0, 16))):
+            shape = shape.plus(int(rng.integers(0, 4000)), 1)
+        seconds = truth @ [1.0, shape.tokens, shape.seqs, shape.attended]
+        model.observe(shape, float(seconds))
+    probe = StepShape().plus(3000, 500).plus(100, 1)
+    expected = truth @ [1.0, probe.tokens, probe.seqs, probe.attended]
+    assert model.predict(probe) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fitted_costs_are_never_negative():
+    model = StepCostModel()
+    for tokens in range(1, 200, 10):  # bigger steps measured faster: noise, not a discount
+        model.observe(StepShape().plus(0, tokens), 1.0 / tokens)
+    assert model.ready
+    assert model.predict(StepShape().plus(0, 10_000)) >= model.predict(StepShape().plus(0, 1))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "50", True])
+def test_a_bad_step_time_target_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="step_time_target_ms"):
+        EngineConfig(model="m", device="cpu", dtype="float32", max_model_len=64,
+                     step_time_target_ms=bad)  # fmt: skip
+
+
+@pytest.mark.parametrize("coefficients", [(0.0, -1.0, 0.0, 0.0), (0.0, 1.0), (float("nan"),) * 4])
+def test_bad_given_costs_are_refused(coefficients):
+    with pytest.raises(ValueError, match="coefficients"):
+        StepCostModel(coefficients)
+
+
+def test_taking_more_than_the_step_holds_is_refused():
+    budget = StepBudget(64)
+    with pytest.raises(ValueError, match="cannot take"):
+        budget.take(0, 65, prefill=True)
+    with pytest.raises(ValueError, match="cannot take"):
+        budget.take(0, -1, prefill=True)
