@@ -562,3 +562,24 @@ def test_peek_reports_the_match_length_and_changes_nothing():
     assert result.num_tokens == 4
     cache.unlock(result.node)
     cache.check_integrity()
+
+
+def test_a_node_split_past_the_first_chunk_keeps_only_its_own_chunk_hashes():
+    """A node that starts at a chunk boundary after the first, split inside its first
+    chunk: the head holds no full chunk, so every hash stays with the tail, and the
+    tail's eviction names its chunks by them."""
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append)
+    base = list(range(1, 13))  # three chunks of 4
+    _serve(cache, pool, base[:4])
+    _serve(cache, pool, base)  # below the locked first chunk: a node for tokens 4..12
+    _serve(cache, pool, base[:6] + [90, 91])  # splits that node after one block
+    cache.check_integrity()
+    hit = cache.match(base[:6] + [90, 91])  # keep the head and the new branch cached
+    assert cache.evict(3) == 3  # the tail, tokens 6..12: all that is unlocked
+    cache.unlock(hit.node)
+    chain = chunk_hashes(base, CS, root_seed("m"))
+    (run,) = runs
+    assert (run.start, run.seed, run.chunk_hashes) == (4, chain[0], chain[1:])
+    assert run.token_ids.tolist() == base[4:]
+    cache.check_integrity()
