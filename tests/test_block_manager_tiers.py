@@ -24,24 +24,38 @@ from prefixcache.tiers.transfer import KVTransfer
 BS, CS = 2, 4  # two blocks per hash chunk
 FINGERPRINT = "model-a"
 _MOD = 1_000_003  # KV values stay integers that float32 holds exactly
+CHUNK_SHAPE = (1, 2, CS // BS, BS, 1, 1)  # a tier chunk: layers, K and V, blocks, block
 
 
 class _Rig:
     """A device KV pool, the tiers behind it, and the block manager over both."""
 
-    def __init__(self, num_blocks=16, host_chunks=0, disk=None, caching=True, fingerprint=None):
+    def __init__(
+        self,
+        num_blocks=16,
+        host_chunks=0,
+        disk=None,
+        caching=True,
+        fingerprint=None,
+        more_tiers=(),
+        events=None,
+        disk_bytes=1 << 20,
+    ):
+        """``more_tiers``: tiers after the host and disk ones; ``events``: a
+        ``CacheEvents`` the block manager and the tiers record into."""
         shape = (num_blocks, BS, 1, 1)  # one layer, one head of width one
         self.layers = [(torch.zeros(shape), torch.zeros(shape))]
-        chunk_shape = (1, 2, CS // BS, BS, 1, 1)
         tiers = []
         if host_chunks:
-            tiers.append(HostTier(host_chunks, chunk_shape, torch.float32))
+            tiers.append(HostTier(host_chunks, CHUNK_SHAPE, torch.float32))
         if disk is not None:
-            layout = ChunkLayout(fingerprint or FINGERPRINT, torch.float32, chunk_shape)
-            tiers.append(DiskTier(disk, layout, 1 << 20))
-        self.tiers = TieredCache(KVTransfer(self.layers), BS, CS, tiers) if tiers else None
+            layout = ChunkLayout(fingerprint or FINGERPRINT, torch.float32, CHUNK_SHAPE)
+            tiers.append(DiskTier(disk, layout, disk_bytes))
+        tiers += more_tiers
+        transfer = KVTransfer(self.layers)
+        self.tiers = TieredCache(transfer, BS, CS, tiers, events) if tiers else None
         self.blocks = BlockManager(
-            num_blocks, BS, CS, fingerprint or FINGERPRINT, caching, tiers=self.tiers
+            num_blocks, BS, CS, fingerprint or FINGERPRINT, caching, self.tiers, events
         )
         self._served = 0
 

@@ -450,7 +450,7 @@ def test_flush_drops_unlocked_entries_and_reset_drops_everything():
 def test_unlock_of_an_unlocked_node_raises():
     cache, pool = _cache()
     result = cache.insert([1, 2], pool.allocate(1))
-    with pytest.raises(ValueError, match="not locked"):
+    with pytest.raises(ValueError, match=r"^unlock of a node that is not locked$"):
         cache.unlock(result.node)
 
 
@@ -458,7 +458,8 @@ def test_an_evicted_node_cannot_be_locked():
     cache, pool = _cache()
     result = cache.insert([1, 2], pool.allocate(1))
     cache.evict(1)
-    with pytest.raises(ValueError, match="no longer in the cache"):
+    message = r"^node is no longer in the cache \(evicted, flushed or reset\)$"
+    with pytest.raises(ValueError, match=message):
         cache.lock(result.node)
 
 
@@ -561,4 +562,47 @@ def test_peek_reports_the_match_length_and_changes_nothing():
     result = cache.match([1, 2, 3, 4, 5, 9, 9])
     assert result.num_tokens == 4
     cache.unlock(result.node)
+    cache.check_integrity()
+
+
+def test_a_node_split_past_the_first_chunk_keeps_only_its_own_chunk_hashes():
+    """A node that starts at a chunk boundary after the first, split inside its first
+    chunk: the head holds no full chunk, so every hash stays with the tail, and the
+    tail's eviction names its chunks by them."""
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append)
+    base = list(range(1, 13))  # three chunks of 4
+    _serve(cache, pool, base[:4])
+    _serve(cache, pool, base)  # below the locked first chunk: a node for tokens 4..12
+    _serve(cache, pool, base[:6] + [90, 91])  # splits that node after one block
+    cache.check_integrity()
+    hit = cache.match(base[:6] + [90, 91])  # keep the head and the new branch cached
+    assert cache.evict(3) == 3  # the tail, tokens 6..12: all that is unlocked
+    cache.unlock(hit.node)
+    chain = chunk_hashes(base, CS, root_seed("m"))
+    (run,) = runs
+    assert (run.start, run.seed, run.chunk_hashes) == (4, chain[0], chain[1:])
+    assert run.token_ids.tolist() == base[4:]
+    cache.check_integrity()
+
+
+def test_hit_tokens_add_up_over_matches():
+    cache, pool = _cache()
+    _serve(cache, pool, list(range(8)))
+    _serve(cache, pool, list(range(4)) + [0, 0])  # 4 hit tokens
+    _serve(cache, pool, list(range(6)) + [0, 0])  # 6 more
+    assert (cache.stats.query_tokens, cache.stats.hit_tokens) == (22, 10)
+
+
+def test_a_salt_that_was_only_looked_up_leaves_no_tree_and_its_root_is_gone():
+    """A miss creates the salt's root to lock it; the last unlock drops it again (one
+    root per salt ever asked for would add up), and the dropped root cannot be locked."""
+    cache, pool = _cache()
+    _serve(cache, pool, [1, 2, 3, 4], "kept")
+    miss = cache.match([1, 2, 3, 4], "asked-once")
+    assert miss.num_tokens == 0
+    cache.unlock(miss.node)
+    assert set(cache._roots) == {"kept"}
+    with pytest.raises(ValueError, match="no longer in the cache"):
+        cache.lock(miss.node)
     cache.check_integrity()

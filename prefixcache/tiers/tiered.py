@@ -120,11 +120,16 @@ class TieredCache:
     def _record_offloaded(self, run: EvictedRun, pieces: list[tuple[ChunkQuery, list[int]]]):
         """Record as evicted the full chunks of ``run`` that no local tier took."""
         kept = set()
-        if self._last_local >= 0:  # the first tier is local: ask it what it holds now
-            for query, _ in pieces:
-                held = self._deferred is not None  # held back, stored after the onload
-                if held or self._guard(0, self.tiers[0].contains, query, default=False):
-                    kept.add(query.key)
+        # Every local tier is asked: a chunk the first one dropped while taking this run
+        # went on to the next one.
+        local = [i for i in range(self._last_local + 1) if not is_shared(self.tiers[i])]
+        for query, _ in pieces if local else ():
+            # While an onload runs, a chunk is held back and stored after it: kept too.
+            held = self._deferred is not None or any(
+                self._guard(i, self.tiers[i].contains, query, default=False) for i in local
+            )
+            if held:
+                kept.add(query.key)
         gone = [h for h in reversed(run.chunk_hashes) if h not in kept]  # suffix first
         self.events.record("evicted", run.salt, gone)
 

@@ -1,0 +1,146 @@
+"""TieredCache's moves that engine tests reach only by chance, played through a real
+BlockManager without a model (the rig of ``test_block_manager_tiers``): a first tier
+that fails on every call, a chunk evicted while an onload holds stores back, chunks
+the last local tier drops handed on to a shared tier, and the cache events of each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_block_manager_tiers import CHUNK_SHAPE, CS, FINGERPRINT, _evict_all, _Rig, _tokens
+
+from chunking.hashing import chunk_hashes, root_seed
+from prefixcache.cache.events import CacheEvents
+from prefixcache.tiers.host import HostTier
+
+
+class SharedHostTier(HostTier):
+    """Host memory marked shared: the place of a server every engine reads (Redis)."""
+
+    name = "shared"
+    shared = True
+
+
+class UnreachableTier(HostTier):
+    """A tier whose every call fails, like a server that is gone."""
+
+    name = "unreachable"
+
+    def contains(self, query):
+        raise ConnectionError("tier unreachable")
+
+    touch = get = put = discard = contains
+
+
+def _host(num_chunks: int, cls=HostTier) -> HostTier:
+    return cls(num_chunks, CHUNK_SHAPE, torch.float32)
+
+
+class _Events:
+    """A ``CacheEvents`` with a subscriber, so that events are recorded."""
+
+    def __init__(self) -> None:
+        self.events, self.batches = CacheEvents(), []
+        self.events.subscribe(self.batches.append)
+
+    def evicted(self) -> list[tuple[str | None, int]]:
+        """(salt, hash) of every chunk recorded as evicted so far, in order."""
+        self.events.publish()
+        return [
+            (event.salt, h)
+            for batch in self.batches
+            for event in batch
+            if event.kind == "evicted"
+            for h in event.chunk_hashes
+        ]
+
+
+def _chain(tokens: list[int], salt: str | None = None) -> list[int]:
+    return chunk_hashes(tokens, CS, root_seed(FINGERPRINT, salt))
+
+
+def _failures(rig: _Rig) -> list[int]:
+    return [stats.failures for stats in rig.tiers.tier_stats()]
+
+
+def test_a_tier_is_found_by_name_and_an_unknown_name_is_a_key_error_naming_it():
+    rig = _Rig(host_chunks=2, more_tiers=[_host(2, SharedHostTier)])
+    assert rig.tier("shared") is rig.tiers.tiers[1]
+    with pytest.raises(KeyError) as error:
+        rig.tier("nope")
+    assert error.value.args == ("nope",)
+
+
+def test_a_first_tier_that_fails_counts_against_it_and_its_chunks_are_evicted():
+    """Each chunk offloaded to a tier that raises costs it three failures (is it held,
+    store it, is it held now); no chunk is taken, so each is recorded as evicted, with
+    its tenant's salt, and nothing comes back."""
+    events = _Events()
+    rig = _Rig(more_tiers=[_host(4, UnreachableTier), _host(4)], events=events.events)
+    prompt = _tokens(1, 12)  # three whole chunks
+    rig.serve(prompt, salt="alice:")
+    before = _failures(rig)
+    _evict_all(rig)
+    after = _failures(rig)
+    assert (after[0] - before[0], after[1]) == (9, 0)
+    assert events.evicted() == [("alice:", h) for h in reversed(_chain(prompt, "alice:"))]
+    assert rig.serve(prompt, salt="alice:") == 0
+    rig.tiers.check_integrity()
+
+
+def test_a_chunk_offloaded_to_a_tier_that_takes_it_is_not_evicted_and_nothing_fails():
+    events = _Events()
+    rig = _Rig(host_chunks=8, events=events.events)
+    prompt = _tokens(2, 12)
+    rig.serve(prompt, salt="bob:")
+    _evict_all(rig)
+    assert events.evicted() == []
+    assert _failures(rig) == [0]
+    assert rig.serve(prompt + [1], salt="bob:") == 12
+
+
+def test_chunks_evicted_to_make_room_for_an_onload_are_not_reported_evicted():
+    """While an onload copies chunks in, the device blocks it takes come from evicting
+    other chunks: those are stored in the host tier after the copies, so they never
+    left the engine and no event says they did."""
+    events = _Events()
+    rig = _Rig(num_blocks=8, host_chunks=8, events=events.events)
+    first, second = _tokens(3, 8), _tokens(4, 12)
+    rig.serve(first)
+    _evict_all(rig)  # ``first`` is in the host tier only
+    rig.serve(second)  # six of the eight device blocks
+    assert rig.serve(first + [1]) == 8  # onloaded into blocks of ``second``
+    assert rig.blocks.cache.stats.evicted_blocks > 6  # some of ``second`` had to go
+    assert events.evicted() == []
+    assert rig.serve(second + [1]) == 12  # its evicted chunks are in the host tier
+    assert _failures(rig) == [0]
+
+
+def test_chunks_the_last_local_tier_drops_go_on_to_the_shared_tier_and_come_back():
+    """host (1 chunk) -> host (1 chunk) -> shared: the chunk the second, last local
+    tier drops is recorded as evicted (this engine holds it no more) and handed to the
+    shared tier, which serves it back."""
+    events = _Events()
+    shared = _host(8, SharedHostTier)
+    rig = _Rig(more_tiers=[_host(1), _host(1), shared], events=events.events)
+    prompt = _tokens(5, 12)
+    rig.serve(prompt)
+    _evict_all(rig)  # suffix first: chunk 2, then 1, then 0 into the first tier
+    held = [tier.num_used_blocks // 2 for tier in rig.tiers.tiers]
+    assert held == [1, 1, 1]
+    assert events.evicted() == [(None, _chain(prompt)[2])]
+    assert rig.serve(prompt + [1]) == 12
+    assert rig.tiers.tier_stats()[2].hit_tokens == CS  # chunk 2 came from the shared tier
+    assert _failures(rig) == [0, 0, 0]
+
+
+def test_chunks_the_host_tier_passes_to_disk_during_an_offload_are_not_evicted(tmp_path):
+    """A run of three chunks into a host tier of one: it hands two on to the disk tier
+    while taking the run, and the engine still holds all three."""
+    events = _Events()
+    rig = _Rig(host_chunks=1, disk=tmp_path, events=events.events)
+    prompt = _tokens(6, 12)
+    rig.serve(prompt, salt="carol:")
+    _evict_all(rig)
+    assert events.evicted() == []
+    assert rig.serve(prompt + [1], salt="carol:") == 12
