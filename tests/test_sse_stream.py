@@ -194,6 +194,9 @@ def test_shutdown_tail_is_a_503_error_event_then_done():
     tail = shutdown_tail()
     assert tail.endswith(b"\n\n" + DONE) and tail.count(b"\n\n") == 2
     error = _data(tail[: -len(DONE)])["error"]
+    assert SHUTDOWN_MESSAGE == (
+        "the server is shutting down; the stream was ended before it finished"
+    )
     assert error == {
         "message": SHUTDOWN_MESSAGE,
         "type": "server_error",
@@ -354,6 +357,37 @@ def test_a_shutdown_cut_mid_stream_sends_the_tail_instead_of_the_rest():
     assert client.bodies == [b"data: 1\n\n", TAIL, b""]
     assert client.more == [True, True, False]
     assert body.closed and closes == [1]
+
+
+def test_a_cut_as_the_stream_ends_adds_nothing_after_its_end():
+    cut = asyncio.Event()
+
+    class CutAtTheEnd(Events):
+        async def __call__(self):
+            yield b"data: 1\n\n"
+            cut.set()  # the drain's time runs out as the last event goes
+            yield DONE
+
+    body, client = CutAtTheEnd([]), Client()
+    closes = _run_response(body, client, cut=cut)
+    assert client.bodies == [b"data: 1\n\n", DONE, b""] and client.more[-1] is False
+    assert closes == [1]
+
+
+def test_a_client_that_leaves_as_the_cut_comes_gets_no_tail():
+    body, client = Events([b"data: 1\n\n"], [b"data: never\n\n"]), Client()
+    cut = asyncio.Event()
+    send = client.send
+
+    async def leave_then_cut(message):
+        await send(message)
+        if message["type"] == "http.response.body":
+            client.leave.set()  # the disconnect arrives first
+            cut.set()
+
+    client.send = leave_then_cut
+    closes = _run_response(body, client, cut=cut)
+    assert client.bodies == [b"data: 1\n\n"] and body.closed and closes == [1]
 
 
 def test_a_cut_that_is_never_set_lets_the_stream_finish():
