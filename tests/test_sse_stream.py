@@ -359,6 +359,23 @@ def test_a_shutdown_cut_mid_stream_sends_the_tail_instead_of_the_rest():
     assert body.closed and closes == [1]
 
 
+def test_a_cut_without_a_tail_ends_the_stream_with_nothing_added():
+    body, client = Events([b"data: 1\n\n"], [b"data: never\n\n"]), Client()
+    cut = asyncio.Event()
+    closes = []
+
+    async def run():
+        response = SSEResponse(body(), lambda: closes.append(1), cut=cut)
+        app = asyncio.ensure_future(response(SCOPE, client.receive, client.send))
+        await body.waiting.wait()
+        cut.set()
+        await app
+
+    asyncio.run(run())
+    assert client.bodies == [b"data: 1\n\n", b"", b""] and client.more == [True, True, False]
+    assert body.closed and closes == [1]
+
+
 def test_a_cut_as_the_stream_ends_adds_nothing_after_its_end():
     cut = asyncio.Event()
 
