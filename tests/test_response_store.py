@@ -384,9 +384,41 @@ def test_a_restart_skips_unreadable_and_misnamed_files_and_removes_temporaries(t
     again = ResponseStore(folder=tmp_path, clock=clock)
     assert len(again) == 1 and again.get("resp_good", "") is not None
     assert "resp_half.tmp" not in _files(tmp_path) and "notes.txt" in _files(tmp_path)
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "skipping unreadable stored response" in warnings[0]
-    assert "resp_bad.msgpack" in warnings[0]
+    [warning] = [r.getMessage() for r in caplog.records]
+    bad = tmp_path / "resp_bad.msgpack"
+    assert warning.startswith(f"skipping unreadable stored response {bad}: ")
+    assert "DecodeError(" in warning  # the reason, for whoever reads the log
+
+
+def test_a_restart_enforces_the_per_scope_bounds(tmp_path):
+    clock = Clock()
+    store = ResponseStore(folder=tmp_path, clock=clock)
+    for i in range(3):
+        store.put(_entry(f"resp_a{i}", 4, scope="a", created_at=1000.0 + i))
+    store.put(_entry("resp_b", 4, scope="b", created_at=1000.5))
+    again = ResponseStore(max_entries_per_scope=2, folder=tmp_path, clock=clock)
+    assert again.usage("a") == (2, 8) and again.usage("b") == (1, 4)
+    assert again.get("resp_a0", "a") is None and again.get("resp_a2", "a") is not None
+
+
+def test_a_leftover_temporary_that_cannot_be_removed_does_not_stop_a_start(tmp_path):
+    ResponseStore(folder=tmp_path, clock=Clock()).put(_entry("resp_a"))
+    (tmp_path / "resp_stuck.tmp").mkdir()  # unlink() of a folder fails with an OSError
+    again = ResponseStore(folder=tmp_path, clock=Clock())
+    assert again.get("resp_a", "") is not None
+
+
+def test_a_temporary_that_cannot_be_removed_does_not_hide_the_failed_write(tmp_path, monkeypatch):
+    store = ResponseStore(folder=tmp_path, clock=Clock())
+
+    def write_bytes(path: Path, data: bytes) -> int:
+        path.mkdir()  # what is left cannot be unlinked either
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(ResponseNotStored) as failed:
+        store.put(_entry("resp_a"))
+    assert failed.value.disk_full and len(store) == 0
 
 
 def test_a_restart_skips_a_file_it_cannot_read(tmp_path, caplog):
@@ -435,8 +467,10 @@ def test_a_failed_write_says_why_and_keeps_nothing(
     assert written == [tmp_path / "resp_new.tmp"]
     assert _files(tmp_path) == ["resp_kept.msgpack"]
     assert len(store) == 1 and store.num_tokens == 3 and store.get("resp_new", "") is None
-    assert len(caplog.records) == 1
-    assert caplog.records[0].getMessage().startswith("cannot store response resp_new: ")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot store response resp_new: {failed.value.__cause__}"
+    ]
+    assert f"{err}" in caplog.records[0].getMessage()  # the error itself is logged
 
 
 def test_a_failed_replace_removes_the_temporary_file_and_keeps_the_old_entry(tmp_path, monkeypatch):
