@@ -24,8 +24,8 @@ declare -A tests_for=(
     [prefixcache/tiers/chunk_chains.py]="tests/test_chunk_names.py tests/test_tiers.py tests/test_kv_tier_registry.py"
     [prefixcache/tiers/tiered.py]="tests/test_tiered_cache.py tests/test_block_manager_tiers.py"
     [prefixcache/cache/pins.py]="tests/test_pin_registry.py tests/test_cache_control.py tests/test_admission_pins.py tests/test_server_cache.py tests/test_tenant_quotas.py"
-    [prefixcache/apps/response_store.py]="tests/test_responses.py tests/test_responses_disk_failures.py tests/test_server_responses.py"
-    [server/streaming.py]="tests/test_stream_errors.py tests/test_server_errors.py tests/test_server_responses.py"
+    [prefixcache/apps/response_store.py]="tests/test_response_store.py"
+    [server/streaming.py]="tests/test_sse_stream.py"
     [server/auth.py]="tests/test_auth_keys.py tests/test_server.py tests/test_server_cache.py tests/test_tenant_quotas.py tests/test_tenant_tiers.py tests/test_server_errors.py"
     [chunking/hashing.py]="tests/test_chunk_names.py tests/test_hashing.py tests/test_tiers.py tests/test_radix_cache.py"
 )

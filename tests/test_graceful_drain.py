@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -26,18 +27,28 @@ from tests.test_server_cli import SMALL, _read_lines, _wait_for_url
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
 
 
+# Long enough that no request ever needs it; a test that wants the cut ends the drain's
+# time itself (``_time_runs_out``), so no outcome depends on how fast the machine is.
+DRAIN_TIMEOUT_S = 600.0
+
+
 @pytest.fixture
 def draining(tiny_llama):
-    """A server whose drain gives running requests half a second; its engine client."""
+    """A server whose drain gives running requests ``DRAIN_TIMEOUT_S``; its engine client."""
     engine = Engine.from_pretrained(str(tiny_llama), device="cpu", max_model_len=512)
     client = InProcessEngineClient(engine)
-    app = create_app(client, model_name="tiny", shutdown_timeout=0.5)
+    app = create_app(client, model_name="tiny", shutdown_timeout=DRAIN_TIMEOUT_S)
     server = BackgroundServer(app, server_class=DrainingServer).start()
     try:
         yield server, client
     finally:
         server.stop()
         client.shutdown()
+
+
+def _time_runs_out(server) -> None:
+    """The drain's time is up now: the server's next tick cuts the streams still open."""
+    server.server.drain.deadline = time.monotonic()
 
 
 def _events(lines) -> list[str]:
@@ -60,7 +71,8 @@ def test_drain_refuses_new_requests_and_ends_a_held_stream_with_an_error_and_don
             health = http.get(server.url + "/health")
             assert health.status_code == 503 and "draining" in health.text
 
-            rest = _events(lines)  # the drain's half second passes with the engine held
+            _time_runs_out(server)  # with the engine still held
+            rest = _events(lines)
         *_, error, done = rest
         assert json.loads(error)["error"]["code"] == "server_shutdown"
         assert done == "[DONE]"
@@ -80,6 +92,7 @@ def test_drain_ends_a_held_responses_stream_with_an_error_event(draining):
         next(line for line in lines if line.startswith("data: "))  # response.created
         gate.wait_until_held()
         server.server.handle_exit(signal.SIGTERM, None)
+        _time_runs_out(server)
         rest = _events(lines)
     last = json.loads(rest[-1])
     assert last["type"] == "error" and last["code"] == "server_shutdown"
