@@ -16,6 +16,7 @@ the child and waits for it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
@@ -59,11 +60,13 @@ class ProcessEngineClient:
 
     def __init__(self, process: Any, conn: Any, ready: wire.Ready) -> None:
         self._process, self._conn = process, conn
+        self._send_lock = threading.Lock()
+        # Before multiprocessing's own exit handler, which joins the (non-daemonic) child.
+        atexit.register(self._stop_at_exit)
         self._limits = ready.limits
         tokenizer = load_tokenizer(Path(ready.model_folder))
         grammars = GrammarCache(tokenizer, ready.limits.vocab_size, frozenset(ready.eos_token_ids))
         self._inputs = InputProcessor(tokenizer, ready.limits, grammars)
-        self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the tables below and _error
         self._streams: dict[str, _Target] = {}
         self._calls: dict[int, _Target] = {}
@@ -93,7 +96,10 @@ class ProcessEngineClient:
             target=run_engine_process,
             args=(child_conn, model, options, log_level, num_threads),
             name="prefixcache-engine",
-            daemon=True,
+            # Not a daemon: a daemonic process may not start processes, and a
+            # tensor-parallel engine starts its workers. A front that exits without
+            # shutdown() still stops it (_stop_at_exit).
+            daemon=False,
         )
         process.start()
         child_conn.close()  # only the child holds its end: its exit reads as EOF here
@@ -242,6 +248,7 @@ class ProcessEngineClient:
 
     def shutdown(self) -> None:
         """Stop the engine process; pending requests fail with ``EngineDeadError``."""
+        atexit.unregister(self._stop_at_exit)
         with contextlib.suppress(EngineDeadError):
             self._send(wire.Shutdown())
         self._process.join(_STOP_WAIT_S)
@@ -254,6 +261,16 @@ class ProcessEngineClient:
         self._conn.close()
 
     # ------------------------------------------------------------ internals
+
+    def _stop_at_exit(self) -> None:
+        # The interpreter exits without shutdown(): ask the child to stop (killing it if
+        # it lingers), so that multiprocessing's join of its children never waits forever.
+        with contextlib.suppress(EngineDeadError):
+            self._send(wire.Shutdown())
+        self._process.join(_STOP_WAIT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
     async def _call(self, op: str, result_type: Any, *args: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
