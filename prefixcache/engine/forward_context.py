@@ -21,6 +21,9 @@ class ForwardContext:
     long_rope: torch.Tensor | None = None
     # Layers whose pools have block ids of their own (a hybrid KV cache's window layers).
     layer_meta: dict[int, AttentionMetadata] = field(default_factory=dict)
+    # Rotary cos/sin of this step's positions, made once and shared by every layer
+    # (``models.fused.rope_tables``).
+    rope_tables: dict[object, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def attention(
         self,

@@ -9,6 +9,7 @@ from torch import nn
 
 from prefixcache.engine.forward_context import ForwardContext
 from prefixcache.models.config import ModelConfig
+from prefixcache.models.fused import rope_tables, rotate_
 from prefixcache.models.layers import RMSNorm, RotaryEmbedding
 from prefixcache.models.moe import feed_forward
 from prefixcache.models.parallel import current_parallel
@@ -52,6 +53,7 @@ class Attention(nn.Module):
         )  # fmt: skip
         self.o_proj = RowParallelLinear(config.num_heads * self.head_dim, config.hidden_size, False)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope)
+        self.rope_key = (self.head_dim, config.rope)
         self.sliding_window = config.layer_window(layer)
         self.softcap: float | None = None
         if config.qk_norm:
@@ -66,13 +68,19 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
         """Attend the step's tokens over their paged contexts."""
-        q, k, v = self.qkv_proj(x).split(self.shard_sizes(), dim=-1)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.shard_sizes(), dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_tables(self.rotary, self.rope_key, positions, ctx)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k, ctx.long_rope)
+            rotate_(q, cos, sin)
+            rotate_(k, cos, sin)
+        else:  # q and k are neighbours in the fused output: one rotation for both
+            heads = self.num_heads + self.num_kv_heads
+            rotate_(qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim), cos, sin)
         window, cap = self.sliding_window, self.softcap
         out = ctx.attention(self.layer, q, k, v, self.scale, sliding_window=window, softcap=cap)
         return self.o_proj(out.reshape(-1, self.q_size))
