@@ -18,6 +18,11 @@ unless ``--url``/``--url-no-cache`` name running ones; ``--backend sdk`` runs th
 same scenarios through the ``Engine`` instead of HTTP, each engine in a child process
 of its own (so each one's peak memory is its own, as with servers). Both sides of a
 comparison get the same warm-up and measured turns and report the same statistic.
+By default (``--backend both``) the same load runs in process and then over HTTP,
+and the summary sets them side by side: tgi-long's second run over HTTP against in
+process (``http_vs_in_process_second_run``) and each one's first run with the cache
+on against off (``first_run_cache_on_vs_off_*``); the conversation's warm turn 2
+(``http_vs_in_process_turn2``).
 
     python bench/long_prompt.py --scenario tgi-long --out bench/out
     python bench/long_prompt.py --scenario conversation --context-tokens 200000
@@ -132,6 +137,8 @@ def started_server(args: argparse.Namespace, caching: bool):
         cmd += ["--model", args.model]
     if not caching:
         cmd.append("--no-prefix-caching")
+    if args.engine_in_process:
+        cmd.append("--engine-in-process")
     env = dict(os.environ)
     if args.server_threads:  # torch reads it at start; leaves cores to the load generator
         env["OMP_NUM_THREADS"] = str(args.server_threads)
@@ -172,12 +179,26 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> N
 
 
 def peak_rss_mib(proc: subprocess.Popen | None) -> float | None:
-    """The process's peak resident memory (Linux ``VmHWM``); None for a server not
-    started here."""
+    """The peak resident memory (Linux ``VmHWM``) of the server process and its engine
+    process, summed; None for a server not started here."""
     if proc is None:
         return None
+    peaks = [_vm_hwm_mib(pid) for pid in [proc.pid, *_children(proc.pid)]]
+    peaks = [p for p in peaks if p is not None]
+    return sum(peaks) if peaks else None
+
+
+def _children(pid: int) -> list[int]:
     try:
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def _vm_hwm_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -285,10 +306,24 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
         for i in tqdm(range(args.num_reports), desc="reports", leave=False)
     ]
     prompts = [f"Summarize this report: ```{r}```" for r in reports]
+    if args.backend != "both":
+        rows, peaks = _tgi_rows(args, args.backend, prompts)
+        return _tgi_summary(args, rows, peaks), rows
+    in_process, _ = _tgi_rows(args, "sdk", prompts)
+    rows, peaks = _tgi_rows(args, "http", prompts)
+    summary = _tgi_summary(args, rows, peaks)
+    summary.update(_tgi_against_in_process(rows, in_process))
+    return summary, [{**r, "backend": "http"} for r in rows] + [
+        {**r, "backend": "in process"} for r in in_process
+    ]
+
+
+def _tgi_rows(args: argparse.Namespace, backend: str, prompts: list[str]):
+    """Each side's two runs through ``backend`` (http or sdk); rows and peak memory."""
     rows, peaks = [], {}
     for name, caching, kv_dtype in _tgi_sides(args.kv_cache_dtype):
         side = argparse.Namespace(**{**vars(args), "kv_cache_dtype": kv_dtype})
-        if args.backend == "sdk":
+        if backend == "sdk":
             results, peaks[name] = sdk_backend.in_own_process(
                 side, caching, _sdk_send_twice, prompts, args.max_tokens
             )
@@ -299,6 +334,21 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
                 result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
                 rows.append({"server": name, "run": run, **result})
             peaks[name] = peak_rss_mib(proc)
+    return rows, peaks
+
+
+def _tgi_against_in_process(http: list[dict], in_process: list[dict]) -> dict:
+    """The same load over HTTP and in process: second runs (cache on) and what caching
+    costs each first run (issue 22's goals: at most 1.3x and 1.05x)."""
+    return {
+        "second_run_s_in_process": in_process[1]["seconds"],
+        "http_vs_in_process_second_run": http[1]["seconds"] / in_process[1]["seconds"],
+        "first_run_cache_on_vs_off_http": http[0]["seconds"] / http[2]["seconds"],
+        "first_run_cache_on_vs_off_in_process": in_process[0]["seconds"] / in_process[2]["seconds"],
+    }
+
+
+def _tgi_summary(args: argparse.Namespace, rows: list[dict], peaks: dict) -> dict:
     warm, cold = rows[1]["seconds"], rows[3]["seconds"]  # each server's second run
     summary = {
         "benchmark": "long_prompt",
@@ -316,7 +366,7 @@ def tgi_long(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]:
     }
     if len(rows) > 4:
         summary.update(_kv_dtype_summary(args, rows[1], rows[5]))
-    return summary, rows
+    return summary
 
 
 def _tgi_sides(kv_cache_dtype: str) -> list[tuple[str, bool, str]]:
@@ -362,10 +412,25 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
     turn1 = [{"role": "user", "content": f"Read this report:\n{context}\nSummarize it."}]
     if args.api == "responses":
         return _responses_conversation(args, turn1, tokenizer)
+    if args.backend == "both":
+        in_process, _ = _conversation_rows(args, "sdk", turn1)
+        summary, rows = _conversation_summary(args, *_conversation_rows(args, "http", turn1))
+        summary["turn2_ttft_s_in_process"] = in_process[0]["turn2_ttft_s"]
+        summary["http_vs_in_process_turn2"] = (
+            rows[0]["turn2_ttft_s"] / in_process[0]["turn2_ttft_s"]
+        )
+        rows = [{**r, "backend": "http"} for r in rows]
+        return summary, rows + [{**r, "backend": "in process"} for r in in_process]
+    return _conversation_summary(args, *_conversation_rows(args, args.backend, turn1))
+
+
+def _conversation_rows(args: argparse.Namespace, backend: str, turn1: list[dict]):
+    """Turn 1 then turn 2 through ``backend`` (http or sdk), cache on then off."""
+    side_args = argparse.Namespace(**{**vars(args), "backend": backend})
     rows, timings, reply = [], {}, None
     for caching in (True, False):
         name = "prefix cache on" if caching else "prefix cache off"
-        side, peak = _chat_side_on(args, caching, turn1, reply)
+        side, peak = _chat_side_on(side_args, caching, turn1, reply)
         reply, usage2 = side["reply"], side["usage2"]
         timings[name] = usage2.get("timings")
         rows.append(
@@ -378,6 +443,10 @@ def conversation(args: argparse.Namespace, tokenizer) -> tuple[dict, list[dict]]
                 "peak_rss_mib": peak,
             }
         )
+    return rows, timings
+
+
+def _conversation_summary(args: argparse.Namespace, rows: list[dict], timings: dict):
     summary = {
         "benchmark": "long_prompt",
         "scenario": "conversation",
@@ -701,9 +770,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=["http", "sdk"],
-        default="http",
-        help="http: prefixcache serve (started here, or --url); sdk: the Engine in this process",
+        choices=["both", "http", "sdk"],
+        default="both",
+        help="http: prefixcache serve (started here, or --url); sdk: the Engine in a child "
+        "process, stepped there; both: the same load each way, HTTP against in process",
+    )
+    parser.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="http: servers started here keep the engine on a thread of the server process",
     )
     parser.add_argument("--url", default=None, help="http: a running server (cache on)")
     parser.add_argument(
@@ -711,6 +786,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default=None, help="folder for JSON, markdown and PNG")
     args = parser.parse_args(argv)
+    if args.backend == "both" and args.api == "responses":
+        args.backend = "http"  # the Responses API has no in-process counterpart
     if args.backend == "sdk" and args.api == "responses":
         parser.error("--api responses measures the HTTP API: use --backend http")
     if args.backend == "sdk" and (args.url or args.url_no_cache):
@@ -737,12 +814,16 @@ def main(argv: list[str] | None = None) -> None:
 def _chart(folder: Path, scenario: str, rows: list[dict], name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if scenario == "tgi-long":
-        labels = [f"{r['server']}, run {r['run']}" for r in rows]
+        labels = [f"{_via(r)}{r['server']}, run {r['run']}" for r in rows]
         values, ylabel = [r["seconds"] for r in rows], "total seconds for all requests"
     else:
-        labels = [r["server"] for r in rows]
+        labels = [f"{_via(r)}{r['server']}" for r in rows]
         values, ylabel = [r["turn2_ttft_s"] for r in rows], "turn-2 time to first token (s)"
     bar_chart(folder / f"{name}.png", labels, values, ylabel, scenario, log=True)
+
+
+def _via(row: dict) -> str:
+    return f"{row['backend']}: " if "backend" in row else ""
 
 
 if __name__ == "__main__":
