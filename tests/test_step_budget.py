@@ -81,12 +81,23 @@ def test_a_lax_target_is_lowered_to_a_few_cheapest_steps():
 
 def test_decode_heavy_step_leaves_less_prefill_room():
     scheduler = _scheduler(PER_TOKEN)
-    decoding = _decoding(scheduler, 20)
+    decoding = _decoding(scheduler, 10)
     long = _seq(1000, 5000)
     scheduler.add(long)
     work = dict(_step(scheduler))
     assert all(work[s] == 1 for s in decoding)
-    assert work[long] == 60 - 20
+    assert work[long] == 60 - 10
+
+
+def test_many_decodes_still_leave_prefill_as_much_time_as_they_take():
+    scheduler = _scheduler(PER_TOKEN)
+    decoding = _decoding(scheduler, 80)  # 40 + 80 ms: past the 100 ms target alone
+    long = _seq(1000, 5000)
+    scheduler.add(long)
+    work = dict(_step(scheduler))
+    assert all(work[s] == 1 for s in decoding)
+    # The step may double: 120 ms of decode, 120 of prefill (float rounding: 119).
+    assert work[long] == pytest.approx(120, abs=1)
 
 
 def test_deep_context_leaves_smaller_chunks_when_attention_costs():
@@ -104,13 +115,17 @@ def test_deep_context_leaves_smaller_chunks_when_attention_costs():
 
 def test_every_decoding_sequence_runs_even_past_the_target():
     # 2 ms per sequence: 80 decoding sequences alone take 200 ms, past the 100 ms target.
-    scheduler = _scheduler(StepCostModel((40 * MS, 0.0, 2.0 * MS, 0.0)))
-    decoding = _decoding(scheduler, 80)
-    waiting = _seq(1000, 3000)
-    scheduler.add(waiting)
+    scheduler = _scheduler(StepCostModel((40 * MS, 0.0, 2.0 * MS, 0.0)), seqs=512)
+    decoding = _decoding(scheduler, 300)
     work = dict(_step(scheduler))
-    assert all(work[s] == 1 for s in decoding)
-    assert work[waiting] == MIN_PREFILL_TOKENS  # prefill still moves, at its floor
+    assert len(work) == 300 and all(work[s] == 1 for s in decoding)
+
+
+def test_a_prefill_dearer_than_the_target_still_gets_a_floor_chunk():
+    scheduler = _scheduler(StepCostModel((0.0, 0.0, 200 * MS, 0.0)))  # 200 ms a sequence
+    waiting = _seq(0, 3000)
+    scheduler.add(waiting)
+    assert _step(scheduler) == [(waiting, MIN_PREFILL_TOKENS)]
 
 
 def test_a_long_prompt_completes_in_chunks_within_the_target():
@@ -129,7 +144,7 @@ def test_a_long_prompt_completes_in_chunks_within_the_target():
 
 
 def test_no_waiting_request_starves_behind_a_decode_load_past_the_target():
-    scheduler = _scheduler(StepCostModel((0.150, 0.0, 0.0, 0.0)))  # every step 150 ms
+    scheduler = _scheduler(StepCostModel((150 * MS, 1 * MS, 0.0, 0.0)))  # past the target
     _decoding(scheduler, 30)
     newcomers = [_seq(1000 + i, 300, max_tokens=2) for i in range(5)]
     for seq in newcomers:
@@ -201,3 +216,16 @@ def test_taking_more_than_the_step_holds_is_refused():
         budget.take(0, 65, prefill=True)
     with pytest.raises(ValueError, match="cannot take"):
         budget.take(0, -1, prefill=True)
+
+
+def test_prefill_past_the_target_gets_no_tokens_never_fewer():
+    scheduler = _scheduler(PER_TOKEN)
+    _decoding(scheduler, 80)  # 40 + 80 ms: decode alone overruns the 100 ms target
+    first, second = _seq(1000, 3000), _seq(1001, 3000)
+    scheduler.add(first)
+    scheduler.add(second)
+    work = dict(_step(scheduler))
+    assert work[first] >= MIN_PREFILL_TOKENS  # the decodes' time again (above)
+    assert second not in work and second in scheduler.waiting
+    assert second.num_computed_tokens == 0 and not second.block_ids  # its match given back
+    assert min(work.values()) >= 1

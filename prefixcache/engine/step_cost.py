@@ -30,6 +30,9 @@ MIN_PREFILL_TOKENS = 32
 # decode token), so a stream's inter-token latency under load stays a small multiple
 # of what it is alone, on any device and under any load the fit has seen.
 BASE_STEP_MULTIPLE = 2.5
+# Prefill may always take as long as the step's decodes, so that with many streams
+# decoding, newcomers still get their first tokens (and throughput does not fall).
+PREFILL_SHARE_OF_DECODE = 1.0
 
 # Feature scales keep the least-squares problem well conditioned.
 _SCALES = np.array([1.0, 1e-3, 1e-2, 1e-6])
@@ -148,7 +151,7 @@ class StepBudget:
     def start(self) -> None:
         """Begin a new step: nothing in it yet."""
         self.tokens_left = self.max_tokens
-        self.shape = StepShape()
+        self.shape = self.decode_shape = StepShape()
         self.prefilled = False
 
     @property
@@ -162,12 +165,17 @@ class StepBudget:
             raise ValueError(f"cannot take {num_tokens} tokens with {self.tokens_left} left")
         self.tokens_left -= num_tokens
         self.shape = self.shape.plus(context, num_tokens)
+        if not prefill:
+            self.decode_shape = self.decode_shape.plus(context, num_tokens)
         self.prefilled = self.prefilled or prefill
 
     def step_limit(self) -> float:
         """The seconds prefill may fill a step to (only when ``adaptive``): the target,
-        or ``BASE_STEP_MULTIPLE`` cheapest steps when that is less."""
-        return min(self.target_s, BASE_STEP_MULTIPLE * self.cost.predict(StepShape().plus(0, 1)))
+        or ``BASE_STEP_MULTIPLE`` cheapest steps when that is less; but never less than
+        leaves prefill ``PREFILL_SHARE_OF_DECODE`` of the decodes' time."""
+        cost = self.cost
+        limit = min(self.target_s, BASE_STEP_MULTIPLE * cost.predict(StepShape().plus(0, 1)))
+        return max(limit, (1 + PREFILL_SHARE_OF_DECODE) * cost.predict(self.decode_shape))
 
     def prefill_room(self, context: int, wanted: int) -> int:
         """How many of ``wanted`` prefill tokens, after ``context`` computed ones, fit."""
