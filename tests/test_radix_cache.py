@@ -12,6 +12,7 @@ from naive_cache import NaiveCache
 import chunking.hashing
 from chunking import chunk_hashes, root_seed
 from prefixcache.cache.block_pool import BlockPool
+from prefixcache.cache.events import CacheEvents
 from prefixcache.cache.radix_cache import EvictedRun, RadixCache
 
 BS = 2  # block size used by the targeted tests
@@ -606,3 +607,15 @@ def test_a_salt_that_was_only_looked_up_leaves_no_tree_and_its_root_is_gone():
     with pytest.raises(ValueError, match="no longer in the cache"):
         cache.lock(miss.node)
     cache.check_integrity()
+
+
+@pytest.mark.parametrize("listening", [True, False])
+def test_an_evicted_run_names_its_tenant_salt_only_while_events_are_recorded(listening):
+    events = CacheEvents()
+    if listening:
+        events.subscribe(lambda batch: None)
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append, events=events)
+    _serve(cache, pool, [1, 2, 3, 4, 5, 6], "tenant:1")
+    cache.evict(1)
+    assert [run.salt for run in runs] == ["tenant:1" if listening else None]
