@@ -207,6 +207,9 @@ def test_shutdown_tail_is_a_503_error_event_then_done():
 
 # ------------------------------------------------------- SSEResponse as ASGI
 
+# Not a timing check: a response that never ends (a cut or a disconnect ignored) fails
+# its test after this long instead of hanging the suite.
+HANG_GUARD_S = 30.0
 SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "POST"}
 TAIL = b"data: tail\n\n"
 
@@ -270,7 +273,7 @@ def _run_response(body: Events, client: Client, cut=None, tail=TAIL, during=None
         app = asyncio.ensure_future(response(SCOPE, client.receive, client.send))
         if during is not None:
             await during()
-        await app
+        await asyncio.wait_for(app, HANG_GUARD_S)
 
     asyncio.run(run())
     return closes
@@ -369,7 +372,7 @@ def test_a_cut_without_a_tail_ends_the_stream_with_nothing_added():
         app = asyncio.ensure_future(response(SCOPE, client.receive, client.send))
         await body.waiting.wait()
         cut.set()
-        await app
+        await asyncio.wait_for(app, HANG_GUARD_S)
 
     asyncio.run(run())
     assert client.bodies == [b"data: 1\n\n", b"", b""] and client.more == [True, True, False]
