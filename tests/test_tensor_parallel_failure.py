@@ -73,7 +73,7 @@ def test_worker_killed_during_a_request_fails_it_with_503_and_stops_the_engine(t
 
 
 def _spawned_children(pid: int) -> list[int]:
-    """``pid``'s child processes started by multiprocessing's spawn (its workers)."""
+    """``pid``'s child processes started by multiprocessing's spawn."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
@@ -93,7 +93,8 @@ def test_prefixcache_serve_exits_when_a_worker_dies_and_leaves_no_worker(tiny_ll
         api = _wait_for_url(lines, timeout=120)
         with httpx.Client(trust_env=False, timeout=60) as http:
             assert http.post(api + "/completions", json=BODY).status_code == 200
-        [worker] = _spawned_children(proc.pid)
+        [engine] = _spawned_children(proc.pid)  # serve runs the engine in its own process
+        [worker] = _spawned_children(engine)  # whose child is the rank-1 worker
         os.kill(worker, signal.SIGKILL)  # while idle: only the monitor can notice
         assert proc.wait(timeout=60) == ENGINE_DIED_EXIT_CODE
     finally:
@@ -103,3 +104,4 @@ def test_prefixcache_serve_exits_when_a_worker_dies_and_leaves_no_worker(tiny_ll
     log = "".join(lines.queue)
     assert KILLED in log
     assert not _alive(worker)
+    assert not _alive(engine)
