@@ -37,11 +37,10 @@ def load_sharded(model: nn.Module, reference: nn.Module, files: list[Path]) -> s
                     if tied and target == "lm_head.weight":
                         continue
                     raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                whole = reference.get_parameter(target).shape
-                region = _Region.of(whole, index)
-                region.check(name, handle.get_slice(name).get_shape())
-                runs = _runs_of(model, target)
-                _copy_runs(handle.get_slice(name), region, params[target], runs)
+                region = _Region.of(reference.get_parameter(target).shape, index)
+                source = handle.get_slice(name)  # reads nothing until indexed
+                region.check(name, source.get_shape())
+                _copy_runs(source, region, params[target], _runs_of(model, target))
                 loaded.add(name)
     return loaded
 
