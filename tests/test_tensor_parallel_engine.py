@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prefixcache import Engine, SamplingParams
+from prefixcache.config import EngineConfig
 from prefixcache.engine.model_runner import SequenceChunk
 
 LOGPROB_TOLERANCE = 1e-4  # float32 sums split over ranks, or over a cached prefix
@@ -133,3 +134,18 @@ def test_a_layout_the_model_cannot_take_is_refused_before_any_worker_starts(mode
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
         Engine.from_pretrained(str(model), tensor_parallel_size=0, **OPTIONS)
     assert multiprocessing.active_children() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tensor_parallel_size": True}, "tensor_parallel_size must be a positive integer"),
+        ({"tensor_parallel_timeout_s": 0}, "tensor_parallel_timeout_s must be > 0"),
+        ({"tensor_parallel_size": 2, "device": "cuda:1"}, r"ranks use cuda:0 \.\. cuda:1"),
+        ({"tensor_parallel_size": 2, "device": "mps"}, "runs on cpu or cuda devices"),
+    ],
+)
+def test_bad_tensor_parallel_settings_are_named(options: dict, message: str):
+    settings = {"model": "m", "device": "cpu", "dtype": "float32", "max_model_len": 64}
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{**settings, **options})

@@ -31,6 +31,15 @@ from server.launch import ENGINE_DIED_EXIT_CODE
 OPTIONS = {"tensor_parallel_size": 2, "kv_cache_tokens": 1024, "tensor_parallel_timeout_s": 60.0}
 KILLED = "tensor-parallel worker 1 exited with signal 9"
 BODY = {"model": "tiny", "prompt": "hello there", "max_tokens": 3, "temperature": 0}
+SERVED = {
+    "/completions": BODY,
+    "/chat/completions": {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    },
+    "/responses": {"model": "tiny", "input": "hi", "max_output_tokens": 3},
+}
 
 
 def _alive(pid: int) -> bool:
@@ -49,10 +58,12 @@ async def _run(stream) -> None:
 def test_worker_killed_during_a_request_fails_it_with_503_and_stops_the_engine(tiny_llama):
     with running_server(str(tiny_llama), engine_options=OPTIONS) as server:
         pids = on_engine(server.client, lambda engine: engine.core.runner.group.pids)
-        gate = ForwardGate()
-        wrap_forward(server.client, gate.wrap)  # never undone: the engine dies
         replies = []
         with httpx.Client(trust_env=False, timeout=60) as http:
+            for path, body in SERVED.items():  # every endpoint works at TP=2 first
+                assert http.post(server.api_url + path, json=body).status_code == 200, path
+            gate = ForwardGate()
+            wrap_forward(server.client, gate.wrap)  # never undone: the engine dies
             post = threading.Thread(
                 target=lambda: replies.append(http.post(server.api_url + "/completions", json=BODY))
             )
