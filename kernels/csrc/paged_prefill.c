@@ -237,6 +237,16 @@ static void run_item(const struct prefill_args *a, const struct item *it, struct
     write_output(a, it, w);
 }
 
+/* Each thread's scratch, allocated on its first call and kept: it is large enough
+ * (hundreds of KiB) that allocating it per call would map fresh pages every layer. */
+static struct scratch *thread_scratch(void)
+{
+    static _Thread_local struct scratch *mine;
+    if (mine == NULL)
+        mine = aligned_alloc(64, (sizeof(struct scratch) + 63) / 64 * 64);
+    return mine;
+}
+
 /* Returns 0, or -1 when the shapes are outside what this kernel takes. */
 int paged_prefill_f32(const float *q, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, const int32_t *seq_lens,
@@ -267,7 +277,7 @@ int paged_prefill_f32(const float *q, const float *k_cache, const float *v_cache
     int status = 0;
 #pragma omp parallel num_threads(threads)
     {
-        struct scratch *w = aligned_alloc(64, (sizeof(struct scratch) + 63) / 64 * 64);
+        struct scratch *w = thread_scratch();
         if (w == NULL) {
 #pragma omp atomic write
             status = -1;
@@ -276,7 +286,6 @@ int paged_prefill_f32(const float *q, const float *k_cache, const float *v_cache
         for (int i = 0; i < count; i++)
             if (w != NULL)
                 run_item(&a, &items[i], w);
-        free(w);
     }
     free(items);
     return status;
