@@ -22,7 +22,6 @@ from prefixcache.client import InProcessEngineClient, ProcessEngineClient
 from server.app import create_app
 from server.background import BackgroundServer
 
-
 ENGINE_KINDS = ("thread", "process")  # an engine on a thread of the server, or its own process
 
 
