@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from server_harness import running_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import long_prompt  # noqa: E402
@@ -92,3 +93,29 @@ def test_conversation_on_a_gemma3_shaped_model_reports_hybrid_kv_memory(tmp_path
     expected = 6 / (1 + 5 * (1024 + 2048 + 16) / 131072)
     assert at_128k["ratio"] == pytest.approx(expected) and at_128k["ratio"] >= 3
     assert memory["200k"]["ratio"] > at_128k["ratio"]
+
+
+def test_tgi_long_sets_http_beside_in_process_on_the_same_load(tiny_llama, tmp_path):
+    options = {"kv_cache_tokens": 16384}
+    with (
+        running_server(str(tiny_llama), engine_options=options, engine="process") as on,
+        running_server(
+            str(tiny_llama), engine_options={**options, "enable_prefix_caching": False}
+        ) as off,
+    ):
+        args = ["--scenario", "tgi-long", "--num-reports", "2", "--report-tokens", "300"]
+        args += ["--max-tokens", "4", "--kv-cache-tokens", "16384", "--model", str(tiny_llama)]
+        args += ["--url", on.url, "--url-no-cache", off.url, "--out", str(tmp_path)]
+        long_prompt.main(args)  # --backend both is the default
+    summary, rows = _report(tmp_path, "long_prompt_tgi-long")
+    runs = {(row["backend"], row["server"], row["run"]): row for row in rows}
+    assert len(runs) == len(rows) == 8  # two runs of each side, each way
+    http, local = runs["http", "prefix cache on", 2], runs["in process", "prefix cache on", 2]
+    assert http["cached"] == local["cached"] >= summary["prompt_tokens"] - 2 * 16
+    assert summary["http_vs_in_process_second_run"] == pytest.approx(
+        http["seconds"] / local["seconds"]
+    )
+    first_on, first_off = runs["http", "prefix cache on", 1], runs["http", "prefix cache off", 1]
+    assert summary["first_run_cache_on_vs_off_http"] == pytest.approx(
+        first_on["seconds"] / first_off["seconds"]
+    )
