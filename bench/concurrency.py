@@ -16,9 +16,11 @@ Reported per level: requests/s and output tokens/s, time to first token p50/p99 
 the inter-token latency p50/p99 (gaps between a stream's successive text events).
 The server is started here (``prefixcache serve``) unless ``--url`` names one;
 ``--server-arg`` passes options through (e.g. ``--server-arg=--step-time-target-ms=0``
-for the fixed step budget).
+for the fixed step budget); ``--compare-fixed`` starts a second server with the fixed
+budget and runs each level on both, one after the other, so that the two see the
+same machine (ratios taken within one run).
 
-    python bench/concurrency.py --model-shape qwen2-20m --out bench/out
+    python bench/concurrency.py --model-shape qwen2-20m --compare-fixed --out bench/out
     python bench/concurrency.py --streams 1 16 --label fixed --server-arg=--step-time-target-ms=0
 """
 
@@ -27,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -173,7 +177,7 @@ def percentile(values: list[float], pct: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
 
 
 def goals(rows: list[dict]) -> dict:
@@ -211,26 +215,49 @@ def _tokenizer(folder: str | None):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run every level against one server; print the table and the JSON summary."""
-    args = _parser().parse_args(argv)
+    """Run every level against the server (or, with ``--compare-fixed``, against it and
+    a fixed-budget server, level by level); print the table and the JSON summary."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.url and args.compare_fixed:
+        parser.error("--compare-fixed starts both servers here; it cannot use --url")
     folder = _model_folder(args)
     load = Load(_tokenizer(folder), args)
-    rows = []
-    with started_server(folder, args.url, args.server_arg, args.server_threads) as url:
-        model = served_model(url)
-        # Warm-up: the shared system prompt enters the cache, the first steps are paid.
-        asyncio.run(run_level(url, model, load, 1, first=10**6, budget=2))
-        for level, streams in enumerate(args.streams):
-            row = asyncio.run(run_level(url, model, load, streams, first=level * 10**4))
-            rows.append({"label": args.label, **row})
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    sides = [(args.label, args.server_arg)]
+    if args.compare_fixed:
+        sides.append(("fixed", [*args.server_arg, "--step-time-target-ms=0"]))
+    with ExitStack() as stack:
+        urls = [
+            stack.enter_context(started_server(folder, args.url, extra, args.server_threads))
+            for _, extra in sides
+        ]
+        rows = _measure(load, [label for label, _ in sides], urls)
     summary = {"benchmark": "concurrency", "label": args.label, "model": args.model_shape}
     summary.update(model_path=folder, turns=args.turns, max_tokens=args.max_tokens)
-    summary.update({f"requests_per_s_{r['streams']}": r["requests_per_s"] for r in rows})
-    summary.update({f"itl_p50_ms_{r['streams']}": r["itl_p50_ms"] for r in rows})
-    summary.update(goals(rows))
+    for label, _ in sides:
+        mine = [r for r in rows if r["label"] == label]
+        summary.update(
+            {f"{label}_requests_per_s_{r['streams']}": r["requests_per_s"] for r in mine}
+        )
+        summary.update({f"{label}_itl_p50_ms_{r['streams']}": r["itl_p50_ms"] for r in mine})
+        summary.update({f"{label}_{key}": value for key, value in goals(mine).items()})
     write_report(args.out, f"concurrency_{args.label}", summary, rows)
     return summary
+
+
+def _measure(load: Load, labels: list[str], urls: list[str]) -> list[dict]:
+    """Each level on each server in turn (so both see the machine's load of the moment)."""
+    models = [served_model(url) for url in urls]
+    for url, model in zip(urls, models, strict=True):
+        # Warm-up: the shared system prompt enters the cache, the first steps are paid.
+        asyncio.run(run_level(url, model, load, 1, first=10**6, budget=2))
+    rows = []
+    for level, streams in enumerate(load.args.streams):
+        for label, url, model in zip(labels, urls, models, strict=True):
+            row = asyncio.run(run_level(url, model, load, streams, first=level * 10**4))
+            rows.append({"label": label, **row})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,6 +271,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", default=None, help="a running server instead of starting one")
     parser.add_argument("--server-arg", action="append", default=[], help="passed to serve")
+    parser.add_argument(
+        "--compare-fixed",
+        action="store_true",
+        help="also serve with --step-time-target-ms=0 (the fixed budget), level by level",
+    )
     parser.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--system-tokens", type=int, default=2000)
