@@ -37,7 +37,7 @@ class UnreachableTier(HostTier):
     def contains(self, query):
         raise ConnectionError("tier unreachable")
 
-    touch = get = put = discard = contains
+    touch = get = put = discard = contains  # each logged as "failed in contains"
 
 
 class UntouchableTier(HostTier):
@@ -354,3 +354,17 @@ def test_no_tiers_are_built_without_prefix_caching_or_without_a_tier_asked_for(t
     off = _engine_config(host_cache_tokens=12, enable_prefix_caching=False)
     assert build_tiers(off, kv, "model-x") is None
     assert build_tiers(_engine_config(host_cache_tokens=12), kv, "m").tiers[0].name == "host"
+
+
+def test_a_failing_tier_warns_with_a_traceback_once_then_logs_quietly(caplog):
+    rig = _Rig(more_tiers=[_host(4, UnreachableTier)])
+    with caplog.at_level(logging.DEBUG, logger="prefixcache.tiers.tiered"):
+        rig.serve(_tokens(19, 8))
+        _evict_all(rig)
+    records = [r for r in caplog.records if r.name == "prefixcache.tiers.tiered"]
+    assert len(records) == _failures(rig)[0] > 1
+    first, *rest = records
+    assert first.getMessage() == "KV tier 'unreachable' failed in contains; taken as a miss"
+    assert first.levelno == logging.WARNING and first.exc_info[0] is ConnectionError
+    assert {r.levelno for r in rest} == {logging.DEBUG}
+    assert {r.getMessage().split(" failed in ")[0] for r in rest} == {"KV tier 'unreachable'"}
