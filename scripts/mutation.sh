@@ -78,11 +78,11 @@ cd "$work"
 export PREFIXCACHE_MUTATION=1  # tests/conftest.py: Hypothesis does not shrink failures
 start=$SECONDS
 status=0
-# mutmut keeps a mutant's result; MUTATION_RERUN_SURVIVORS=1 checks the survivors again
-# (after tests were added), the others keep theirs.
+# mutmut keeps a mutant's result; MUTATION_RERUN_SURVIVORS=1 checks the survivors, and the
+# mutants no test reached, again (after tests were added); the others keep theirs.
 names=()
 if [[ -n ${MUTATION_RERUN_SURVIVORS:-} ]]; then
-    mapfile -t names < <("$py" -m mutmut results 2>/dev/null | sed -n 's/^ *\(.*\): survived$/\1/p')
+    mapfile -t names < <("$py" -m mutmut results 2>/dev/null | sed -n -E 's/^ *(.*): (survived|no tests)$/\1/p')
     echo "checking ${#names[@]} surviving mutants again"
 fi
 timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" "${names[@]}" || status=$?

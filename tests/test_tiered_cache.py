@@ -293,8 +293,10 @@ def test_a_key_addressed_tier_serves_every_chunk_by_its_chained_name():
     _evict_all(rig)
     assert rig.serve(prompt + [1]) == 12
     store = PersistentDictTier(1 << 20, BS)
-    _Rig(more_tiers=[store]).serve(prompt)  # written through, never evicted
+    first = _Rig(more_tiers=[store])
+    first.serve(prompt)  # written through, never evicted
     assert _Rig(more_tiers=[store]).serve(prompt + [1]) == 12  # another engine
+    assert _failures(rig) == _failures(first) == [0]
 
 
 def test_a_persistent_tier_that_fails_to_mark_a_chunk_used_still_gets_it_written():
@@ -368,3 +370,35 @@ def test_a_failing_tier_warns_with_a_traceback_once_then_logs_quietly(caplog):
     assert first.levelno == logging.WARNING and first.exc_info[0] is ConnectionError
     assert {r.levelno for r in rest} == {logging.DEBUG}
     assert {r.getMessage().split(" failed in ")[0] for r in rest} == {"KV tier 'unreachable'"}
+
+
+def test_chunks_the_disk_tier_drops_reach_a_shared_tier_below_with_their_kv(tmp_path):
+    """disk (room for one chunk file) -> shared: the disk tier reads a file it drops
+    only when a tier below needs the data, as here."""
+    probe = _Rig(disk=tmp_path / "probe")
+    probe.serve(_tokens(20, 4))
+    file_bytes = next((tmp_path / "probe").rglob("*.kv")).stat().st_size
+    shared = _host(8, SharedHostTier)
+    rig = _Rig(disk=tmp_path / "disk", disk_bytes=file_bytes, more_tiers=[shared])
+    first, second = _tokens(21, 4), _tokens(22, 4)
+    rig.serve(first)  # written through to disk
+    rig.serve(second)  # its file pushes the first one out, down to the shared tier
+    assert shared.num_used_blocks == 2
+    rig.blocks.cache.flush()  # the device forgets both, offloading nothing
+    assert rig.serve(first + [1]) == 4  # KV checked: the shared tier got the real data
+    assert _failures(rig) == [0, 0]
+
+
+def test_a_chunk_held_in_part_by_one_tier_is_completed_from_a_lower_one(tmp_path):
+    """The host tier holds the first block of a chunk, the disk tier all of it: the
+    lower tier is asked for more, and the whole chunk comes back."""
+    rig = _Rig(host_chunks=4, disk=tmp_path)
+    prompt = _tokens(23, 6)  # a chunk and a block
+    rig.serve(prompt)
+    _evict_all(rig)  # host and disk: chunk 0, and the first block of chunk 1
+    longer = prompt + [7, 8]
+    rig.serve(longer)  # chunk 1 whole: written through to disk
+    rig.blocks.cache.flush()  # the host tier keeps only the block it had
+    assert rig.serve(longer + [1]) == 8
+    # host: the onload of ``longer`` (6 tokens), then chunk 0; disk: chunk 1 whole.
+    assert [stats.hit_tokens for stats in rig.tiers.tier_stats()] == [6 + 4, 4]
