@@ -7,6 +7,7 @@
 #   MUTATION_BUDGET=30m scripts/mutation.sh      # time budget (default 60m), as for timeout(1)
 #   MUTATION_JOBS=2 scripts/mutation.sh          # parallel mutant runs (default: CPU count)
 #   MUTATION_DIR=.mutation-b scripts/mutation.sh ...  # another scratch copy, for a second run
+#   MUTATION_RERUN_SURVIVORS=1 scripts/mutation.sh ...  # check the last run's survivors again
 #
 # The run happens in a scratch copy (.mutation/) so that a subset can rewrite the
 # [tool.mutmut] table without touching the checkout; the results are printed per module.
@@ -77,7 +78,14 @@ cd "$work"
 export PREFIXCACHE_MUTATION=1  # tests/conftest.py: Hypothesis does not shrink failures
 start=$SECONDS
 status=0
-timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" || status=$?
+# mutmut keeps a mutant's result; MUTATION_RERUN_SURVIVORS=1 checks the survivors, and the
+# mutants no test reached, again (after tests were added); the others keep theirs.
+names=()
+if [[ -n ${MUTATION_RERUN_SURVIVORS:-} ]]; then
+    mapfile -t names < <("$py" -m mutmut results 2>/dev/null | sed -n -E 's/^ *(.*): (survived|no tests)$/\1/p')
+    echo "checking ${#names[@]} surviving mutants again"
+fi
+timeout --foreground "$budget" "$py" -m mutmut run --max-children "$jobs" "${names[@]}" || status=$?
 ((status == 124)) && echo "budget of $budget spent: the counts below are partial"
 echo "ran for $((SECONDS - start)) s"
 

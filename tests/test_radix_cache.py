@@ -471,7 +471,7 @@ def test_bad_inserts_raise_and_change_nothing():
     with pytest.raises(ValueError, match="free in the pool"):
         cache.insert([1, 2], [3])
     (block,) = pool.allocate(1)
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match=r"^insert got the same block id twice$"):
         cache.insert([1, 2, 3, 4], [block, block])
     assert cache.num_cached_blocks == 0
     cache.check_integrity(num_held_outside=2)
@@ -619,3 +619,56 @@ def test_an_evicted_run_names_its_tenant_salt_only_while_events_are_recorded(lis
     _serve(cache, pool, [1, 2, 3, 4, 5, 6], "tenant:1")
     cache.evict(1)
     assert [run.salt for run in runs] == ["tenant:1" if listening else None]
+
+
+def _listening() -> tuple[CacheEvents, list]:
+    events, batches = CacheEvents(), []
+    events.subscribe(batches.append)
+    return events, batches
+
+
+def _published(events: CacheEvents, batches: list) -> list[tuple[str, str | None, tuple]]:
+    """The events published since the last call."""
+    events.publish()
+    published = [(e.kind, e.salt, e.chunk_hashes) for batch in batches for e in batch]
+    batches.clear()
+    return published
+
+
+def test_events_name_stored_and_evicted_chunks_with_their_salt_suffix_first():
+    events, batches = _listening()
+    cache, pool = _cache(events=events)
+    tokens = list(range(1, 11))  # two full chunks and a block
+    _serve(cache, pool, tokens, "t:1")
+    chain = tuple(chunk_hashes(tokens, CS, root_seed("m", "t:1")))
+    assert _published(events, batches) == [("stored", "t:1", chain)]
+    assert events.on_device == set(chain)
+    cache.evict(5)
+    assert _published(events, batches) == [("evicted", "t:1", chain[::-1])]
+    assert events.on_device == set()
+
+
+def test_chunks_evicted_to_on_evict_are_left_to_it_to_report():
+    events, batches = _listening()
+    runs: list[EvictedRun] = []
+    cache, pool = _cache(on_evict=runs.append, events=events)
+    _serve(cache, pool, list(range(1, 9)))
+    _published(events, batches)
+    cache.evict(4)
+    assert _published(events, batches) == [] and len(runs) == 1
+    assert events.on_device == set()
+
+
+def test_the_lru_heap_drops_stale_entries_and_keeps_every_evictable_leaf():
+    """Each use of a leaf pushes a new heap entry; past twice the node count plus 64 the
+    stale ones are dropped, and every leaf that can be evicted keeps its live entry."""
+    cache, pool = _cache()
+    leaves = [[i] * 4 for i in range(1, 4)]
+    for _ in range(40):  # 120 uses of three leaves: the heap is compacted
+        for tokens in leaves:
+            _serve(cache, pool, tokens)
+    assert len(cache._heap) < 2 * 3 + 64 + 1
+    _serve(cache, pool, leaves[0])  # the most recent: evicted last
+    assert cache.evict(4) == 4
+    assert [cache.peek(tokens) for tokens in leaves] == [4, 0, 0]
+    cache.check_integrity()

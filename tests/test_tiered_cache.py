@@ -5,13 +5,21 @@ the last local tier drops handed on to a shared tier, and the cache events of ea
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from test_block_manager_tiers import CHUNK_SHAPE, CS, FINGERPRINT, _evict_all, _Rig, _tokens
+from test_block_manager_tiers import BS, CHUNK_SHAPE, CS, FINGERPRINT, _evict_all, _Rig, _tokens
+from test_kv_tier_registry import DictTier
 
 from chunking.hashing import chunk_hashes, root_seed
 from prefixcache.cache.events import CacheEvents
+from prefixcache.cache.kv_cache import KVCache
+from prefixcache.config import EngineConfig
+from prefixcache.models.config import ModelConfig
 from prefixcache.tiers.host import HostTier
+from prefixcache.tiers.kv_file import ChunkLayout
+from prefixcache.tiers.tiered import build_tiers
 
 
 class SharedHostTier(HostTier):
@@ -29,7 +37,40 @@ class UnreachableTier(HostTier):
     def contains(self, query):
         raise ConnectionError("tier unreachable")
 
-    touch = get = put = discard = contains
+    touch = get = put = discard = contains  # each logged as "failed in contains"
+
+
+class UntouchableTier(HostTier):
+    """Serves chunks, but fails when asked to mark one used (a flaky server)."""
+
+    def touch(self, query):
+        raise ConnectionError("tier unreachable")
+
+
+class MangledTier(HostTier):
+    """Returns its chunks damaged: data of another shape or dtype, or none at all."""
+
+    def __init__(self, damage: str) -> None:
+        super().__init__(8, CHUNK_SHAPE, torch.float32)
+        self.name, self.damage = f"mangled-{damage}", damage
+
+    def get(self, query):
+        chunk = super().get(query)
+        if chunk is None:
+            return None
+        data = {
+            "truncated": lambda d: d[:, :, :1],
+            "float64": lambda d: d.double(),
+            "missing": lambda d: None,
+        }[self.damage](chunk.data)
+        return chunk._replace(data=data)
+
+
+class PersistentDictTier(DictTier):
+    """A key-addressed tier that keeps its chunks across engines (a store on a server)."""
+
+    name = "persistent-dict"
+    persistent = True
 
 
 def _host(num_chunks: int, cls=HostTier) -> HostTier:
@@ -144,3 +185,220 @@ def test_chunks_the_host_tier_passes_to_disk_during_an_offload_are_not_evicted(t
     _evict_all(rig)
     assert events.evicted() == []
     assert rig.serve(prompt + [1], salt="carol:") == 12
+
+
+def test_bytes_moved_each_way_add_up_over_offloads_and_onloads():
+    rig = _Rig(host_chunks=8)
+    block_bytes = rig.tiers.transfer.block_bytes
+    prompt = _tokens(7, 12)
+    rig.serve(prompt)
+    _evict_all(rig)
+    assert rig.tiers.counters.offloaded_bytes == 6 * block_bytes
+    assert rig.serve(prompt + [1]) == 12
+    assert rig.tiers.counters.onloaded_bytes == 6 * block_bytes
+    _evict_all(rig)  # the same chunks again: held already, nothing read
+    rig.serve(_tokens(8, 4))
+    _evict_all(rig)
+    assert rig.tiers.counters.offloaded_bytes == 8 * block_bytes
+    assert rig.serve(prompt + [1]) == 12
+    assert rig.tiers.counters.onloaded_bytes == 12 * block_bytes
+
+
+def test_a_chunk_the_only_local_tier_drops_is_evicted_once_the_device_has_it_no_more():
+    events = _Events()
+    rig = _Rig(host_chunks=1, events=events.events)
+    rig.tiers.check_integrity()  # nothing held back before the first onload
+    first, second = _tokens(9, 4), _tokens(10, 4)
+    rig.serve(first)
+    _evict_all(rig)
+    assert events.evicted() == []
+    rig.serve(second)
+    _evict_all(rig)  # the host tier makes room: ``first`` leaves the engine
+    assert events.evicted() == [(None, _chain(first)[0])]
+    assert _failures(rig) == [0]
+
+
+def test_with_only_a_shared_tier_every_offloaded_chunk_leaves_the_engine():
+    """A shared tier holds chunks for every engine, not for this one: each evicted
+    chunk is recorded as evicted, and the shared tier dropping one records nothing."""
+    events = _Events()
+    rig = _Rig(more_tiers=[_host(1, SharedHostTier)], events=events.events)
+    first, second = _tokens(11, 8), _tokens(12, 4)
+    rig.serve(first, salt="dan:")
+    _evict_all(rig)  # two chunks into a tier of one: it drops the second
+    assert events.evicted() == [("dan:", h) for h in reversed(_chain(first, "dan:"))]
+    assert rig.serve(first + [1], salt="dan:") == 4  # the first chunk, from the shared tier
+    rig.serve(second)
+    _evict_all(rig)
+    assert len(events.evicted()) == 2 + 2 + 1  # the onloaded chunk, and ``second``
+    assert _failures(rig) == [0]
+
+
+def test_chunks_move_down_through_every_local_tier_in_turn():
+    rig = _Rig(more_tiers=[_host(1), _host(1), _host(1)])
+    prompt = _tokens(13, 12)
+    rig.serve(prompt)
+    _evict_all(rig)
+    assert [tier.num_used_blocks for tier in rig.tiers.tiers] == [2, 2, 2]
+    assert rig.serve(prompt + [1]) == 12
+    assert _failures(rig) == [0, 0, 0]
+
+
+def test_a_chunk_trimmed_block_by_block_is_stored_once_and_the_rest_still_follow():
+    rig = _Rig(host_chunks=8)
+    prompt = _tokens(14, 12)
+    rig.serve(prompt)
+    rig.blocks.cache.evict(1)  # the last chunk goes to the host tier whole
+    _evict_all(rig)  # then the rest: the last chunk's remains are held already
+    assert rig.tier("host").num_used_blocks == 6
+    assert rig.serve(prompt + [1]) == 12
+
+
+@pytest.mark.parametrize("damage", ["truncated", "float64", "missing"])
+def test_a_damaged_chunk_from_a_tier_is_a_miss(damage, caplog):
+    """Data of the wrong shape or dtype is discarded from the tier, with a warning;
+    data that cannot even be checked counts as the tier's failure. Either way the
+    request computes its prompt again, and the healthy chunk below is never shadowed."""
+    mangled = MangledTier(damage)
+    rig = _Rig(more_tiers=[mangled])
+    prompt = _tokens(15, 8)
+    rig.serve(prompt)
+    _evict_all(rig)
+    with caplog.at_level(logging.WARNING, logger="prefixcache.tiers.tiered"):
+        assert rig.serve(prompt + [1]) == 0
+    if damage == "missing":
+        assert _failures(rig) == [1]  # the first chunk: the second is never asked for
+        assert mangled.num_used_blocks == 4
+    else:
+        assert _failures(rig) == [0]
+        assert f"tier '{mangled.name}' returned a chunk that does not match" in caplog.text
+        assert mangled.num_used_blocks == 2  # the first chunk discarded; not asked further
+
+
+def test_a_tier_that_fails_to_mark_a_served_chunk_used_still_serves_it():
+    rig = _Rig(more_tiers=[_host(8, UntouchableTier)])
+    prompt = _tokens(16, 8)
+    rig.serve(prompt)
+    _evict_all(rig)
+    assert rig.serve(prompt + [1]) == 8
+    assert _failures(rig) == [2]  # one touch per chunk served
+
+
+def test_a_key_addressed_tier_serves_every_chunk_by_its_chained_name():
+    """A tier that finds chunks by key alone (a key-value server) needs each chunk's
+    seed to be the hash of the chunk before it, for evicted and written-through chunks."""
+    rig = _Rig(more_tiers=[DictTier(1 << 20, BS)])
+    prompt = _tokens(17, 12)
+    rig.serve(prompt)
+    _evict_all(rig)
+    assert rig.serve(prompt + [1]) == 12
+    store = PersistentDictTier(1 << 20, BS)
+    first = _Rig(more_tiers=[store])
+    first.serve(prompt)  # written through, never evicted
+    assert _Rig(more_tiers=[store]).serve(prompt + [1]) == 12  # another engine
+    assert _failures(rig) == _failures(first) == [0]
+
+
+def test_a_persistent_tier_that_fails_to_mark_a_chunk_used_still_gets_it_written():
+    class FlakyStore(PersistentDictTier):
+        def touch(self, query):
+            raise ConnectionError("tier unreachable")
+
+    store = FlakyStore(1 << 20, BS)
+    rig = _Rig(more_tiers=[store])
+    rig.serve(_tokens(18, 8))
+    assert len(store.chunks) == 2
+    assert _failures(rig)[0] >= 2  # each write asks first whether the chunk is there
+
+
+def _model_config() -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=3,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+    )
+
+
+def _engine_config(**kwargs) -> EngineConfig:
+    return EngineConfig(
+        model="m", device="cpu", dtype="float32", max_model_len=64, block_size=2, chunk_size=4,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_tiers_are_built_over_the_device_pools_in_order_with_their_shapes(tmp_path):
+    kv = KVCache(_model_config(), 8, 2, torch.float32, torch.device("cpu"))
+    config = _engine_config(host_cache_tokens=12, disk_cache_dir=tmp_path, disk_cache_bytes=999)
+    events = CacheEvents()
+    tiers = build_tiers(config, kv, "model-x", events)
+    host, disk = tiers.tiers
+    assert (host.name, disk.name) == ("host", "disk")
+    assert (tiers.block_size, tiers.chunk_size, tiers.events) == (2, 4, events)
+    assert tiers.transfer.device_layers == kv.layers
+    block_shape = tuple(kv.layers[0][0].shape[1:])
+    chunk_shape = (3, 2, 2, *block_shape)  # layers, K and V, blocks per chunk, block
+    assert host.pool.shape == (3, 2, 3, 2, *block_shape)  # 12 tokens: three chunk slots
+    assert host.pool.dtype == torch.float32
+    assert disk.layout == ChunkLayout("model-x", torch.float32, chunk_shape)
+    assert disk.max_bytes == 999
+
+
+def test_no_tiers_are_built_without_prefix_caching_or_without_a_tier_asked_for(tmp_path):
+    kv = KVCache(_model_config(), 8, 2, torch.float32, torch.device("cpu"))
+    assert build_tiers(_engine_config(), kv, "model-x") is None
+    off = _engine_config(host_cache_tokens=12, enable_prefix_caching=False)
+    assert build_tiers(off, kv, "model-x") is None
+    assert build_tiers(_engine_config(host_cache_tokens=12), kv, "m").tiers[0].name == "host"
+
+
+def test_a_failing_tier_warns_with_a_traceback_once_then_logs_quietly(caplog):
+    rig = _Rig(more_tiers=[_host(4, UnreachableTier)])
+    with caplog.at_level(logging.DEBUG, logger="prefixcache.tiers.tiered"):
+        rig.serve(_tokens(19, 8))
+        _evict_all(rig)
+    records = [r for r in caplog.records if r.name == "prefixcache.tiers.tiered"]
+    assert len(records) == _failures(rig)[0] > 1
+    first, *rest = records
+    assert first.getMessage() == "KV tier 'unreachable' failed in contains; taken as a miss"
+    assert first.levelno == logging.WARNING and first.exc_info[0] is ConnectionError
+    assert {r.levelno for r in rest} == {logging.DEBUG}
+    assert {r.getMessage().split(" failed in ")[0] for r in rest} == {"KV tier 'unreachable'"}
+
+
+def test_chunks_the_disk_tier_drops_reach_a_shared_tier_below_with_their_kv(tmp_path):
+    """disk (room for one chunk file) -> shared: the disk tier reads a file it drops
+    only when a tier below needs the data, as here."""
+    probe = _Rig(disk=tmp_path / "probe")
+    probe.serve(_tokens(20, 4))
+    file_bytes = next((tmp_path / "probe").rglob("*.kv")).stat().st_size
+    shared = _host(8, SharedHostTier)
+    rig = _Rig(disk=tmp_path / "disk", disk_bytes=file_bytes, more_tiers=[shared])
+    first, second = _tokens(21, 4), _tokens(22, 4)
+    rig.serve(first)  # written through to disk
+    rig.serve(second)  # its file pushes the first one out, down to the shared tier
+    assert shared.num_used_blocks == 2
+    rig.blocks.cache.flush()  # the device forgets both, offloading nothing
+    assert rig.serve(first + [1]) == 4  # KV checked: the shared tier got the real data
+    assert _failures(rig) == [0, 0]
+
+
+def test_a_chunk_held_in_part_by_one_tier_is_completed_from_a_lower_one(tmp_path):
+    """The host tier holds the first block of a chunk, the disk tier all of it: the
+    lower tier is asked for more, and the whole chunk comes back."""
+    rig = _Rig(host_chunks=4, disk=tmp_path)
+    prompt = _tokens(23, 6)  # a chunk and a block
+    rig.serve(prompt)
+    _evict_all(rig)  # host and disk: chunk 0, and the first block of chunk 1
+    longer = prompt + [7, 8]
+    rig.serve(longer)  # chunk 1 whole: written through to disk
+    rig.blocks.cache.flush()  # the host tier keeps only the block it had
+    assert rig.serve(longer + [1]) == 8
+    # host: the onload of ``longer`` (6 tokens), then chunk 0; disk: chunk 1 whole.
+    assert [stats.hit_tokens for stats in rig.tiers.tier_stats()] == [6 + 4, 4]
