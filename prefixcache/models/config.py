@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefixcache.models.attention_layout import attention_fields, gemma_fields
 from prefixcache.models.moe import MoeConfig, parse_moe
 from prefixcache.models.rope import RopeConfig, parse_rope
+
+if TYPE_CHECKING:
+    from prefixcache.models.parallel import TensorParallel
 
 __all__ = ["ModelConfig", "MoeConfig", "RopeConfig"]
 
@@ -51,9 +54,9 @@ class ModelConfig:
             return self.sliding_window
         return None
 
-    def for_rank(self, parallel) -> ModelConfig:
+    def for_rank(self, parallel: TensorParallel | None) -> ModelConfig:
         """This config with one tensor-parallel rank's query and KV head counts, to size
-        that rank's KV pools (``parallel``: a ``models.parallel.TensorParallel``)."""
+        that rank's KV pools; itself for one rank (``parallel`` None or of size 1)."""
         if parallel is None or parallel.size == 1:
             return self
         return replace(

@@ -29,10 +29,14 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+if TYPE_CHECKING:
+    from prefixcache.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,9 @@ def current_parallel() -> TensorParallel:
     return _BUILDING.get()
 
 
-def check_layout(config, parallel: TensorParallel) -> None:
+def check_layout(config: ModelConfig, parallel: TensorParallel) -> None:
     """Raise a ValueError naming the sizes when ``config`` cannot be split ``parallel.size``
-    ways (``config`` is a ``ModelConfig``)."""
+    ways."""
     parallel.kv_head_range(config.num_heads, config.num_kv_heads)
     moe = config.moe
     if moe is None or not all(moe.is_sparse(i) for i in range(config.num_layers)):
