@@ -73,8 +73,25 @@ def serve(
     model: str,
     engine_options: dict,
     *,
-    model_name: str,
     engine_in_process: bool = False,
+    log_level: str = "info",
+    **server_options,
+) -> None:
+    """Serve ``model`` over HTTP until interrupted (see ``serve_client``).
+
+    The engine (``Engine.from_pretrained(model, **engine_options)``) runs in its own
+    process (``ProcessEngineClient``), so the HTTP process only parses, tokenizes and
+    streams; ``engine_in_process`` keeps it on a thread of this process instead. The
+    banner is printed once the engine is loaded.
+    """
+    client = start_engine(model, engine_options, engine_in_process, log_level)
+    serve_client(client, log_level=log_level, **server_options)
+
+
+def serve_client(
+    client: InProcessEngineClient | ProcessEngineClient,
+    *,
+    model_name: str,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
@@ -87,13 +104,10 @@ def serve(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
     metrics_api_key: str | None = None,
 ) -> None:
-    """Serve ``model`` over HTTP until interrupted (Ctrl-C or SIGTERM).
+    """Serve the engine behind ``client`` over HTTP until interrupted (Ctrl-C or
+    SIGTERM); the client is shut down after.
 
-    The engine (``Engine.from_pretrained(model, **engine_options)``) runs in its own
-    process (``ProcessEngineClient``), so the HTTP process only parses, tokenizes and
-    streams; ``engine_in_process`` keeps it on a thread of this process instead.
-
-    If the engine's loop dies the server stops at once and this raises
+    If the engine stops the server stops at once and this raises
     ``SystemExit(ENGINE_DIED_EXIT_CODE)``: a process that cannot generate any more
     should end, not answer 503 forever.
 
@@ -104,7 +118,6 @@ def serve(
     ``shutdown_timeout`` seconds. ``request_timeout`` and ``metrics_api_key``: see
     ``create_app``.
     """
-    client = start_engine(model, engine_options, engine_in_process, log_level)
     try:
         store = ResponseStore(folder=responses_dir) if responses_dir is not None else None
         app = create_app(

@@ -134,7 +134,8 @@ _DYING_SERVER = textwrap.dedent(
     """
     import sys
     from prefixcache import Engine
-    from server.launch import serve
+    from prefixcache.client import InProcessEngineClient
+    from server.launch import serve_client
 
     engine = Engine.from_pretrained(sys.argv[1], device="cpu", kv_cache_tokens=1024)
 
@@ -142,7 +143,7 @@ _DYING_SERVER = textwrap.dedent(
         raise RuntimeError("simulated loop failure")
 
     engine.core.has_unfinished_requests = broken  # the loop thread's first call
-    serve(engine, model_name="tiny", port=0, log_level="warning")
+    serve_client(InProcessEngineClient(engine), model_name="tiny", port=0, log_level="warning")
     """
 )
 

@@ -23,10 +23,14 @@ from prefixcache.client import (
     EngineDeadError,
     GrammarError,
     InProcessEngineClient,
+    KVCacheBusyError,
     KVCacheExhaustedError,
     ProcessEngineClient,
+    RequestDelta,
+    RequestFailedError,
     SamplingParams,
     StructuredOutput,
+    wire,
 )
 
 OPTIONS = {"device": "cpu", "kv_cache_tokens": 8192, "max_model_len": 2048}
@@ -235,3 +239,27 @@ def test_shutdown_stops_the_engine_process(tiny_llama):
         os.kill(pid, 0)
     with pytest.raises(EngineDeadError):
         asyncio.run(_collect(client, range(10), SamplingParams(max_tokens=2)))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestFailedError("the engine failed while running this request"),
+        KVCacheBusyError(4),
+        KVCacheExhaustedError(9010, 8000, 8192),
+        ValueError("request id 'x' is already in use"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_delta_crosses_the_pipe_with_its_class_message_and_attributes(error):
+    delta = RequestDelta("r", [], "", "error", 5, 0, error=error)
+    data = wire.encoder.encode(wire.Deltas([wire.encode_delta(delta)]))
+    (crossed,) = wire.to_front.decode(data).deltas
+    back = wire.decode_delta(crossed).error
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error)
+
+
+def test_an_unknown_error_class_arrives_as_a_runtime_error_naming_it():
+    back = wire.decode_error(wire.encode_error(ZeroDivisionError("division by zero")))
+    assert type(back) is RuntimeError and str(back) == "ZeroDivisionError: division by zero"

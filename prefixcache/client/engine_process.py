@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -39,7 +40,7 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "cache_info": lambda e: e.core.snapshot(),
     "check_integrity": lambda e: e.check_integrity(),
 }
-_NONE = wire.msgspec.Raw(wire.encoder.encode(None))
+_NONE = msgspec.Raw(wire.encoder.encode(None))
 
 
 class _Outbox:
@@ -60,6 +61,7 @@ class ServedEngineLoop(EngineLoop):
 
     def __init__(self, engine: Engine, outbox: _Outbox) -> None:
         self.outbox = outbox
+        self._unsubscribe: Callable[[], None] | None = None  # set while events are sent
         super().__init__(engine)
 
     def add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
@@ -75,7 +77,7 @@ class ServedEngineLoop(EngineLoop):
             except Exception as exc:  # the caller's to handle, as in process
                 self.outbox.send(wire.Reply(call.call_id, _NONE, wire.encode_error(exc)))
             else:
-                raw = wire.msgspec.Raw(wire.encoder.encode(value))
+                raw = msgspec.Raw(wire.encoder.encode(value))
                 self.outbox.send(wire.Reply(call.call_id, raw))
 
         if call.op not in OPERATIONS:
@@ -98,8 +100,6 @@ class ServedEngineLoop(EngineLoop):
                 self._unsubscribe = None
 
         self._submit(run)
-
-    _unsubscribe: Callable[[], None] | None = None
 
     # One message per step: every request's new tokens together.
     def _deliver(self, deltas: Sequence[RequestDelta | None]) -> None:
