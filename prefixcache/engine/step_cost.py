@@ -111,9 +111,12 @@ class StepCostModel:
 
 
 def _fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with no negative coefficient: the best of the fits over each
-    subset of features whose solution is non-negative (four features: 15 subsets).
-    A negative cost would let a bigger step look cheaper, which nothing on a device is."""
+    """Least squares of the relative error with no negative coefficient: the best of
+    the fits over each subset of features whose solution is non-negative (four
+    features: 15 subsets). A negative cost would let a bigger step look cheaper, which
+    nothing on a device is. Relative error, because an absolute one lets a few long
+    prefill steps decide the fit, and the limit is a few times a short decode step."""
+    x, y = x / y[:, None], np.ones_like(y)
     best, best_err = np.zeros(x.shape[1]), float(np.sum(y * y))
     for size in range(1, x.shape[1] + 1):
         for cols in itertools.combinations(range(x.shape[1]), size):
