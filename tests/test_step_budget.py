@@ -25,7 +25,7 @@ from prefixcache.sampling_params import SamplingParams
 BLOCK = 16
 MS = 1e-3
 # 40 ms a step and 1 ms per token: a 100 ms target leaves room for 60 tokens.
-PER_TOKEN = StepCostModel((40 * MS, 1.0 * MS, 0.0, 0.0))
+PER_TOKEN = StepCostModel((40 * MS, 1.0 * MS, 0.0))
 
 
 def _scheduler(cost: StepCostModel | None, target_ms: float | None = 100.0, cap=2048, seqs=256):
@@ -102,7 +102,7 @@ def test_many_decodes_still_leave_prefill_as_much_time_as_they_take():
 
 def test_deep_context_leaves_smaller_chunks_when_attention_costs():
     # 1 ms per million query-key pairs plus 0.1 ms per token, 50 ms a step.
-    cost = StepCostModel((50 * MS, 0.1 * MS, 0.0, 1e-6 * MS))
+    cost = StepCostModel((50 * MS, 0.1 * MS, 1e-6 * MS))
     budget = StepBudget(8192, 0.1, cost)
     shallow, deep = budget.prefill_room(0, 8192), budget.prefill_room(50_000, 8192)
     assert 0 < deep < shallow
@@ -114,15 +114,15 @@ def test_deep_context_leaves_smaller_chunks_when_attention_costs():
 
 
 def test_every_decoding_sequence_runs_even_past_the_target():
-    # 2 ms per sequence: 80 decoding sequences alone take 200 ms, past the 100 ms target.
-    scheduler = _scheduler(StepCostModel((40 * MS, 0.0, 2.0 * MS, 0.0)), seqs=512)
+    # 2 ms per token: 300 decoding sequences alone take 640 ms, past the 100 ms target.
+    scheduler = _scheduler(StepCostModel((40 * MS, 2.0 * MS, 0.0)), seqs=512)
     decoding = _decoding(scheduler, 300)
     work = dict(_step(scheduler))
     assert len(work) == 300 and all(work[s] == 1 for s in decoding)
 
 
 def test_a_prefill_dearer_than_the_target_still_gets_a_floor_chunk():
-    scheduler = _scheduler(StepCostModel((0.0, 0.0, 200 * MS, 0.0)))  # 200 ms a sequence
+    scheduler = _scheduler(StepCostModel((0.0, 200 * MS, 0.0)))  # 200 ms a token
     waiting = _seq(0, 3000)
     scheduler.add(waiting)
     assert _step(scheduler) == [(waiting, MIN_PREFILL_TOKENS)]
@@ -144,7 +144,7 @@ def test_a_long_prompt_completes_in_chunks_within_the_target():
 
 
 def test_no_waiting_request_starves_behind_a_decode_load_past_the_target():
-    scheduler = _scheduler(StepCostModel((150 * MS, 1 * MS, 0.0, 0.0)))  # past the target
+    scheduler = _scheduler(StepCostModel((150 * MS, 1 * MS, 0.0)))  # past the target
     _decoding(scheduler, 30)
     newcomers = [_seq(1000 + i, 300, max_tokens=2) for i in range(5)]
     for seq in newcomers:
@@ -162,7 +162,7 @@ def test_without_a_target_the_fixed_budget_decides():
 
 
 def test_the_cap_bounds_the_adaptive_budget():
-    scheduler = _scheduler(StepCostModel((40 * MS, 1e-6 * MS, 0.0, 0.0)), cap=256)
+    scheduler = _scheduler(StepCostModel((40 * MS, 1e-6 * MS, 0.0)), cap=256)
     long = _seq(0, 5000)
     scheduler.add(long)
     assert _step(scheduler) == [(long, 256)]
@@ -176,16 +176,16 @@ def test_until_the_model_has_seen_enough_steps_the_cap_decides():
 
 
 def test_cost_model_recovers_the_costs_of_the_steps_it_saw():
-    truth = np.array([2.0 * MS, 0.05 * MS, 0.3 * MS, 2e-6 * MS])
+    truth = np.array([2.0 * MS, 0.05 * MS, 2e-6 * MS])
     model, rng = StepCostModel(), np.random.default_rng(0)
     for _ in range(64):
         shape = StepShape().plus(int(rng.integers(0, 4000)), int(rng.integers(1, 2048)))
         for _ in range(int(rng.integers(0, 16))):
             shape = shape.plus(int(rng.integers(0, 4000)), 1)
-        seconds = truth @ [1.0, shape.tokens, shape.seqs, shape.attended]
+        seconds = truth @ [1.0, shape.tokens, shape.attended]
         model.observe(shape, float(seconds))
     probe = StepShape().plus(3000, 500).plus(100, 1)
-    expected = truth @ [1.0, probe.tokens, probe.seqs, probe.attended]
+    expected = truth @ [1.0, probe.tokens, probe.attended]
     assert model.predict(probe) == pytest.approx(expected, rel=1e-6)
 
 
@@ -204,7 +204,7 @@ def test_a_bad_step_time_target_is_refused_by_name(bad):
                      step_time_target_ms=bad)  # fmt: skip
 
 
-@pytest.mark.parametrize("coefficients", [(0.0, -1.0, 0.0, 0.0), (0.0, 1.0), (float("nan"),) * 4])
+@pytest.mark.parametrize("coefficients", [(0.0, -1.0, 0.0), (0.0, 1.0), (float("nan"),) * 3])
 def test_bad_given_costs_are_refused(coefficients):
     with pytest.raises(ValueError, match="coefficients"):
         StepCostModel(coefficients)

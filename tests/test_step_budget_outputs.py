@@ -38,7 +38,7 @@ def test_adaptive_chunks_give_the_outputs_and_logprobs_of_a_fixed_budget(tiny_ll
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
     fixed = _engine(tiny_llama, step_time_target_ms=0, max_num_batched_tokens=2048)
     adaptive = _engine(tiny_llama, step_time_target_ms=TARGET_MS)
-    adaptive.core.scheduler.budget.cost = StepCostModel((0.02, PER_TOKEN_MS / 1000, 0.0, 0.0))
+    adaptive.core.scheduler.budget.cost = StepCostModel((0.02, PER_TOKEN_MS / 1000, 0.0))
     fixed_out, fixed_steps = _run(fixed, prompts, params)
     adaptive_out, adaptive_steps = _run(adaptive, prompts, params)
     assert max(fixed_steps) > 1000  # the fixed budget prefills every prompt in one step

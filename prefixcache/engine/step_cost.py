@@ -1,11 +1,13 @@
 """What a step costs on this device, and how much prefill fits in a step under a target time.
 
-A step's time is modelled as ``c0 + c1 * tokens + c2 * seqs + c3 * attended``:
-``tokens`` the query tokens of the step (the linears), ``seqs`` the sequences in it
-(per-row work: metadata, sampling), ``attended`` the query-key pairs attention reads
-(causal within a chunk). The coefficients are fitted to the engine's own step timings
-(least squares, none negative), so the budget follows the machine and the model
-without configuration.
+A step's time is modelled as ``c0 + c1 * tokens + c2 * attended``: ``tokens`` the
+query tokens of the step (the linears, and per-row work such as sampling, since a
+decoding sequence is one token), ``attended`` the query-key pairs attention reads
+(causal within a chunk). There is no separate per-sequence term: in decode steps it
+moves with the token count, so a fit could put the whole decode cost on it and then
+price every prefill chunk as a whole extra decode batch. The coefficients are fitted
+to the engine's own step timings (least squares, none negative), so the budget
+follows the machine and the model without configuration.
 """
 
 from __future__ import annotations
@@ -35,48 +37,46 @@ BASE_STEP_MULTIPLE = 2.5
 PREFILL_SHARE_OF_DECODE = 1.0
 
 # Feature scales keep the least-squares problem well conditioned.
-_SCALES = np.array([1.0, 1e-3, 1e-2, 1e-6])
+_SCALES = np.array([1.0, 1e-3, 1e-6])
 
 
 class StepShape(NamedTuple):
     """The work of one step, in the terms the cost model prices."""
 
     tokens: int = 0
-    seqs: int = 0
     attended: float = 0.0
 
     def plus(self, context: int, num_tokens: int) -> StepShape:
         """This step with ``num_tokens`` more of a sequence that has ``context`` computed."""
         return StepShape(
             self.tokens + num_tokens,
-            self.seqs + 1,
             self.attended + num_tokens * (context + (num_tokens + 1) / 2),
         )
 
     @property
     def features(self) -> np.ndarray:
         """The model's feature row (scaled)."""
-        return np.array([1.0, self.tokens, self.seqs, self.attended]) * _SCALES
+        return np.array([1.0, self.tokens, self.attended]) * _SCALES
 
 
 class StepCostModel:
     """Predicts a step's seconds from its ``StepShape``; learns from ``observe``.
 
-    ``coefficients`` (seconds for ``c0, c1, c2, c3`` of the module's model) fixes
+    ``coefficients`` (seconds for ``c0, c1, c2`` of the module's model) fixes
     the model: it is ready at once and ``observe`` changes nothing, which is how
     tests give the scheduler known costs.
     """
 
-    def __init__(self, coefficients: tuple[float, float, float, float] | None = None) -> None:
+    def __init__(self, coefficients: tuple[float, float, float] | None = None) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=HISTORY)
         self._times: deque[float] = deque(maxlen=HISTORY)
         self._fixed = coefficients is not None
         self._coef: np.ndarray | None = None
         if coefficients is not None:
             coef = np.asarray(coefficients, dtype=float)
-            if coef.shape != (4,) or not np.all(np.isfinite(coef)) or np.any(coef < 0):
+            if coef.shape != (3,) or not np.all(np.isfinite(coef)) or np.any(coef < 0):
                 raise ValueError(
-                    f"coefficients must be four finite numbers >= 0, got {coefficients!r}"
+                    f"coefficients must be three finite numbers >= 0, got {coefficients!r}"
                 )
             self._coef = coef / _SCALES
         self._since_fit = 0
@@ -111,9 +111,12 @@ class StepCostModel:
 
 
 def _fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with no negative coefficient: the best of the fits over each
-    subset of features whose solution is non-negative (four features: 15 subsets).
-    A negative cost would let a bigger step look cheaper, which nothing on a device is."""
+    """Least squares of the relative error with no negative coefficient: the best of
+    the fits over each subset of features whose solution is non-negative (three
+    features: 7 subsets). A negative cost would let a bigger step look cheaper, which
+    nothing on a device is. Relative error, because an absolute one lets a few long
+    prefill steps decide the fit, and the limit is a few times a short decode step."""
+    x, y = x / y[:, None], np.ones_like(y)
     best, best_err = np.zeros(x.shape[1]), float(np.sum(y * y))
     for size in range(1, x.shape[1] + 1):
         for cols in itertools.combinations(range(x.shape[1]), size):
