@@ -271,7 +271,8 @@ def test_a_damaged_chunk_from_a_tier_is_a_miss(damage, caplog):
         assert mangled.num_used_blocks == 4
     else:
         assert _failures(rig) == [0]
-        assert f"tier '{mangled.name}' returned a chunk that does not match" in caplog.text
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert messages == [f"tier '{mangled.name}' returned a chunk that does not match"]
         assert mangled.num_used_blocks == 2  # the first chunk discarded; not asked further
 
 
@@ -402,3 +403,18 @@ def test_a_chunk_held_in_part_by_one_tier_is_completed_from_a_lower_one(tmp_path
     assert rig.serve(longer + [1]) == 8
     # host: the onload of ``longer`` (6 tokens), then chunk 0; disk: chunk 1 whole.
     assert [stats.hit_tokens for stats in rig.tiers.tier_stats()] == [6 + 4, 4]
+
+
+def test_with_only_a_shared_tier_chunks_evicted_for_an_onload_leave_the_engine():
+    events = _Events()
+    rig = _Rig(num_blocks=8, more_tiers=[_host(8, SharedHostTier)], events=events.events)
+    first, second = _tokens(24, 8), _tokens(25, 12)
+    rig.serve(first)
+    _evict_all(rig)
+    rig.serve(second)
+    before = len(events.evicted())
+    assert rig.serve(first + [1]) == 8  # onloaded into blocks of ``second``
+    # The last chunk of ``second`` makes room for the onload (held back for the shared
+    # tier, still gone from this engine); the one before it, for the new block.
+    chain = _chain(second)
+    assert events.evicted()[before:] == [(None, chain[2]), (None, chain[1])]
