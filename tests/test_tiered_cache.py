@@ -418,3 +418,21 @@ def test_with_only_a_shared_tier_chunks_evicted_for_an_onload_leave_the_engine()
     # tier, still gone from this engine); the one before it, for the new block.
     chain = _chain(second)
     assert events.evicted()[before:] == [(None, chain[2]), (None, chain[1])]
+
+
+def test_a_chunk_served_in_part_is_marked_used_in_its_tier():
+    """The host tier's least recently used chunk goes first: a chunk an onload served
+    only its first block of counts as used by that onload."""
+    rig = _Rig(host_chunks=3)
+    partial, other = _tokens(26, 6), _tokens(27, 4)  # ``partial``: a chunk and a block
+    rig.serve(partial)
+    _evict_all(rig)  # host, oldest first: block 4..6 of ``partial``, chunk 0 of it
+    rig.serve(other)
+    _evict_all(rig)  # ... then ``other``: the host tier is full
+    assert rig.serve(partial + [7, 8, 9]) == 6  # chunk 0, and one of the two blocks asked
+    rig.blocks.cache.flush()
+    rig.serve(_tokens(28, 4))
+    _evict_all(rig)  # the host tier drops its least recently used chunk: ``other``
+    rig.blocks.cache.flush()
+    assert rig.serve(other + [1]) == 0
+    assert rig.serve(partial + [7, 8]) == 6
