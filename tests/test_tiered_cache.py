@@ -14,12 +14,7 @@ from test_kv_tier_registry import DictTier
 
 from chunking.hashing import chunk_hashes, root_seed
 from prefixcache.cache.events import CacheEvents
-from prefixcache.cache.kv_cache import KVCache
-from prefixcache.config import EngineConfig
-from prefixcache.models.config import ModelConfig
 from prefixcache.tiers.host import HostTier
-from prefixcache.tiers.kv_file import ChunkLayout
-from prefixcache.tiers.tiered import build_tiers
 
 
 class SharedHostTier(HostTier):
@@ -271,7 +266,8 @@ def test_a_damaged_chunk_from_a_tier_is_a_miss(damage, caplog):
         assert mangled.num_used_blocks == 4
     else:
         assert _failures(rig) == [0]
-        assert f"tier '{mangled.name}' returned a chunk that does not match" in caplog.text
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert messages == [f"tier '{mangled.name}' returned a chunk that does not match"]
         assert mangled.num_used_blocks == 2  # the first chunk discarded; not asked further
 
 
@@ -309,53 +305,6 @@ def test_a_persistent_tier_that_fails_to_mark_a_chunk_used_still_gets_it_written
     rig.serve(_tokens(18, 8))
     assert len(store.chunks) == 2
     assert _failures(rig)[0] >= 2  # each write asks first whether the chunk is there
-
-
-def _model_config() -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=100,
-        hidden_size=8,
-        intermediate_size=16,
-        num_layers=3,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=64,
-    )
-
-
-def _engine_config(**kwargs) -> EngineConfig:
-    return EngineConfig(
-        model="m", device="cpu", dtype="float32", max_model_len=64, block_size=2, chunk_size=4,
-        **kwargs,
-    )  # fmt: skip
-
-
-def test_tiers_are_built_over_the_device_pools_in_order_with_their_shapes(tmp_path):
-    kv = KVCache(_model_config(), 8, 2, torch.float32, torch.device("cpu"))
-    config = _engine_config(host_cache_tokens=12, disk_cache_dir=tmp_path, disk_cache_bytes=999)
-    events = CacheEvents()
-    tiers = build_tiers(config, kv, "model-x", events)
-    host, disk = tiers.tiers
-    assert (host.name, disk.name) == ("host", "disk")
-    assert (tiers.block_size, tiers.chunk_size, tiers.events) == (2, 4, events)
-    assert tiers.transfer.device_layers == kv.layers
-    block_shape = tuple(kv.layers[0][0].shape[1:])
-    chunk_shape = (3, 2, 2, *block_shape)  # layers, K and V, blocks per chunk, block
-    assert host.pool.shape == (3, 2, 3, 2, *block_shape)  # 12 tokens: three chunk slots
-    assert host.pool.dtype == torch.float32
-    assert disk.layout == ChunkLayout("model-x", torch.float32, chunk_shape)
-    assert disk.max_bytes == 999
-
-
-def test_no_tiers_are_built_without_prefix_caching_or_without_a_tier_asked_for(tmp_path):
-    kv = KVCache(_model_config(), 8, 2, torch.float32, torch.device("cpu"))
-    assert build_tiers(_engine_config(), kv, "model-x") is None
-    off = _engine_config(host_cache_tokens=12, enable_prefix_caching=False)
-    assert build_tiers(off, kv, "model-x") is None
-    assert build_tiers(_engine_config(host_cache_tokens=12), kv, "m").tiers[0].name == "host"
 
 
 def test_a_failing_tier_warns_with_a_traceback_once_then_logs_quietly(caplog):
@@ -402,3 +351,36 @@ def test_a_chunk_held_in_part_by_one_tier_is_completed_from_a_lower_one(tmp_path
     assert rig.serve(longer + [1]) == 8
     # host: the onload of ``longer`` (6 tokens), then chunk 0; disk: chunk 1 whole.
     assert [stats.hit_tokens for stats in rig.tiers.tier_stats()] == [6 + 4, 4]
+
+
+def test_with_only_a_shared_tier_chunks_evicted_for_an_onload_leave_the_engine():
+    events = _Events()
+    rig = _Rig(num_blocks=8, more_tiers=[_host(8, SharedHostTier)], events=events.events)
+    first, second = _tokens(24, 8), _tokens(25, 12)
+    rig.serve(first)
+    _evict_all(rig)
+    rig.serve(second)
+    before = len(events.evicted())
+    assert rig.serve(first + [1]) == 8  # onloaded into blocks of ``second``
+    # The last chunk of ``second`` makes room for the onload (held back for the shared
+    # tier, still gone from this engine); the one before it, for the new block.
+    chain = _chain(second)
+    assert events.evicted()[before:] == [(None, chain[2]), (None, chain[1])]
+
+
+def test_a_chunk_served_in_part_is_marked_used_in_its_tier():
+    """The host tier's least recently used chunk goes first: a chunk an onload served
+    only its first block of counts as used by that onload."""
+    rig = _Rig(host_chunks=3)
+    partial, other = _tokens(26, 6), _tokens(27, 4)  # ``partial``: a chunk and a block
+    rig.serve(partial)
+    _evict_all(rig)  # host, oldest first: block 4..6 of ``partial``, chunk 0 of it
+    rig.serve(other)
+    _evict_all(rig)  # ... then ``other``: the host tier is full
+    assert rig.serve(partial + [7, 8, 9]) == 6  # chunk 0, and one of the two blocks asked
+    rig.blocks.cache.flush()
+    rig.serve(_tokens(28, 4))
+    _evict_all(rig)  # the host tier drops its least recently used chunk: ``other``
+    rig.blocks.cache.flush()
+    assert rig.serve(other + [1]) == 0
+    assert rig.serve(partial + [7, 8]) == 6
