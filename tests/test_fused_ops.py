@@ -23,15 +23,15 @@ def test_in_place_rotation_gives_the_same_bits_as_the_rotary_module():
     positions = torch.tensor([0, 7, 8000, 130000, 3])
     q, k = torch.randn(5, 8, 64, generator=gen), torch.randn(5, 2, 64, generator=gen)
     want_q, want_k = rotary(positions, q, k)
-    cos, sin = rope_tables(rotary, (64, rope), positions, _context())
+    cos, sin = rope_tables(rotary, positions, _context())
     rotate_(q, cos, sin)
     rotate_(k, cos, sin)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
 
 
-def test_the_tables_are_made_once_per_step_and_key():
-    rotary = RotaryEmbedding(16, RopeConfig())
+def test_layers_share_tables_only_when_their_frequencies_match():
     ctx, positions = _context(), torch.arange(5)
-    first = rope_tables(rotary, "a", positions, ctx)
-    assert rope_tables(rotary, "a", positions, ctx) is first
-    assert rope_tables(rotary, "b", positions, ctx) is not first
+    first = rope_tables(RotaryEmbedding(16, RopeConfig()), positions, ctx)
+    assert rope_tables(RotaryEmbedding(16, RopeConfig()), positions, ctx) is first
+    local = RotaryEmbedding(16, RopeConfig(theta=10.0))  # Gemma 3's local layers differ
+    assert not torch.equal(rope_tables(local, positions, ctx)[0], first[0])

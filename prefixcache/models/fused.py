@@ -15,13 +15,15 @@ from prefixcache.models.layers import RotaryEmbedding
 
 
 def rope_tables(
-    rotary: RotaryEmbedding, key: object, positions: torch.Tensor, ctx: ForwardContext
+    rotary: RotaryEmbedding, positions: torch.Tensor, ctx: ForwardContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-width ``cos`` and ``sin`` ``[tokens, 1, d / 2]`` of the step's positions.
 
-    Made by the first layer whose rotary embedding has this ``key`` (its head dim and
-    RoPE config: same key, same tables) and kept on the step's context for the others.
+    Made by the first layer whose rotary embedding has these frequencies and kept on
+    the step's context for the others (a model may mix RoPE configs: Gemma 3's local
+    and global layers).
     """
+    key = _table_key(rotary)
     tables = ctx.rope_tables.get(key)
     if tables is None:
         cos, sin = rotary.cos_sin(positions, ctx.long_rope)
@@ -29,6 +31,21 @@ def rope_tables(
         tables = (cos[:, None, :half].contiguous(), sin[:, None, :half].contiguous())
         ctx.rope_tables[key] = tables
     return tables
+
+
+def _table_key(rotary: RotaryEmbedding) -> tuple:
+    """What the tables depend on besides positions, worked out once per module."""
+    key = getattr(rotary, "_table_key", None)
+    if key is None:
+        long = rotary.long_inv_freq
+        key = (
+            rotary.inv_freq.cpu().numpy().tobytes(),
+            None if long is None else long.cpu().numpy().tobytes(),
+            rotary.long_from,
+            rotary.attention_scaling,
+        )
+        rotary._table_key = key
+    return key
 
 
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

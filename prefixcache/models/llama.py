@@ -53,7 +53,6 @@ class Attention(nn.Module):
         )  # fmt: skip
         self.o_proj = RowParallelLinear(config.num_heads * self.head_dim, config.hidden_size, False)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope)
-        self.rope_key = (self.head_dim, config.rope)
         self.sliding_window = config.layer_window(layer)
         self.softcap: float | None = None
         if config.qk_norm:
@@ -73,7 +72,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        cos, sin = rope_tables(self.rotary, self.rope_key, positions, ctx)
+        cos, sin = rope_tables(self.rotary, positions, ctx)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
             rotate_(q, cos, sin)
