@@ -69,6 +69,7 @@ def test_an_unreachable_redis_is_a_miss_and_a_counted_failure(tiny_llama):
 def test_serve_passes_kv_store_through(captured_serve, tiny_llama):  # noqa: F811
     url = f"redis://127.0.0.1:{free_port()}/3"
     assert cli.main(["serve", "--model", str(tiny_llama), *SMALL, "--kv-store", url]) == 0
-    (engine, _), = captured_serve  # fmt: skip
-    assert engine.config.kv_store == url
+    (model, options, _), = captured_serve  # fmt: skip
+    assert options["kv_store"] == url
+    engine = Engine.from_pretrained(model, **options)  # as serve would start it
     assert engine.core.blocks.tiers.tier("redis").link.url == url

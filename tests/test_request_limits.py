@@ -102,7 +102,7 @@ def test_a_wrong_method_on_a_stored_response_lists_get_and_delete(tiny_llama, me
 def test_serve_passes_the_timeouts_and_the_metrics_key_through(captured_serve):  # noqa: F811
     argv = ["serve", *SMALL, "--request-timeout", "7", "--shutdown-timeout", "3"]
     assert cli.main([*argv, "--metrics-api-key", "mk"]) == 0
-    ((_, kwargs),) = captured_serve
+    ((_, _, kwargs),) = captured_serve
     assert (kwargs["request_timeout"], kwargs["shutdown_timeout"]) == (7.0, 3.0)
     assert kwargs["metrics_api_key"] == "mk"
 
