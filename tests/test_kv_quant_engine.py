@@ -164,7 +164,10 @@ def test_kv_bytes_per_token_in_stats_banner_and_cache_endpoint(tiny_llama, monke
         info = httpx.get(server.url + "/v1/cache").json()
     assert info["kv_bytes_per_token"] == expected  # fp8 rows are as wide as int8 rows
     calls = []
-    monkeypatch.setattr("server.launch.serve", lambda engine, **kw: calls.append(engine))
+    monkeypatch.setattr(  # the engine serve would start, built here
+        "server.launch.serve",
+        lambda model, options, **kw: calls.append(Engine.from_pretrained(model, **options)),
+    )
     argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", "--max-model-len", "512"]
     assert cli.main([*argv, "--kv-cache-dtype", "fp8", "--kv-cache-memory", "1000000"]) == 0
     assert calls[0].config.kv_cache_dtype == "fp8"

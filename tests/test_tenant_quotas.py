@@ -166,7 +166,7 @@ def test_a_tenant_flush_drops_all_its_salts_trees_and_nothing_else():
 
 def test_admin_api_key_flag_reaches_the_server(monkeypatch, tiny_llama):
     calls = []
-    monkeypatch.setattr("server.launch.serve", lambda engine, **kw: calls.append(kw))
+    monkeypatch.setattr("server.launch.serve", lambda model, options, **kw: calls.append(kw))
     argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", "--max-model-len", "256"]
     argv += ["--api-key", "k1", "--admin-api-key", "root1", "--admin-api-key", "root2"]
     assert cli.main(argv) == 0
