@@ -83,7 +83,7 @@ class Scheduler:
         """Choose this step's work: every decoding sequence, then prefill chunks of the
         running sequences (oldest first), then new admissions, while the budget lasts."""
         budget = self.budget
-        budget.start()
+        budget.start(waiting=len(self.waiting))
         scheduled: list[ScheduledSeq] = []
         preempted = False
         decoding = [seq for seq in self.running if _is_decoding(seq)]
