@@ -259,3 +259,26 @@ def test_prefill_past_the_target_gets_no_tokens_never_fewer():
     assert second not in work and second in scheduler.waiting
     assert second.num_computed_tokens == 0 and not second.block_ids  # its match given back
     assert min(work.values()) >= 1
+
+
+def test_a_short_queued_prompt_goes_whole_before_a_long_prompts_next_chunk():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 60)]  # admitted: the first chunk
+    short = _seq(1, 20)
+    scheduler.add(short)
+    # The short prompt whole (20 tokens), the long one what is left of the 60.
+    assert _step(scheduler) == [(short, 20), (long, 40)]
+    assert short.num_output_tokens == 1
+
+
+def test_a_queued_prompt_too_long_for_the_step_waits_behind_the_running_one():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    _step(scheduler)
+    other = _seq(1, 3000)
+    scheduler.add(other)
+    assert _step(scheduler) == [(long, 60)]
+    assert other in scheduler.waiting and other.num_computed_tokens == 0

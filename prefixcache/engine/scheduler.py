@@ -89,6 +89,10 @@ class Scheduler:
         decoding = [seq for seq in self.running if _is_decoding(seq)]
         prefilling = [seq for seq in self.running if not _is_decoding(seq)]
         for seq in decoding + prefilling:
+            if prefilling and seq is prefilling[0] and budget.adaptive:
+                # Queued prompts that fit whole go before a long prompt's next chunk:
+                # a short turn is not stuck behind a long one, and joins the decodes.
+                self._admit(scheduled, whole_only=True)
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             decode, context = _is_decoding(seq), seq.num_computed_tokens
@@ -138,16 +142,18 @@ class Scheduler:
         failed, self._failed = self._failed, []
         return failed
 
-    def _admit(self, scheduled: list[ScheduledSeq]) -> None:
+    def _admit(self, scheduled: list[ScheduledSeq], whole_only: bool = False) -> None:
         """Admit waiting sequences while blocks and budget last. One that cannot get its
         blocks now is passed over for this step, so smaller ones behind it still run,
         until it has been passed over ``MAX_SKIPS`` times: then the queue waits for it.
-        When the step has no time left for a first chunk, admission waits a step."""
+        When the step has no time left for a first chunk, admission waits a step.
+        ``whole_only``: only sequences whose whole prompt fits the step; one that does
+        not is passed over (not counted), unless it was skipped ``MAX_SKIPS`` times."""
         passed: list[Sequence] = []
         budget = self.budget
         while budget.tokens_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting(passed)
-            if seq is None:
+            if seq is None or (whole_only and seq.skipped >= MAX_SKIPS):
                 break
             if not self._can_ever_fit(seq):
                 continue
@@ -158,6 +164,10 @@ class Scheduler:
             if num == 0:  # no time left in this step: unmatch, and try again next step
                 self._unmatch(seq)
                 break
+            if whole_only and num < seq.num_uncomputed_tokens:
+                self._unmatch(seq)
+                passed.append(seq)
+                continue
             if not self.blocks.allocate(seq, num):
                 self._unmatch(seq)
                 if seq.skipped >= MAX_SKIPS:
