@@ -44,7 +44,8 @@ class Scheduler:
     target, as many as its cost model predicts keep the step within it. Decode tokens
     are always scheduled first, so a long prefill never stalls the streams already
     decoding. A long prompt is prefilled over several steps, never more than the
-    budget at once.
+    budget at once; with a step time target, queued prompts that fit a step whole
+    go before its next chunk.
     When blocks run out, the youngest running sequence is preempted: its computed
     blocks go to the prefix cache, so its recompute is mostly a cache hit.
 
