@@ -145,8 +145,9 @@ class StepBudget:
     ``max_tokens`` is the hard cap on a step's tokens. With a ``target_s`` and a
     ready ``cost`` model, a prefill chunk gets as many tokens as keep the predicted
     step time within ``step_limit`` (at least ``MIN_PREFILL_TOKENS`` for the step's
-    first prefill, so prefill never starves); otherwise the cap alone decides, as a
-    fixed budget does.
+    first prefill, so prefill never starves), in one step of every ``PREFILL_EVERY``
+    while sequences decode (``prefill_held`` in the others); otherwise the cap alone
+    decides, as a fixed budget does.
     """
 
     def __init__(
