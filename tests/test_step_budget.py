@@ -11,7 +11,7 @@ import pytest
 
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.config import EngineConfig
-from prefixcache.engine.scheduler import Scheduler
+from prefixcache.engine.scheduler import MAX_SKIPS, Scheduler
 from prefixcache.engine.sequence import Sequence
 from prefixcache.engine.step_cost import (
     BASE_STEP_MULTIPLE,
@@ -282,3 +282,16 @@ def test_a_queued_prompt_too_long_for_the_step_waits_behind_the_running_one():
     scheduler.add(other)
     assert _step(scheduler) == [(long, 60)]
     assert other in scheduler.waiting and other.num_computed_tokens == 0
+
+
+def test_a_stream_of_short_prompts_cannot_hold_back_a_running_long_prompt():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    _step(scheduler)  # admitted: its first chunk
+    long_chunks = []
+    for arrival in range(1, MAX_SKIPS + 3):
+        scheduler.add(_seq(arrival, 60, max_tokens=1))  # each fills a whole step, and ends
+        long_chunks.append(dict(_step(scheduler)).get(long, 0))
+    assert long_chunks[:MAX_SKIPS] == [0] * MAX_SKIPS
+    assert long_chunks[MAX_SKIPS] == 60  # its turn: the whole step, the short one waits

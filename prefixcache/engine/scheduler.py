@@ -91,9 +91,7 @@ class Scheduler:
         prefilling = [seq for seq in self.running if not _is_decoding(seq)]
         for seq in decoding + prefilling:
             if prefilling and seq is prefilling[0] and budget.adaptive:
-                # Queued prompts that fit whole go before a long prompt's next chunk:
-                # a short turn is not stuck behind a long one, and joins the decodes.
-                self._admit(scheduled, whole_only=True)
+                self._admit_short_first(scheduled, seq)
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             decode, context = _is_decoding(seq), seq.num_computed_tokens
@@ -142,6 +140,18 @@ class Scheduler:
         """The sequences dropped since the last call, each with its error."""
         failed, self._failed = self._failed, []
         return failed
+
+    def _admit_short_first(self, scheduled: list[ScheduledSeq], long: Sequence) -> None:
+        """Queued prompts that fit whole go before a long prompt's next chunk, so a
+        short turn is not stuck behind a long one. The long prompt is passed over so at
+        most ``MAX_SKIPS`` steps in a row: then it goes first for one step."""
+        if long.deferred >= MAX_SKIPS:
+            long.deferred = 0
+            return
+        before = len(scheduled)
+        self._admit(scheduled, whole_only=True)
+        if len(scheduled) > before:
+            long.deferred += 1
 
     def _admit(self, scheduled: list[ScheduledSeq], whole_only: bool = False) -> None:
         """Admit waiting sequences while blocks and budget last. One that cannot get its
