@@ -11,11 +11,12 @@ import pytest
 
 from prefixcache.cache.block_manager import BlockManager
 from prefixcache.config import EngineConfig
-from prefixcache.engine.scheduler import Scheduler
+from prefixcache.engine.scheduler import MAX_SKIPS, Scheduler
 from prefixcache.engine.sequence import Sequence
 from prefixcache.engine.step_cost import (
     BASE_STEP_MULTIPLE,
     MIN_PREFILL_TOKENS,
+    PREFILL_EVERY,
     StepBudget,
     StepCostModel,
     StepShape,
@@ -55,13 +56,20 @@ def _step(scheduler: Scheduler) -> list[tuple[Sequence, int]]:
 
 
 def _decoding(scheduler: Scheduler, count: int, prompt: int = 20) -> list[Sequence]:
-    """``count`` sequences past their prompts, each with one token to decode."""
+    """``count`` sequences past their prompts, each with one token to decode, after
+    enough decode-only steps that the next step may carry prefill."""
     seqs = [_seq(i, prompt, max_tokens=10_000) for i in range(count)]
     for seq in seqs:
         scheduler.add(seq)
     while any(not s.num_output_tokens for s in seqs):
         _step(scheduler)
+    for _ in range(PREFILL_EVERY - 1):
+        _step(scheduler)
     return seqs
+
+
+def _prefilled(work: list[tuple[Sequence, int]], seq: Sequence) -> int:
+    return dict(work).get(seq, 0)
 
 
 def test_a_lone_prefill_gets_what_the_target_allows():
@@ -71,22 +79,42 @@ def test_a_lone_prefill_gets_what_the_target_allows():
     assert _step(scheduler) == [(long, 60)]
 
 
-def test_a_lax_target_is_lowered_to_a_few_cheapest_steps():
-    scheduler = _scheduler(PER_TOKEN, target_ms=1000.0)
+def test_a_step_without_decodes_prefills_up_to_the_whole_target():
+    # No stream's inter-token gap is at stake: a lax target is not lowered.
+    scheduler = _scheduler(PER_TOKEN, target_ms=1000.0, cap=8192)
     long = _seq(0, 5000)
     scheduler.add(long)
-    limit_ms = BASE_STEP_MULTIPLE * (40 + 1)  # the cheapest step: one token
-    assert _step(scheduler) == [(long, int(limit_ms - 40))]
+    assert _step(scheduler) == [(long, 1000 - 40)]
 
 
-def test_decode_heavy_step_leaves_less_prefill_room():
+def test_beside_decodes_a_lax_target_is_lowered_unless_requests_queue():
+    scheduler = _scheduler(PER_TOKEN, target_ms=1000.0, cap=8192)
+    _decoding(scheduler, 10)  # 50 ms a decode-only step
+    long = _seq(1000, 8000)
+    scheduler.add(long)
+    # Queued for admission: the whole target, three steps' prefill time at once.
+    assert _prefilled(_step(scheduler), long) == pytest.approx(PREFILL_EVERY * 950, abs=1)
+    held = [_prefilled(_step(scheduler), long) for _ in range(PREFILL_EVERY - 1)]
+    assert held == [0] * (PREFILL_EVERY - 1)
+    # Admitted, nothing queued: the limit is a few cheapest steps (one token, 41 ms).
+    limit_ms = max(BASE_STEP_MULTIPLE * (40 + 1), 2 * 50)
+    expected = PREFILL_EVERY * (limit_ms - 50)
+    assert _prefilled(_step(scheduler), long) == pytest.approx(expected, abs=1)
+
+
+def test_while_streams_decode_prefill_rides_one_step_in_every_three():
     scheduler = _scheduler(PER_TOKEN)
-    decoding = _decoding(scheduler, 10)
+    decoding = _decoding(scheduler, 10)  # 50 ms of decode: the 100 ms target leaves 50
     long = _seq(1000, 5000)
     scheduler.add(long)
-    work = dict(_step(scheduler))
-    assert all(work[s] == 1 for s in decoding)
-    assert work[long] == 60 - 10
+    pattern = []
+    for _ in range(3 * PREFILL_EVERY):
+        work = _step(scheduler)
+        assert {s for s, _ in work} >= set(decoding)
+        assert all(n == 1 for s, n in work if s in decoding)
+        pattern.append(_prefilled(work, long))
+    # The prefill of the three steps in one: the other two are decode only.
+    assert pattern == ([PREFILL_EVERY * 50] + [0] * (PREFILL_EVERY - 1)) * 3
 
 
 def test_many_decodes_still_leave_prefill_as_much_time_as_they_take():
@@ -96,8 +124,8 @@ def test_many_decodes_still_leave_prefill_as_much_time_as_they_take():
     scheduler.add(long)
     work = dict(_step(scheduler))
     assert all(work[s] == 1 for s in decoding)
-    # The step may double: 120 ms of decode, 120 of prefill (float rounding: 119).
-    assert work[long] == pytest.approx(120, abs=1)
+    # Prefill may take the decodes' 120 ms, for each of three steps (rounding: 359).
+    assert work[long] == pytest.approx(PREFILL_EVERY * 120, abs=1)
 
 
 def test_deep_context_leaves_smaller_chunks_when_attention_costs():
@@ -137,10 +165,12 @@ def test_a_long_prompt_completes_in_chunks_within_the_target():
     while long.num_output_tokens == 0:
         work = _step(scheduler)
         steps += 1
-        assert sum(n for _, n in work) <= 60
+        # 10 decodes and at most three steps' 50 ms of prefill (100 ms target).
+        assert sum(n for _, n in work) <= 10 + PREFILL_EVERY * 50
         assert {s for s, _ in work} >= set(decoding)
     assert long.num_computed_tokens == 2000
-    assert steps == -(-2000 // 50)  # 50 tokens of prefill beside the 10 decodes
+    chunks = -(-2000 // (PREFILL_EVERY * 50))
+    assert steps == PREFILL_EVERY * (chunks - 1) + 1
 
 
 def test_no_waiting_request_starves_behind_a_decode_load_past_the_target():
@@ -229,3 +259,39 @@ def test_prefill_past_the_target_gets_no_tokens_never_fewer():
     assert second not in work and second in scheduler.waiting
     assert second.num_computed_tokens == 0 and not second.block_ids  # its match given back
     assert min(work.values()) >= 1
+
+
+def test_a_short_queued_prompt_goes_whole_before_a_long_prompts_next_chunk():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    assert _step(scheduler) == [(long, 60)]  # admitted: the first chunk
+    short = _seq(1, 20)
+    scheduler.add(short)
+    # The short prompt whole (20 tokens), the long one what is left of the 60.
+    assert _step(scheduler) == [(short, 20), (long, 40)]
+    assert short.num_output_tokens == 1
+
+
+def test_a_queued_prompt_too_long_for_the_step_waits_behind_the_running_one():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    _step(scheduler)
+    other = _seq(1, 3000)
+    scheduler.add(other)
+    assert _step(scheduler) == [(long, 60)]
+    assert other in scheduler.waiting and other.num_computed_tokens == 0
+
+
+def test_a_stream_of_short_prompts_cannot_hold_back_a_running_long_prompt():
+    scheduler = _scheduler(PER_TOKEN)
+    long = _seq(0, 5000)
+    scheduler.add(long)
+    _step(scheduler)  # admitted: its first chunk
+    long_chunks = []
+    for arrival in range(1, MAX_SKIPS + 3):
+        scheduler.add(_seq(arrival, 60, max_tokens=1))  # each fills a whole step, and ends
+        long_chunks.append(dict(_step(scheduler)).get(long, 0))
+    assert long_chunks[:MAX_SKIPS] == [0] * MAX_SKIPS
+    assert long_chunks[MAX_SKIPS] == 60  # its turn: the whole step, the short one waits

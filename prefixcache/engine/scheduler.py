@@ -44,7 +44,8 @@ class Scheduler:
     target, as many as its cost model predicts keep the step within it. Decode tokens
     are always scheduled first, so a long prefill never stalls the streams already
     decoding. A long prompt is prefilled over several steps, never more than the
-    budget at once.
+    budget at once; with a step time target, queued prompts that fit a step whole
+    go before its next chunk.
     When blocks run out, the youngest running sequence is preempted: its computed
     blocks go to the prefix cache, so its recompute is mostly a cache hit.
 
@@ -83,12 +84,14 @@ class Scheduler:
         """Choose this step's work: every decoding sequence, then prefill chunks of the
         running sequences (oldest first), then new admissions, while the budget lasts."""
         budget = self.budget
-        budget.start()
+        budget.start(waiting=len(self.waiting))
         scheduled: list[ScheduledSeq] = []
         preempted = False
         decoding = [seq for seq in self.running if _is_decoding(seq)]
         prefilling = [seq for seq in self.running if not _is_decoding(seq)]
         for seq in decoding + prefilling:
+            if prefilling and seq is prefilling[0] and budget.adaptive:
+                self._admit_short_first(scheduled, seq)
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             decode, context = _is_decoding(seq), seq.num_computed_tokens
@@ -138,16 +141,30 @@ class Scheduler:
         failed, self._failed = self._failed, []
         return failed
 
-    def _admit(self, scheduled: list[ScheduledSeq]) -> None:
+    def _admit_short_first(self, scheduled: list[ScheduledSeq], long: Sequence) -> None:
+        """Queued prompts that fit whole go before a long prompt's next chunk, so a
+        short turn is not stuck behind a long one. The long prompt is passed over so at
+        most ``MAX_SKIPS`` steps in a row: then it goes first for one step."""
+        if long.deferred >= MAX_SKIPS:
+            long.deferred = 0
+            return
+        before = len(scheduled)
+        self._admit(scheduled, whole_only=True)
+        if len(scheduled) > before:
+            long.deferred += 1
+
+    def _admit(self, scheduled: list[ScheduledSeq], whole_only: bool = False) -> None:
         """Admit waiting sequences while blocks and budget last. One that cannot get its
         blocks now is passed over for this step, so smaller ones behind it still run,
         until it has been passed over ``MAX_SKIPS`` times: then the queue waits for it.
-        When the step has no time left for a first chunk, admission waits a step."""
+        When the step has no time left for a first chunk, admission waits a step.
+        ``whole_only``: only sequences whose whole prompt fits the step; one that does
+        not is passed over (not counted), unless it was skipped ``MAX_SKIPS`` times."""
         passed: list[Sequence] = []
         budget = self.budget
         while budget.tokens_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting(passed)
-            if seq is None:
+            if seq is None or (whole_only and seq.skipped >= MAX_SKIPS):
                 break
             if not self._can_ever_fit(seq):
                 continue
@@ -158,6 +175,10 @@ class Scheduler:
             if num == 0:  # no time left in this step: unmatch, and try again next step
                 self._unmatch(seq)
                 break
+            if whole_only and num < seq.num_uncomputed_tokens:
+                self._unmatch(seq)
+                passed.append(seq)
+                continue
             if not self.blocks.allocate(seq, num):
                 self._unmatch(seq)
                 if seq.skipped >= MAX_SKIPS:

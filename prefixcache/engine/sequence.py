@@ -48,6 +48,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     skipped: int = 0  # admissions that went to a request queued after this one
+    deferred: int = 0  # steps whose short prompts went before this running prefill
     lookup_counted: bool = False  # the cache's hit counters have seen this request
     added_at: float = 0.0  # perf_counter() timestamps, for per-request timings
     admitted_at: float = 0.0

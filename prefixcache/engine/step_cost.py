@@ -28,10 +28,17 @@ REFIT_EVERY = 8  # steps between refits: a refit costs well under a millisecond
 # A step that has prefill work prefills at least this many tokens, whatever the
 # model predicts, so waiting requests progress even when decode alone fills the target.
 MIN_PREFILL_TOKENS = 32
-# A step with prefill aims at no more than this many times the cheapest step (one
-# decode token), so a stream's inter-token latency under load stays a small multiple
-# of what it is alone, on any device and under any load the fit has seen.
+# A step with decodes and prefill aims at no more than this many times the cheapest
+# step (one decode token), so a stream's inter-token latency under load stays a small
+# multiple of what it is alone, on any device and under any load the fit has seen.
+# Not while requests wait for admission: then queued work would starve (throughput
+# fell with concurrency), so the target alone bounds the step.
 BASE_STEP_MULTIPLE = 2.5
+# While sequences decode, prefill rides one step in this many, with the prefill time
+# of all of them: the other steps are decode only, so most of a stream's gaps are a
+# decode step (the inter-token latency p50 follows the decode batch, not the
+# newcomers' prefill), while prefill gets as much time as when it rode every step.
+PREFILL_EVERY = 3
 # Prefill may always take as long as the step's decodes, so that with many streams
 # decoding, newcomers still get their first tokens (and throughput does not fall).
 PREFILL_SHARE_OF_DECODE = 1.0
@@ -138,8 +145,9 @@ class StepBudget:
     ``max_tokens`` is the hard cap on a step's tokens. With a ``target_s`` and a
     ready ``cost`` model, a prefill chunk gets as many tokens as keep the predicted
     step time within ``step_limit`` (at least ``MIN_PREFILL_TOKENS`` for the step's
-    first prefill, so prefill never starves); otherwise the cap alone decides, as a
-    fixed budget does.
+    first prefill, so prefill never starves), in one step of every ``PREFILL_EVERY``
+    while sequences decode (``prefill_held`` in the others); otherwise the cap alone
+    decides, as a fixed budget does.
     """
 
     def __init__(
@@ -149,13 +157,19 @@ class StepBudget:
             raise ValueError(f"the step time target must be positive, got {target_s!r}")
         self.max_tokens, self.target_s = max_tokens, target_s
         self.cost = cost if cost is not None or target_s is None else StepCostModel()
+        self.shape = StepShape()
+        self.decode_only_steps = PREFILL_EVERY - 1  # the first step with decodes may prefill
         self.start()
 
-    def start(self) -> None:
-        """Begin a new step: nothing in it yet."""
+    def start(self, waiting: int = 0) -> None:
+        """Begin a new step: nothing in it yet; ``waiting`` requests queued for admission."""
+        if self.shape.tokens:  # the step before: how many decode-only steps in a row
+            held = self.decode_shape.tokens and not self.prefilled
+            self.decode_only_steps = self.decode_only_steps + 1 if held else 0
         self.tokens_left = self.max_tokens
         self.shape = self.decode_shape = StepShape()
         self.prefilled = False
+        self.waiting = waiting
 
     @property
     def adaptive(self) -> bool:
@@ -173,18 +187,36 @@ class StepBudget:
         self.prefilled = self.prefilled or prefill
 
     def step_limit(self) -> float:
-        """The seconds prefill may fill a step to (only when ``adaptive``): the target,
-        or ``BASE_STEP_MULTIPLE`` cheapest steps when that is less; but never less than
-        leaves prefill ``PREFILL_SHARE_OF_DECODE`` of the decodes' time."""
+        """The seconds prefill may fill a step to (only when ``adaptive``).
+
+        Without decodes, the target. With decodes, the target, or ``BASE_STEP_MULTIPLE``
+        cheapest steps when that is less and no request waits for admission; never
+        less than leaves prefill ``PREFILL_SHARE_OF_DECODE`` of the decodes' time; and
+        that prefill time ``PREFILL_EVERY`` times over, as prefill rides one step in
+        ``PREFILL_EVERY``."""
+        if not self.decode_shape.tokens:
+            return self.target_s
         cost = self.cost
-        limit = min(self.target_s, BASE_STEP_MULTIPLE * cost.predict(StepShape().plus(0, 1)))
-        return max(limit, (1 + PREFILL_SHARE_OF_DECODE) * cost.predict(self.decode_shape))
+        decode = cost.predict(self.decode_shape)
+        limit = self.target_s
+        if not self.waiting:
+            limit = min(limit, BASE_STEP_MULTIPLE * cost.predict(StepShape().plus(0, 1)))
+        limit = max(limit, (1 + PREFILL_SHARE_OF_DECODE) * decode)
+        return decode + PREFILL_EVERY * (limit - decode)
+
+    @property
+    def prefill_held(self) -> bool:
+        """Whether this step stays decode only: sequences decode in it, and fewer than
+        ``PREFILL_EVERY - 1`` decode-only steps came since prefill last ran."""
+        return bool(self.decode_shape.tokens) and self.decode_only_steps < PREFILL_EVERY - 1
 
     def prefill_room(self, context: int, wanted: int) -> int:
         """How many of ``wanted`` prefill tokens, after ``context`` computed ones, fit."""
         cap = max(0, min(wanted, self.tokens_left))
         if cap == 0 or not self.adaptive:
             return cap
+        if self.prefill_held:
+            return 0
         limit = self.step_limit()
         low, high = 0, cap  # the largest chunk predicted within the limit
         while low < high:
