@@ -43,7 +43,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdk_backend  # noqa: E402
 from report import bar_chart, write_report  # noqa: E402
+from server_process import free_port, wait_healthy  # noqa: E402
 from sse_client import post_events  # noqa: E402
 
 VOCABULARY = [
@@ -118,16 +118,10 @@ def _sentence(rng: random.Random, words: list[str]) -> str:
 # ----------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def started_server(args: argparse.Namespace, caching: bool):
     """A ``prefixcache serve`` subprocess; yields (base url, process)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "prefixcache.cli", "serve", "--port", str(port)]
     cmd += ["--log-level", "warning", "--kv-cache-tokens", str(args.kv_cache_tokens)]
     cmd += ["--load-format", args.load_format, "--kv-cache-dtype", args.kv_cache_dtype]
@@ -145,7 +139,7 @@ def started_server(args: argparse.Namespace, caching: bool):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         yield url, proc
     finally:
         proc.terminate()
@@ -162,20 +156,6 @@ def server_for(args: argparse.Namespace, caching: bool):
         return
     with started_server(args, caching) as started:
         yield started
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)  # polling a starting process
-    raise TimeoutError("server did not become healthy")
 
 
 def peak_rss_mib(proc: subprocess.Popen | None) -> float | None:

@@ -26,7 +26,7 @@ def started_server(
     if url:
         yield url.rstrip("/")
         return
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "prefixcache.cli", "serve", "--port", str(port)]
     cmd += ["--log-level", "warning", *extra]
     if model:
@@ -37,7 +37,7 @@ def started_server(
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc)
         yield base
     finally:
         proc.terminate()
@@ -50,13 +50,15 @@ def served_model(url: str) -> str:
     return listing["data"][0]["id"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Wait until ``proc`` serves ``url``/health; a clear error if it exits or never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
