@@ -151,12 +151,12 @@ def decode_attention(
     num_seqs, heads, dim = query.shape
     _, block_size, kv_heads, _ = k_cache.shape
     status = function(
-        _pointer(query, _F32),
-        _pointer(k_cache, _F32),
-        _pointer(v_cache, _F32),
-        _pointer(tables, _I32),
-        _pointer(lens, _I32),
-        _pointer(out, _F32),
+        data_pointer(query, _F32),
+        data_pointer(k_cache, _F32),
+        data_pointer(v_cache, _F32),
+        data_pointer(tables, _I32),
+        data_pointer(lens, _I32),
+        data_pointer(out, _F32),
         num_seqs,
         heads,
         kv_heads,
@@ -171,5 +171,6 @@ def decode_attention(
     return out if status == 0 else None
 
 
-def _pointer(tensor: torch.Tensor, kind):
+def data_pointer(tensor: torch.Tensor, kind):
+    """A ctypes pointer of type ``kind`` to ``tensor``'s data, for the C kernels."""
     return ctypes.cast(tensor.data_ptr(), kind)

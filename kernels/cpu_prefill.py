@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_native import load_library
+from kernels.cpu_native import data_pointer, load_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_prefill.c"
 _F32, _I32 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
@@ -54,14 +54,10 @@ def prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_sta
     _, heads, dim = query.shape
     _, block_size, kv_heads, _ = k_cache.shape
     status = function(
-        *(_pointer(t, _F32) for t in (query, k_cache, v_cache)),
-        *(_pointer(t, _I32) for t in (tables, lens, starts)),
-        _pointer(out, _F32),
+        *(data_pointer(t, _F32) for t in (query, k_cache, v_cache)),
+        *(data_pointer(t, _I32) for t in (tables, lens, starts)),
+        data_pointer(out, _F32),
         len(lens), heads, kv_heads, dim, block_size, tables.shape[1], scale,
         torch.get_num_threads(),
     )  # fmt: skip
     return out if status == 0 else None
-
-
-def _pointer(tensor: torch.Tensor, kind):
-    return ctypes.cast(tensor.data_ptr(), kind)

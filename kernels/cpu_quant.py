@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_native import load_library
+from kernels.cpu_native import data_pointer, load_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode_quant.c"
 _F32, _I32 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
@@ -63,12 +63,12 @@ def decode_attention_quant(
     num_seqs, heads, dim = query.shape
     _, block_size, kv_heads, _ = k_cache.shape
     status = function(
-        ctypes.cast(query.data_ptr(), _F32),
-        ctypes.cast(k_cache.data_ptr(), _U8),
-        ctypes.cast(v_cache.data_ptr(), _U8),
-        ctypes.cast(tables.data_ptr(), _I32),
-        ctypes.cast(lens.data_ptr(), _I32),
-        ctypes.cast(out.data_ptr(), _F32),
+        data_pointer(query, _F32),
+        data_pointer(k_cache, _U8),
+        data_pointer(v_cache, _U8),
+        data_pointer(tables, _I32),
+        data_pointer(lens, _I32),
+        data_pointer(out, _F32),
         num_seqs,
         heads,
         kv_heads,
