@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -131,3 +132,12 @@ def _wait_until_process_idle(client: ProcessEngineClient, deadline: float) -> di
         if time.monotonic() > deadline:
             raise TimeoutError(f"engine still busy: {info}")
         time.sleep(0.02)  # polling interval
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (a reaped child or a gone process: False)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server_harness import process_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 120  # only a hang gets near this; a run takes seconds
 # Starts an engine process, prints its pid and exits without calling shutdown().
@@ -26,14 +28,6 @@ print(client.pid, flush=True)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_front_that_exits_without_shutdown_stops_its_engine_process(tiny_llama):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-c", FRONT, str(tiny_llama)]
@@ -42,4 +36,4 @@ def test_a_front_that_exits_without_shutdown_stops_its_engine_process(tiny_llama
     )
     assert done.returncode == 0, done.stderr
     engine_pid = int(done.stdout.split()[0])
-    assert not _alive(engine_pid)
+    assert not process_alive(engine_pid)

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from engine_hooks import ForwardGate, wrap_forward
-from server_harness import on_engine, running_server
+from server_harness import on_engine, process_alive, running_server
 from test_server_cli import SMALL, _read_lines, _wait_for_url
 
 from prefixcache import SamplingParams
@@ -40,14 +40,6 @@ SERVED = {
     },
     "/responses": {"model": "tiny", "input": "hi", "max_output_tokens": 3},
 }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def _run(stream) -> None:
@@ -80,7 +72,7 @@ def test_worker_killed_during_a_request_fails_it_with_503_and_stops_the_engine(t
         prompt = np.array([5, 6, 7], dtype=np.int32)
         with pytest.raises(EngineDeadError, match=KILLED):
             asyncio.run(_run(server.client.generate(prompt, SamplingParams(max_tokens=2))))
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
 
 
 def _spawned_children(pid: int) -> list[int]:
@@ -114,5 +106,5 @@ def test_prefixcache_serve_exits_when_a_worker_dies_and_leaves_no_worker(tiny_ll
             proc.wait()
     log = "".join(lines.queue)
     assert KILLED in log
-    assert not _alive(worker)
-    assert not _alive(engine)
+    assert not process_alive(worker)
+    assert not process_alive(engine)
