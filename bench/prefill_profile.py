@@ -60,7 +60,7 @@ def op_profile(engine: Engine, context: list[int], args, rng) -> tuple[int, list
     finally:
         if kernel is not None:
             torch_ref.prefill_attention = kernel
-    events = [e for e in trace.key_averages() if e.key.startswith(("aten::", _KERNEL))]
+    events = [e for e in trace.key_averages() if e.key.startswith(("aten::", "mkldnn::", _KERNEL))]
     total = sum(e.self_cpu_time_total for e in events) or 1
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]
     rows = [

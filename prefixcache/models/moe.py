@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prefixcache.models.cpu_linear import linear
 from prefixcache.models.layers import GatedMLP
 from prefixcache.models.parallel import current_parallel
 from prefixcache.models.parallel_layers import expert_runs
@@ -133,8 +134,8 @@ class GroupedExperts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 rows = slice(start, start + count)
-                gate, up = F.linear(grouped[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                out[rows] = F.linear(F.silu(gate) * up, self.down_proj[expert])
+                gate, up = linear(grouped[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                out[rows] = linear(F.silu(gate) * up, self.down_proj[expert])
                 start += count
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, out)

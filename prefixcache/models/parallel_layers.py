@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prefixcache.models.cpu_linear import linear
 from prefixcache.models.parallel import TensorParallel, current_parallel
 
 
@@ -55,6 +56,10 @@ class ColumnParallelLinear(nn.Linear):
         offsets = [sum(size for size, _ in parts[:i]) for i in range(len(parts))]
         runs = stacked_runs(0, [(o, rows) for o, (_, rows) in zip(offsets, parts, strict=True)])
         self.shard_runs = {} if self.parallel.size == 1 else {"weight": runs, "bias": runs}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output features of ``x``."""
+        return linear(x, self.weight, self.bias)
 
 
 def merged_column_linear(in_features: int, sizes: Sequence[int], what: str) -> nn.Linear:
@@ -93,8 +98,8 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial product, summed over ranks, plus the bias."""
         if self.parallel.size == 1:
-            return super().forward(x)
-        out = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        out = linear(x, self.weight)
         if self.reduce:
             out = self.parallel.all_reduce(out)
         return out if self.bias is None else out + self.bias
@@ -139,7 +144,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, in the weights' dtype."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.parallel.size == 1:
             return logits
         return self.parallel.all_gather_last(logits)[..., : self.vocab_size]
