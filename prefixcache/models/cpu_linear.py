@@ -6,8 +6,9 @@ flags and runs AVX-512 where the CPU has it. On a 2-core AVX-512 EPYC a prefill
 chunk's projections take about half the time through oneDNN (36 rows x 512 -> 2,048:
 0.39 ms against 0.78 ms; 512 rows: 4.7 against 10.7 ms), with the same weights
 (nothing is copied or repacked) and results equal up to float32 summation order.
-One or two rows (a decode step of one or two sequences) stay with ``F.linear``,
-where oneDNN's per-call cost outweighs its speed.
+Small products (under ``MIN_WORK`` multiply-adds, or one or two rows: a decode
+step of one or two sequences) stay with ``F.linear``: oneDNN's ~13 us per call
+outweighs its speed there.
 
 ``PREFIXCACHE_ONEDNN_LINEAR=0`` turns the oneDNN path off (every linear through
 ``F.linear``).
@@ -21,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 MIN_ROWS = 3  # fewer rows: F.linear is as fast or faster
+MIN_WORK = 1 << 20  # multiply-adds (rows x in x out) where the two break even
 
 
 def _available() -> bool:
@@ -34,8 +36,8 @@ ENABLED = _available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU inputs of at
-    least ``MIN_ROWS`` rows outside autograd."""
+    """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU products of at
+    least ``MIN_ROWS`` rows and ``MIN_WORK`` multiply-adds, outside autograd."""
     if ENABLED and _onednn_fits(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -47,5 +49,6 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() >= MIN_ROWS * x.shape[-1] > 0
+        and x.numel() * weight.shape[0] >= MIN_WORK
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
