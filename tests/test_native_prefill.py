@@ -111,3 +111,39 @@ def test_shapes_the_kernel_does_not_take_are_declined():
     assert _prefill(query, k_cache, v_cache, meta, 0.2) is None
     query, k_cache, v_cache, meta = _case(3, [4], [10], 4, 2, 16, 16)
     assert _prefill(query.double(), k_cache.double(), v_cache.double(), meta, 0.2) is None
+
+
+def test_a_rows_bits_do_not_depend_on_how_the_step_was_cut():
+    # What makes a prefix-cache hit compute the same attention as the cold prefill of
+    # the same positions: each row's arithmetic is its own, whatever else is in the
+    # step (other tokens of its sequence, other sequences, the thread count).
+    gen = torch.Generator().manual_seed(4)
+    block_size, total, new = 16, 500, 100
+    k_cache = torch.randn(40, block_size, 2, 64, generator=gen)
+    v_cache = torch.randn(40, block_size, 2, 64, generator=gen)
+    table = torch.randperm(40, generator=gen)[: -(-total // block_size)].tolist()
+    query = torch.randn(new, 8, 64, generator=gen)
+
+    def attend(rows: slice, context: int, others: int = 0):
+        lens, tables, parts = [], [], []
+        for _ in range(others):  # unrelated sequences batched in front
+            lens.append(7)
+            tables.append(table)
+            parts.append(torch.randn(7, 8, 64, generator=gen))
+        lens.append(rows.stop - rows.start)
+        tables.append(table)
+        parts.append(query[rows])
+        meta = AttentionMetadata.build(lens, [*[7] * others, context], tables, block_size)
+        out = _prefill(torch.cat(parts), k_cache, v_cache, meta, 0.125)
+        return out[sum(lens[:-1]) :]
+
+    whole = attend(slice(0, new), total)
+    first, rest = attend(slice(0, 40), total - 60), attend(slice(40, new), total, others=3)
+    assert torch.equal(whole[:40], first)
+    assert torch.equal(whole[40:], rest)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(attend(slice(0, new), total), whole)
+    finally:
+        torch.set_num_threads(threads)
