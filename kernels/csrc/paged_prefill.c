@@ -63,7 +63,15 @@ ALWAYS_INLINE v16 select16(v16i keep, v16 a, v16 b)
     return (v16)(((v16i)a & keep) | ((v16i)b & ~keep));
 }
 
-ALWAYS_INLINE v16 max16(v16 a, v16 b) { return select16(a > b, a, b); }
+/* A lane loop, which the compiler turns into one max instruction (a select through
+ * compare masks costs three, on the softmax's critical path). */
+ALWAYS_INLINE v16 max16(v16 a, v16 b)
+{
+    v16 r;
+    for (int i = 0; i < 16; i++)
+        r[i] = a[i] > b[i] ? a[i] : b[i];
+    return r;
+}
 
 /* e^x of each lane, for x <= 0 (scores minus their running max): x = n ln2 + y with
  * |y| <= ln2 / 2, e^y by its Taylor series to degree 6 (relative error ~1e-7, about
@@ -180,13 +188,17 @@ static void softmax_vector(struct scratch *w, int v, int p0, int mask)
     const v16i pos = (v16i)load16((const float *)&w->pos[r]);
     const v16 lowest = splat(-FLT_MAX);
     const v16 old = load16(&w->m[r]);
-    v16 top = old;
-    for (int j = 0; j < TILE; j++) {
-        v16 s = load16(&w->st[j][r]);
-        if (mask)
+    v16 top = old, top2 = old; /* two chains: each max waits on the one before */
+    for (int j = 0; j < TILE; j += 2) {
+        v16 s = load16(&w->st[j][r]), s2 = load16(&w->st[j + 1][r]);
+        if (mask) {
             store16(&w->st[j][r], s = select16(pos >= p0 + j, s, lowest));
+            store16(&w->st[j + 1][r], s2 = select16(pos >= p0 + j + 1, s2, lowest));
+        }
         top = max16(top, s);
+        top2 = max16(top2, s2);
     }
+    top = max16(top, top2);
     v16 sum = {0};
     for (int j = 0; j < TILE; j++) {
         v16 p = exp16(load16(&w->st[j][r]) - top);
