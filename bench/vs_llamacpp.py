@@ -14,7 +14,9 @@ llama-cpp-python. Then, with the same thread count on both sides:
   from, ours (from the cache) against llama.cpp's (same ids in, same ids out, or the
   comparison is void).
 
-llama.cpp runs with flash attention off and on. Ratios are ours / llama.cpp.
+llama.cpp runs with flash attention off and on, with its default KV cache (float16)
+and, flash attention off, with a float32 KV cache like ours. Ratios are ours /
+llama.cpp.
 
     pip install 'prefixcache[llamacpp]'   # compiles llama.cpp: ~10 minutes on 2 cores
     python bench/vs_llamacpp.py --out bench/out
@@ -42,6 +44,7 @@ from report import write_report  # noqa: E402
 from prefixcache import Engine, SamplingParams  # noqa: E402
 from prefixcache.testing import make_tiny_model  # noqa: E402
 
+GGML_TYPE_F32 = 0  # llama.cpp's KV cache type for float32 (its default is float16)
 INSTALL = "pip install 'prefixcache[llamacpp]' (llama-cpp-python compiles llama.cpp: ~10 minutes)"
 
 
@@ -80,12 +83,16 @@ class Ours:
 class LlamaCpp:
     """llama-cpp-python over the GGUF file; its KV cache kept between calls."""
 
-    def __init__(self, gguf_path: Path, context: int, threads: int, flash: bool) -> None:
+    def __init__(
+        self, gguf_path: Path, context: int, threads: int, flash: bool, kv_f32: bool = False
+    ) -> None:
         from llama_cpp import Llama
 
+        kv_types = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
         self.llm = Llama(
             model_path=str(gguf_path), n_ctx=context + 1024, n_batch=2048,
             n_threads=threads, n_threads_batch=threads, flash_attn=flash, verbose=False,
+            **kv_types,
         )  # fmt: skip
 
     def cold(self, prompt: list[int]) -> float:
@@ -174,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     context = rng.integers(10, 700, args.context_tokens).tolist()
     ours = Ours(folder, args.context_tokens, args.threads)
     theirs = {
-        f"llama.cpp fa={'on' if flash else 'off'}": LlamaCpp(
-            gguf_path, args.context_tokens, args.threads, flash
+        f"llama.cpp fa={'on' if flash else 'off'}{' kv=f32' if f32 else ''}": LlamaCpp(
+            gguf_path, args.context_tokens, args.threads, flash, f32
         )
-        for flash in (False, True)
+        for flash, f32 in ((False, False), (False, True), (True, False))
     }
     sides = {"ours": ours, **theirs}
     # Timed first: ours must start from an empty cache for its cold prefill.
