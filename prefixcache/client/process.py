@@ -5,10 +5,8 @@ As vLLM's engine core and SGLang's scheduler do, the engine steps in a child pro
 validating (its own ``InputProcessor`` over the tokenizer and the limits the engine
 sent when it was ready) and streaming. The two talk over a ``multiprocessing`` pipe in
 msgspec messages (``wire.py``); the engine sends one message per step with every
-request's new token ids, and the front's reader thread detokenizes them, checks the
-stop strings (``DeltaText``, the engine's own code: a stop string ends the request
-here and aborts it there) and hands each event loop one batch per message, not one
-wake-up per token per request.
+request's new token ids; the front's reader thread detokenizes them and applies the
+stop strings (``DeltaText``), then hands each event loop one batch per message.
 
 The engine process dying (killed, crashed, its loop stopped) fails every pending
 stream and call with ``EngineDeadError``, as do all later calls; ``shutdown`` stops
@@ -350,8 +348,8 @@ class ProcessEngineClient:
             _call_soon(loop, _put_all, batch)
 
     def _with_text(self, stream: _Stream, wired: wire.WireDelta) -> RequestDelta:
-        """The delta with its text; a request a stop string (or a failure to detokenize)
-        ends here is aborted in the engine, whose later deltas for it are dropped."""
+        """The delta with its text. A request that a stop string (or a failure to
+        detokenize) ends here is aborted in the engine; its later deltas are dropped."""
         delta = wire.decode_delta(wired)
         try:
             delta = stream.text.apply(delta)
