@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -153,6 +154,50 @@ def test_abort_ends_the_stream_with_finish_reason_abort(process_client):
 
     deltas = asyncio.run(asyncio.wait_for(run(), _BOUND_S))
     assert deltas[-1].finish_reason == "abort" and len(deltas) < 1500
+
+
+def _deltas(deltas: list) -> list[tuple]:
+    """Each delta as a front streams it, timings aside."""
+    return [(d.token_ids, d.text, d.finish_reason, d.logprobs) for d in deltas]
+
+
+def _stop_strings(text: str) -> list:
+    """Stop strings taken from ``text``: one early, one late (each likely spanning two
+    tokens), and one ``text`` never holds beside one it does."""
+    early, late = len(text) // 4, 2 * len(text) // 3
+    return [text[early : early + 3], text[late : late + 2], ["\x00absent", text[late : late + 4]]]
+
+
+def test_stop_strings_cut_each_delta_as_the_in_process_engine_does(process_client, thread_client):
+    # The engine process sends ids; the front detokenizes and applies the stop strings.
+    prompt, free = PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True, logprobs=True)
+    text = "".join(d.text for d in asyncio.run(_collect(thread_client, prompt, free)))
+    for stop in _stop_strings(text):
+        for params in (free, PARAMS[1]):
+            params = dataclasses.replace(params, stop=stop, max_tokens=40, ignore_eos=True)
+            expected = _deltas(asyncio.run(_collect(thread_client, prompt, params)))
+            assert _deltas(asyncio.run(_collect(process_client, prompt, params))) == expected
+            if params.greedy:  # the stop string is met before the end, and cut off
+                cut = "".join(d[1] for d in expected)
+                assert expected[-1][2] == "stop" and len(expected) < 40
+                assert text.startswith(cut) and len(cut) < len(text)
+
+
+def test_a_stop_string_finish_releases_the_request_in_the_engine(process_client, thread_client):
+    prompt, endless = PROMPTS[2], SamplingParams(max_tokens=1500, ignore_eos=True)
+    first = asyncio.run(_collect(thread_client, prompt, dataclasses.replace(endless, max_tokens=8)))
+    stop = "".join(d.text for d in first)[-2:]  # met within 8 tokens, ended there
+
+    async def run():
+        deltas = await _collect(process_client, prompt, dataclasses.replace(endless, stop=stop))
+        # The front aborted the request before handing over its last delta, so the abort
+        # went down the pipe before this call and runs first: gone now, not eventually.
+        return deltas, await process_client.cache_info()
+
+    deltas, info = asyncio.run(asyncio.wait_for(run(), _BOUND_S))
+    assert deltas[-1].finish_reason == "stop" and len(deltas) <= 8
+    assert (info.running, info.waiting, info.device.locked) == (0, 0, 0)
+    asyncio.run(process_client.check_integrity())
 
 
 def test_prewarm_pin_unpin_flush_and_cache_info(process_client, thread_client):

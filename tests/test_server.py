@@ -131,6 +131,20 @@ def test_streamed_text_equals_non_streamed_text(served):
     assert usage.prompt_tokens == reference.usage.prompt_tokens
 
 
+def test_a_stop_string_ends_the_stream_where_the_unstopped_reply_first_has_it(served):
+    client = _client(served)
+    messages = [{"role": "user", "content": "Stop where asked. " + LONG_TEXT}]
+    full, _ = _stream_chat(client, messages, max_tokens=24, extra_body={"ignore_eos": True})
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    text, chunks = _stream_chat(
+        client, messages, max_tokens=24, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert text == full[: full.find(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens < 24
+    assert served.wait_until_idle()["locked_blocks"] == 0
+
+
 def test_completions_stream_and_non_stream_agree_on_token_id_prompts(served):
     client = _client(served)
     prompt = list(range(40, 90))

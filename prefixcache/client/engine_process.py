@@ -109,7 +109,8 @@ class ServedEngineLoop(EngineLoop):
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
-            self.engine.core.add(tokens, params, request_id, salt)
+            # Ids only: the front detokenizes and checks the stop strings (DeltaText).
+            self.engine.core.add(tokens, params, request_id, salt, detokenize=False)
         except Exception as exc:  # that caller's error: its only delta
             failed = RequestDelta(request_id, [], "", "error", len(tokens), 0, error=exc)
             self._deliver([failed])

@@ -5,8 +5,8 @@ As vLLM's engine core and SGLang's scheduler do, the engine steps in a child pro
 validating (its own ``InputProcessor`` over the tokenizer and the limits the engine
 sent when it was ready) and streaming. The two talk over a ``multiprocessing`` pipe in
 msgspec messages (``wire.py``); the engine sends one message per step with every
-request's new tokens, and the front's reader thread hands each event loop one batch
-per message, not one wake-up per token per request.
+request's new token ids; the front's reader thread detokenizes them and applies the
+stop strings (``DeltaText``), then hands each event loop one batch per message.
 
 The engine process dying (killed, crashed, its loop stopped) fails every pending
 stream and call with ``EngineDeadError``, as do all later calls; ``shutdown`` stops
@@ -24,6 +24,7 @@ import multiprocessing
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from prefixcache.cache.pins import PinHandle
 from prefixcache.client import wire
 from prefixcache.client.engine_process import run_engine_process
 from prefixcache.client.protocol import PrewarmResult
-from prefixcache.engine.errors import EngineDeadError
+from prefixcache.engine.errors import EngineDeadError, RequestFailedError
+from prefixcache.engine.output_processor import DeltaText
 from prefixcache.engine.stats import EngineStats
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
@@ -48,7 +50,16 @@ logger = logging.getLogger(__name__)
 
 _PREFILL_ONLY = SamplingParams(max_tokens=1)
 _STOP_WAIT_S = 30.0  # how long shutdown waits for the child before killing it
-_Target = tuple[asyncio.AbstractEventLoop, asyncio.Queue | asyncio.Future]
+_Target = tuple[asyncio.AbstractEventLoop, asyncio.Future]
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A request being streamed: where its deltas go, and its text so far."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    text: DeltaText
 
 
 class ProcessEngineClient:
@@ -65,10 +76,11 @@ class ProcessEngineClient:
         atexit.register(self._stop_at_exit)
         self._limits = ready.limits
         tokenizer = load_tokenizer(Path(ready.model_folder))
+        self._tokenizer = tokenizer  # detokenizes the engine's ids (see _deliver)
         grammars = GrammarCache(tokenizer, ready.limits.vocab_size, frozenset(ready.eos_token_ids))
         self._inputs = InputProcessor(tokenizer, ready.limits, grammars)
         self._lock = threading.Lock()  # guards the tables below and _error
-        self._streams: dict[str, _Target] = {}
+        self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, _Target] = {}
         self._subscribers: list[CacheEventCallback] = []
         self._error: EngineDeadError | None = None
@@ -154,7 +166,8 @@ class ProcessEngineClient:
             self._raise_if_dead()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            text = DeltaText(self._tokenizer, params.stop_strings)
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue, text)
         finished = False
         try:
             self._send(wire.Add(request_id, wire.prompt_bytes(prompt_ids), params, salt))
@@ -324,15 +337,34 @@ class ProcessEngineClient:
                     callback(events)
 
     def _deliver(self, deltas: list[wire.WireDelta]) -> None:
-        """One wake-up per event loop for the whole step's deltas."""
-        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        """Detokenize the step's deltas; one wake-up per event loop for all of them."""
         with self._lock:
-            for delta in deltas:
-                target = self._streams.get(delta.request_id)
-                if target is not None:
-                    batches[target[0]].append((target[1], wire.decode_delta(delta)))
+            streams = [(self._streams.get(d.request_id), d) for d in deltas]
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for stream, delta in streams:
+            if stream is not None:
+                batches[stream.loop].append((stream.queue, self._with_text(stream, delta)))
         for loop, batch in batches.items():
             _call_soon(loop, _put_all, batch)
+
+    def _with_text(self, stream: _Stream, wired: wire.WireDelta) -> RequestDelta:
+        """The delta with its text. A request that a stop string (or a failure to
+        detokenize) ends here is aborted in the engine; its later deltas are dropped."""
+        delta = wire.decode_delta(wired)
+        try:
+            delta = stream.text.apply(delta)
+        except Exception as exc:  # this request's failure only, as in the engine
+            logger.exception("request %s failed while detokenizing", delta.request_id)
+            error = RequestFailedError("the engine failed while running this request")
+            error.__cause__ = exc
+            delta = delta._replace(token_ids=[], text="", finish_reason="error", error=error)
+            stream.text.stopped = True  # aborting a request the engine ended is a no-op
+        if stream.text.stopped:
+            with self._lock:
+                self._streams.pop(delta.request_id, None)
+            with contextlib.suppress(EngineDeadError):
+                self._send(wire.Abort(delta.request_id))
+        return delta
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
@@ -340,11 +372,10 @@ class ProcessEngineClient:
                 self._error = error
             streams, self._streams = list(self._streams.values()), {}
             calls, self._calls = list(self._calls.values()), {}
-        for loop, target in streams + calls:
-            if isinstance(target, asyncio.Queue):
-                _call_soon(loop, target.put_nowait, EngineDeadError(str(error)))
-            else:
-                _call_soon(loop, _settle, target, EngineDeadError(str(error)))
+        for stream in streams:
+            _call_soon(stream.loop, stream.queue.put_nowait, EngineDeadError(str(error)))
+        for loop, future in calls:
+            _call_soon(loop, _settle, future, EngineDeadError(str(error)))
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:

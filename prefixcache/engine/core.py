@@ -90,8 +90,13 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        detokenize: bool = True,
     ) -> str:
         """Queue validated prompt ids (an int32 array, not copied); returns the request id.
+
+        With ``detokenize`` False the request's deltas carry ids without text and stop
+        strings are not checked here: the caller detokenizes (``DeltaText``) and
+        aborts the request when one of them ends it.
 
         Raises ``KVCacheExhaustedError`` (a ValueError) when the prompt plus
         ``max_tokens`` can never fit in what the pins leave of the KV cache.
@@ -112,7 +117,8 @@ class EngineCore:
             added_at=time.perf_counter(),
             grammar=grammar,
         )
-        self.requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
+        tokenizer = self.tokenizer if detokenize else None
+        self.requests[request_id] = RequestState(seq, tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return request_id
 

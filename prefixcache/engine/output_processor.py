@@ -1,21 +1,52 @@
-"""Per-request text and stop handling: detokenize, cut at stop strings, decide finish."""
+"""Per-request text and stop handling: detokenize, cut at stop strings, decide finish.
+
+``TextStream`` is a request's text: the same code turns ids into text in the engine
+(``RequestState``, in process) and in a front whose engine runs in another process
+and sends ids only (``DeltaText``), so both give the same text for the same ids.
+"""
 
 from __future__ import annotations
 
 import time
 
-from prefixcache.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prefixcache.engine.detokenizer import IncrementalDetokenizer, StopResult, StopStringMatcher
 from prefixcache.engine.sequence import Sequence
 from prefixcache.outputs import RequestDelta, RequestOutput, RequestTimings
 
+_NO_TEXT = StopResult("", False)
+
+
+class TextStream:
+    """A request's output text: its ids detokenized one at a time, cut at the first
+    stop string (no part of which is ever emitted)."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...]) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_matcher = StopStringMatcher(stop_strings)
+
+    def add(self, token_id: int) -> StopResult:
+        """Append ``token_id``: the text now safe to emit, and whether a stop string ended
+        the output."""
+        return self.stop_matcher.feed(self.detokenizer.add(token_id))
+
+    def drain(self) -> str:
+        """The text still held back, when the output ends for a reason of its own."""
+        tail = self.stop_matcher.feed(self.detokenizer.flush())
+        return tail.text if tail.stopped else tail.text + self.stop_matcher.flush()
+
 
 class RequestState:
-    """A request's sequence plus its streaming text state."""
+    """A request's sequence plus its streaming text state.
+
+    With ``tokenizer`` None the request's deltas carry ids only (text "") and every one
+    carries its timings: whoever detokenizes them (``DeltaText``) checks the stop
+    strings and may end the request at any delta.
+    """
 
     def __init__(self, seq: Sequence, tokenizer, eos_token_ids: frozenset[int]) -> None:
         self.seq = seq
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop_matcher = StopStringMatcher(seq.params.stop_strings)
+        stops = seq.params.stop_strings
+        self.stream = TextStream(tokenizer, stops) if tokenizer is not None else None
         self.stop_ids = frozenset(seq.params.stop_token_ids or ())
         if not seq.params.ignore_eos:
             self.stop_ids |= eos_token_ids
@@ -32,7 +63,7 @@ class RequestState:
             seq.first_token_at = time.perf_counter()
         if token_id in self.stop_ids or grammar_done:
             return self._finish("stop", self._drain())
-        result = self.stop_matcher.feed(self.detokenizer.add(token_id))
+        result = self.stream.add(token_id) if self.stream is not None else _NO_TEXT
         if result.stopped:
             return self._finish("stop", result.text)
         if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= max_model_len:
@@ -41,8 +72,7 @@ class RequestState:
 
     def _drain(self) -> str:
         """Text still held back by the detokenizer and the stop matcher."""
-        tail = self.stop_matcher.feed(self.detokenizer.flush())
-        return tail.text if tail.stopped else tail.text + self.stop_matcher.flush()
+        return self.stream.drain() if self.stream is not None else ""
 
     def abort(self) -> RequestDelta:
         """Finish the request because the caller gave up on it."""
@@ -68,7 +98,7 @@ class RequestState:
             seq.finish_reason,
             seq.num_prompt_tokens,
             seq.num_cached_tokens,
-            self._timings() if seq.finish_reason is not None else None,
+            self._timings() if seq.finish_reason is not None or self.stream is None else None,
             logprobs=self._logprobs(len(token_ids)),
         )
 
@@ -102,3 +132,47 @@ class RequestState:
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=list(seq.logprobs) if seq.params.logprobs else None,
         )
+
+
+class DeltaText:
+    """Gives the id-only deltas of an engine that does not detokenize (a
+    ``RequestState`` without a tokenizer) the text and finish the engine would have
+    given them: as vLLM's front-end output processor does, on the front's side.
+
+    ``apply`` takes the request's deltas in order. When a stop string completes inside
+    one, the delta returned ends the request there (``finish_reason`` "stop", ids and
+    log-probs cut after the token that completed it) and ``stopped`` is set: the
+    engine does not know, so the caller must abort the request there.
+    """
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...]) -> None:
+        self.stream = TextStream(tokenizer, stop_strings)
+        self.stopped = False
+
+    def apply(self, delta: RequestDelta) -> RequestDelta:
+        """``delta`` as the engine would have sent it had it detokenized."""
+        if delta.finish_reason in ("abort", "error"):  # text held back is dropped, as there
+            return delta
+        ids, last, pieces = delta.token_ids, len(delta.token_ids) - 1, []
+        for i, token_id in enumerate(ids):
+            # Only the last id can end the request in the engine: an end-of-sequence or
+            # stop id (or a grammar's end), never detokenized, or the length limit.
+            if i == last and delta.finish_reason == "stop":
+                pieces.append(self.stream.drain())
+                break
+            result = self.stream.add(token_id)
+            pieces.append(result.text)
+            if result.stopped:
+                self.stopped = delta.finish_reason is None
+                return _cut(delta, i + 1, "".join(pieces))
+            if i == last and delta.finish_reason == "length":
+                pieces.append(self.stream.drain())
+        timings = delta.timings if delta.finish_reason is not None else None
+        return delta._replace(text="".join(pieces), timings=timings)
+
+
+def _cut(delta: RequestDelta, num_tokens: int, text: str) -> RequestDelta:
+    """``delta`` ended by a stop string after its first ``num_tokens`` ids."""
+    logprobs = delta.logprobs[:num_tokens] if delta.logprobs is not None else None
+    ids = delta.token_ids[:num_tokens]
+    return delta._replace(token_ids=ids, text=text, finish_reason="stop", logprobs=logprobs)
