@@ -37,6 +37,7 @@ from prefixcache.client import wire
 from prefixcache.client.engine_process import run_engine_process
 from prefixcache.client.protocol import PrewarmResult
 from prefixcache.engine.errors import EngineDeadError, RequestFailedError
+from prefixcache.engine.loop import DeltaQueue
 from prefixcache.engine.output_processor import DeltaText
 from prefixcache.engine.stats import EngineStats
 from prefixcache.inputs.limits import EngineLimits
@@ -161,28 +162,21 @@ class ProcessEngineClient:
         A request the engine failed or refused raises its error (of its own class).
         """
         request_id = request_id or f"proc-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = DeltaQueue()
         with self._lock:
             self._raise_if_dead()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             text = DeltaText(self._tokenizer, params.stop_strings)
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue, text)
-        finished = False
         try:
             self._send(wire.Add(request_id, wire.prompt_bytes(prompt_ids), params, salt))
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finish_reason is not None
-                if item.error is not None:
-                    raise item.error
-                yield item
+            while not queue.finished:
+                yield await queue.next_delta()
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:
+            if not queue.finished:
                 with contextlib.suppress(EngineDeadError):
                     self._send(wire.Abort(request_id))
 

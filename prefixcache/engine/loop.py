@@ -33,6 +33,26 @@ logger = logging.getLogger(__name__)
 MAX_FAILED_STEPS = 3
 
 
+class DeltaQueue(asyncio.Queue):
+    """One request's deltas as the engine hands them over, or the exception that ended
+    them. ``finished`` says whether the finishing delta was taken: a stream left before
+    that must abort its request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = False
+
+    async def next_delta(self) -> RequestDelta:
+        """The next delta; raises what ended the stream, or the request's own error."""
+        item = await self.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.finished = item.finish_reason is not None
+        if item.error is not None:
+            raise item.error
+        return item
+
+
 class EngineLoop:
     """Steps ``engine.core`` in a background thread and streams deltas to coroutines."""
 
@@ -70,23 +90,15 @@ class EngineLoop:
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, queue)
+        queue = DeltaQueue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._submit(lambda: self._add(tokens, params, request_id, salt))
-        finished = False
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finish_reason is not None
-                if item.error is not None:
-                    raise item.error
-                yield item
+            while not queue.finished:
+                yield await queue.next_delta()
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not queue.finished:
                 self._submit(lambda: self.engine.core.abort(request_id))
 
     def abort(self, request_id: str) -> None:
