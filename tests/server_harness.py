@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -141,3 +145,35 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def serve_subprocess(*args: str) -> tuple[subprocess.Popen, queue.Queue]:
+    """``prefixcache serve *args --port 0`` as a subprocess, its output read line by
+    line into the queue returned (``wait_for_url`` finds its address there). The
+    caller stops the process."""
+    argv = [sys.executable, "-m", "prefixcache.cli", "serve", *args, "--port", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    return proc, lines
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def wait_for_url(lines: queue.Queue, timeout: float) -> str:
+    """The API address ``prefixcache serve`` printed (``.../v1``), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if "serving at http://" in line:
+            return line.split("serving at ")[1].split()[0]
+    raise TimeoutError("prefixcache serve printed no URL")

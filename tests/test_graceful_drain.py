@@ -5,12 +5,7 @@ stream with an error event and ``[DONE]``, and exits."""
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import httpx
@@ -22,7 +17,8 @@ from server.app import create_app
 from server.background import BackgroundServer
 from server.launch import DrainingServer
 from tests.engine_hooks import forward_gate
-from tests.test_server_cli import SMALL, _read_lines, _wait_for_url
+from tests.server_harness import serve_subprocess, wait_for_url
+from tests.test_server_cli import SMALL
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
 
@@ -117,17 +113,11 @@ def test_drain_lets_a_stream_that_finishes_in_time_end_normally(draining):
 
 
 def test_sigterm_drains_the_serve_process_and_it_exits_cleanly(tiny_llama):
-    argv = [sys.executable, "-m", "prefixcache.cli", "serve", "--model", str(tiny_llama), *SMALL]
-    argv += ["--port", "0", "--log-level", "warning", "--shutdown-timeout", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    flags = ["--log-level", "warning", "--shutdown-timeout", "0"]
+    proc, lines = serve_subprocess("--model", str(tiny_llama), *SMALL, *flags)
     body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
     try:
-        api = _wait_for_url(lines, timeout=120)
+        api = wait_for_url(lines, timeout=120)
         with (
             httpx.Client(trust_env=False, timeout=60) as http,
             http.stream("POST", api + "/completions", json=body) as stream,

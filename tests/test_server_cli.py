@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
-import queue
 import signal
 import subprocess
-import sys
-import threading
-import time
 
 import httpx
 import pytest
 
 from prefixcache import Engine, cli
 from server.launch import print_banner
+from tests.server_harness import serve_subprocess, wait_for_url
 
 SMALL = ["--kv-cache-tokens", "4096", "--max-model-len", "512", "--device", "cpu"]
 
@@ -97,34 +93,11 @@ def test_generate_command_still_works(tiny_llama, capsys):
     assert "3 generated" in capsys.readouterr().err
 
 
-def _read_lines(stream, lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line)
-
-
-def _wait_for_url(lines: queue.Queue, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if "serving at http://" in line:
-            return line.split("serving at ")[1].split()[0]
-    raise TimeoutError("prefixcache serve printed no URL")
-
-
 def test_prefixcache_serve_process_answers_until_interrupted(tiny_llama):
-    argv = [sys.executable, "-m", "prefixcache.cli", "serve", "--model", str(tiny_llama), *SMALL]
-    argv += ["--port", "0", "--api-key", "secret", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    flags = ["--api-key", "secret", "--log-level", "warning"]
+    proc, lines = serve_subprocess("--model", str(tiny_llama), *SMALL, *flags)
     try:
-        api = _wait_for_url(lines, timeout=120)
+        api = wait_for_url(lines, timeout=120)
         with httpx.Client(trust_env=False, timeout=60) as http:
             assert http.get(api.removesuffix("/v1") + "/health").status_code == 200
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

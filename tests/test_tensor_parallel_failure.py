@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,8 +19,14 @@ import httpx
 import numpy as np
 import pytest
 from engine_hooks import ForwardGate, wrap_forward
-from server_harness import on_engine, process_alive, running_server
-from test_server_cli import SMALL, _read_lines, _wait_for_url
+from server_harness import (
+    on_engine,
+    process_alive,
+    running_server,
+    serve_subprocess,
+    wait_for_url,
+)
+from test_server_cli import SMALL
 
 from prefixcache import SamplingParams
 from prefixcache.client import EngineDeadError
@@ -83,17 +87,10 @@ def _spawned_children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_prefixcache_serve_exits_when_a_worker_dies_and_leaves_no_worker(tiny_llama):
-    argv = [sys.executable, "-m", "prefixcache.cli", "serve", "--model", str(tiny_llama), *SMALL]
-    argv += ["--port", "0", "--log-level", "warning", "--served-model-name", "tiny"]
-    argv += ["--tensor-parallel-size", "2"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    flags = ["--log-level", "warning", "--served-model-name", "tiny", "--tensor-parallel-size", "2"]
+    proc, lines = serve_subprocess("--model", str(tiny_llama), *SMALL, *flags)
     try:
-        api = _wait_for_url(lines, timeout=120)
+        api = wait_for_url(lines, timeout=120)
         with httpx.Client(trust_env=False, timeout=60) as http:
             assert http.post(api + "/completions", json=BODY).status_code == 200
         [engine] = _spawned_children(proc.pid)  # serve runs the engine in its own process
