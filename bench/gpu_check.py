@@ -11,7 +11,8 @@ At Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16
    measured device copy bandwidth (goal: >= 70% at 200k);
 3. times prefill of 2k new tokens over a 200k cached prefix against torch SDPA (flash,
    non-causal, K/V contiguous and repeated per query head: slightly more work than
-   ours) on the same shape (goal: >= 0.6x SDPA's speed);
+   ours) on the same shape (goal: >= 0.6x SDPA's speed), and a chat turn's 32 new
+   tokens over 200k with the kernel split over the keys against one part;
 4. runs an end-to-end second turn at 200k context on the Llama-3.1-8B config with
    dummy weights (config written locally, nothing downloaded); when the prefill timing
    of step 3 says turn one would take longer than ``--e2e-budget-s``, at the longest
@@ -54,7 +55,12 @@ from report import markdown_table
 
 from kernels import AttentionMetadata
 from kernels.torch_ref import TorchReferenceBackend
-from kernels.triton_backend import DecodeTiles, PrefillTiles, TritonBackend
+from kernels.triton_backend import (
+    DecodeTiles,
+    PrefillTiles,
+    TritonBackend,
+    default_prefill_tiles,
+)
 
 
 class Shapes(NamedTuple):
@@ -158,6 +164,12 @@ def check_kernels(shapes: Shapes) -> list[dict]:
         (f"prefill {part} new over {names}", [part] * len(ctx), list(ctx), None),
         (f"prefill {_k(new)} new over {_k(ctx[-1])}", [new], [ctx[-1] + new], None),
         ("mixed decode + prefill batch", [1, part, 1], [ctx[-1], ctx[1], ctx[0]], None),
+        (
+            f"prefill {QUESTION_TOKENS} new over {_k(ctx[-1])} (split over the keys)",
+            [QUESTION_TOKENS],
+            [ctx[-1] + QUESTION_TOKENS],
+            None,
+        ),
         (f"float32 decode + prefill at {_k(ctx[0])}", [1, part], [ctx[0], ctx[0]], torch.float32),
     ]
     rows = []
@@ -227,6 +239,20 @@ def time_prefill(shapes: Shapes, tiles: PrefillTiles | None = None) -> dict:
     }  # fmt: skip
 
 
+def time_short_prefill(shapes: Shapes) -> dict:
+    """A chat turn's few new tokens over the longest prefix: the kernel split over the
+    keys (the default) against one program per query tile walking every key."""
+    prefix = shapes.contexts[-1]
+    step = make_step(shapes, [QUESTION_TOKENS], [prefix + QUESTION_TOKENS])
+    split = _time_attend(TritonBackend(), step)
+    whole = PrefillTiles(*default_prefill_tiles(shapes.head_dim, shapes.dtype,
+                                                torch.device(shapes.device))[:4],
+                         partition=-(-(prefix + QUESTION_TOKENS) // 64) * 64)  # fmt: skip
+    one_part = _time_attend(TritonBackend(prefill_tiles=whole), step)
+    return {"new_tokens": QUESTION_TOKENS, "prefix": prefix, "split_ms": split,
+            "one_part_ms": one_part, "speedup": one_part / split}  # fmt: skip
+
+
 def sweep_tiles(shapes: Shapes, copy_gbs: float, smoke: bool) -> dict:
     """Time a few launch shapes of both kernels at the longest context; keep the fastest."""
     prefill_sweep, decode_sweep = (
@@ -286,6 +312,7 @@ def run_e2e(shapes: Shapes, context: int) -> dict:
         count, length = (32, 512) if shapes.device == "cuda" else (4, 32)
         turns["batch"] = _timed_batch(engine, [words(length) for _ in range(count)], 32)
         _log(f"e2e batch: {turns['batch']}")
+        turns["batch_profile"] = _profile_decode(engine, [words(length) for _ in range(count)])
         return {"context": turns["turn2"]["prompt_tokens"], **turns}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -307,6 +334,27 @@ def _timed_batch(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     steps = sorted(steps[1:]) or [float("nan")]  # the first full step still prefills
     return {"sequences": len(prompts), "prompt_tokens": len(prompts[0]), "decode_steps": len(steps),
             "step_ms_p50": steps[len(steps) // 2] * 1e3}  # fmt: skip
+
+
+def _profile_decode(engine, prompts: list[list[int]], steps: int = 4) -> str:
+    """torch.profiler's table (top ops by CPU time) over a few decode steps of a batch."""
+    from prefixcache import SamplingParams
+
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_tokens=8 + steps, ignore_eos=True))
+    for _ in range(4):  # prefill and the first decode steps, outside the profile
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    _log(f"decode profile ({steps} steps):\n{table}")
+    return table
 
 
 def e2e_context(shapes: Shapes, prefill: dict | None, requested: int, budget_s: float):
@@ -549,6 +597,10 @@ def _summary_rows(results: dict) -> list[dict]:
                  f"{p['speed_vs_sdpa']:.2f}x ({p['triton_tflops']:.0f} TFLOP/s)")  # fmt: skip
         item = f"prefill {_k(p['new_tokens'])} over {_k(p['prefix'])}"
         rows.append(_row(item, value, ">= 0.6x SDPA", p["speed_vs_sdpa"] >= 0.6))
+    if "split_ms" in (short := results.get("short_prefill") or {}):
+        value = (f"{short['split_ms']:.3f} ms split over the keys vs {short['one_part_ms']:.3f} "
+                 f"ms whole = {short['speedup']:.1f}x")  # fmt: skip
+        rows.append(_row(f"prefill {short['new_tokens']} over {_k(short['prefix'])}", value))
     for kind in ("prefill", "decode"):
         if best := (results.get("sweep") or {}).get(f"best_{kind}"):
             value = f"{tuple(best['tiles'].values())}: {best['ms']:.3f} ms"
@@ -664,6 +716,7 @@ def _sections(args, shapes: Shapes, results: dict) -> list:
         ("copy_GBps", lambda: copy_bandwidth(shapes)),
         ("decode", lambda: time_decode(shapes, results["copy_GBps"])),
         ("prefill", lambda: time_prefill(shapes)),
+        ("short_prefill", lambda: time_short_prefill(shapes)),
         ("e2e", lambda: None if args.skip_e2e else _e2e(args, shapes, results, e2e_context)),
         ("onload", lambda: time_onload(shapes)),
         ("sweep", lambda: sweep_tiles(shapes, results["copy_GBps"], args.smoke) if sweep else None),

@@ -186,9 +186,30 @@ def _prefill_kernel(
     k_scale_ptr,
     v_scale_ptr,
     QUANT: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    partition,
+    num_parts,
+    stride_pt,
+    stride_ph,
+    stride_pp,
+    stride_lt,
+    stride_lh,
+    SPLIT: tl.constexpr,
 ):
-    """Grid ``(query tiles, seqs, kv_heads)``: a tile of new tokens over prefix + new keys."""
+    """Grid ``(query tiles, seqs, kv_heads)``: a tile of new tokens over prefix + new keys.
+
+    With ``SPLIT`` the grid is ``(query tiles, seqs, kv_heads x num_parts)``: each
+    program takes ``partition`` keys of the tile's range and writes its normalized
+    partial output and base-2 log-sum-exp (``-inf`` where a row saw no key) for
+    ``_prefill_reduce_kernel`` to merge. A few new tokens over a long prefix then fill
+    the device instead of a handful of programs walking every key.
+    """
     tile, seq, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    part = 0
+    if SPLIT:
+        part = kvh % num_parts
+        kvh = kvh // num_parts
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if tile * BLOCK_Q >= q_len:
@@ -213,31 +234,115 @@ def _prefill_kernel(
     k_scale_base = k_scale_ptr + kvh * stride_kh // 2
     v_scale_base = v_scale_ptr + kvh * stride_vh // 2
     kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
-    if WINDOW > 0:
-        # Every tile masked: rows of one tile see different windows.
-        kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
-        open_end = kv_start // BLOCK_N * BLOCK_N
-    else:
-        # Keys up to first_pos are visible to every row: no causal mask there.
-        kv_start = 0
+    if SPLIT:  # never with a window: the launcher keeps windows whole
+        lo = part * partition
+        hi = tl.minimum(lo + partition, kv_end)
         open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-        for start in range(0, open_end, BLOCK_N):
-            m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_start,
-                                     kv_end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+        mid = tl.maximum(lo, tl.minimum(hi, open_end))
+        for start in range(lo, mid, BLOCK_N):
+            m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, 0, hi,
+                                     q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
                                      stride_vb, stride_vs, dims, d_ok, False,
                                      HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE, PRECISION,
-                                     WINDOW, SOFTCAP, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                     0, SOFTCAP, lut_ptr, k_scale_base, v_scale_base, QUANT,
                                      HEAD_DIM)  # fmt: skip
-    for start in range(open_end, kv_end, BLOCK_N):
-        m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_start,
-                                 kv_end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
-                                 stride_vb, stride_vs, dims, d_ok, True, HEAD_DIM == BLOCK_D,
-                                 BLOCK_N, BLOCK_SIZE, PRECISION, WINDOW, SOFTCAP, lut_ptr,
-                                 k_scale_base, v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
-    out = acc / denom[:, None]
-    offs = (q_start + tile * BLOCK_Q + tok).to(tl.int64)[:, None] * stride_ot
-    offs = offs + (head * stride_oh)[:, None] + dims[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        for start in range(mid, hi, BLOCK_N):
+            m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, 0, hi,
+                                     q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+                                     stride_vb, stride_vs, dims, d_ok, True,
+                                     HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE, PRECISION,
+                                     0, SOFTCAP, lut_ptr, k_scale_base, v_scale_base, QUANT,
+                                     HEAD_DIM)  # fmt: skip
+        seen = denom > 0
+        lse = tl.where(seen, m + tl.log2(tl.where(seen, denom, 1.0)), float("-inf"))
+        partial = acc / tl.where(seen, denom, 1.0)[:, None]
+        rows = (q_start + tile * BLOCK_Q + tok).to(tl.int64)
+        lse_offs = rows * stride_lt + head * stride_lh + part
+        tl.store(part_lse_ptr + lse_offs, lse, mask=row_ok)
+        offs = (rows * stride_pt + head * stride_ph + part * stride_pp)[:, None] + dims[None, :]
+        tl.store(part_out_ptr + offs, partial, mask=row_ok[:, None])
+    else:
+        if WINDOW > 0:
+            # Every tile masked: rows of one tile see different windows.
+            kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
+            open_end = kv_start // BLOCK_N * BLOCK_N
+        else:
+            # Keys up to first_pos are visible to every row: no causal mask there.
+            kv_start = 0
+            open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+            for start in range(0, open_end, BLOCK_N):
+                m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start,
+                                         kv_start, kv_end, q_pos, scale_log2, cap_log2,
+                                         stride_kb, stride_ks, stride_vb, stride_vs, dims, d_ok,
+                                         False, HEAD_DIM == BLOCK_D, BLOCK_N, BLOCK_SIZE,
+                                         PRECISION, WINDOW, SOFTCAP, lut_ptr, k_scale_base,
+                                         v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
+        for start in range(open_end, kv_end, BLOCK_N):
+            m, denom, acc = _attend_tile(q, m, denom, acc, k_base, v_base, table, start, kv_start,
+                                     kv_end, q_pos, scale_log2, cap_log2, stride_kb, stride_ks,
+                                     stride_vb, stride_vs, dims, d_ok, True, HEAD_DIM == BLOCK_D,
+                                     BLOCK_N, BLOCK_SIZE, PRECISION, WINDOW, SOFTCAP, lut_ptr,
+                                     k_scale_base, v_scale_base, QUANT, HEAD_DIM)  # fmt: skip
+        out = acc / denom[:, None]
+        offs = (q_start + tile * BLOCK_Q + tok).to(tl.int64)[:, None] * stride_ot
+        offs = offs + (head * stride_oh)[:, None] + dims[None, :]
+        tl.store(
+            out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
+        )
+
+
+@triton.jit
+def _prefill_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    query_start_loc_ptr,
+    num_parts,
+    stride_pt,
+    stride_ph,
+    stride_pp,
+    stride_lt,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    SKIP_DECODE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Grid ``(query tiles, seqs, heads)``: merge a split prefill's partial outputs by
+    their log-sum-exp into ``out`` (rows of one-token sequences are the decode kernel's
+    with ``SKIP_DECODE``)."""
+    tile, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    if SKIP_DECODE and q_len == 1:
+        return
+    tok = tl.arange(0, BLOCK_Q)
+    row_ok = tok < q_len - tile * BLOCK_Q
+    rows = (q_start + tile * BLOCK_Q + tok).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+    weight = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for part in range(0, num_parts):
+        lse = tl.load(part_lse_ptr + rows * stride_lt + head * stride_lh + part, mask=row_ok,
+                      other=float("-inf"))  # fmt: skip
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # 0 for a part whose rows saw no key
+        offs = (rows * stride_pt + head * stride_ph + part * stride_pp)[:, None] + dims[None, :]
+        o = tl.load(part_out_ptr + offs, mask=row_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        weight = weight * alpha + w
+        m = m_new
+    out = acc / tl.where(weight > 0, weight, 1.0)[:, None]
+    dst = out_ptr + (rows * stride_ot + head * stride_oh)[:, None] + dims[None, :]
+    tl.store(
+        dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    )
 
 
 @triton.jit

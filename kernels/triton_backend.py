@@ -24,6 +24,8 @@ LOG2E = 1.4426950408889634
 _KERNEL_MODULE = "kernels.triton_attention"
 # Decode splits are at least this long, so the reduction stays a small share of the work.
 MIN_PARTITION = 256
+# A split prefill's parts are at least this many keys.
+MIN_PREFILL_PARTITION = 2048
 # Decode programs per streaming multiprocessor to aim for (flash-decoding's occupancy goal).
 PROGRAMS_PER_SM = 8
 
@@ -35,6 +37,9 @@ class PrefillTiles(NamedTuple):
     block_n: int = 64  # keys per inner step
     num_warps: int = 8
     num_stages: int = 3
+    # Keys per split when few query tiles meet a long context (a multiple of block_n);
+    # 0 splits on CUDA only when the tiles alone would not fill the device.
+    partition: int = 0
 
 
 class DecodeTiles(NamedTuple):
@@ -65,8 +70,8 @@ def default_prefill_tiles(head_dim: int, dtype: torch.dtype, device: torch.devic
         return PrefillTiles(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillTiles(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if head_dim <= 128:  # 4 warps: 1.2x 8 on an H200 (bench/gpu_check.py's tile sweep)
+        return PrefillTiles(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return PrefillTiles(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
@@ -130,9 +135,15 @@ def prefill_attention(
     group_pad = _pow2(group)
     block_m = max(tiles.block_m, group_pad, 16)
     block_q = block_m // group_pad  # new tokens per tile
-    grid = (_cdiv(max(meta.query_lens_cpu), block_q), meta.num_seqs, kv_heads)
+    tiles_per_seq = _cdiv(max(meta.query_lens_cpu), block_q)
+    grid = (tiles_per_seq, meta.num_seqs, kv_heads)
+    parts, partition = 1, 0
+    if sliding_window is None:
+        partition = _prefill_partition(meta, grid, tiles, query.device)
+        parts = _cdiv(max(meta.seq_lens_cpu), partition) if partition else 1
     k_pool, v_pool, quant = _quant_args(k_cache, v_cache)
-    _kernels()._prefill_kernel[grid](
+    split = _split_args(query, out, parts, partition, _block_d(head_dim))
+    _kernels()._prefill_kernel[(grid[0], grid[1], grid[2] * parts)](
         query, k_pool, v_pool, out,
         meta.block_tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E,
         (softcap or 1.0) * LOG2E,
@@ -141,9 +152,57 @@ def prefill_attention(
         SKIP_DECODE=skip_decode, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
         BLOCK_SIZE=meta.block_size, PRECISION=_precision(query.dtype),
-        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, **quant,
+        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, **quant, **split,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
+    if parts > 1:
+        part_out, part_lse = split["part_out_ptr"], split["part_lse_ptr"]
+        _kernels()._prefill_reduce_kernel[(tiles_per_seq, meta.num_seqs, heads)](
+            part_out, part_lse, out, meta.query_start_loc, parts,
+            *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1),
+            SKIP_DECODE=skip_decode, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+            BLOCK_Q=block_q, num_warps=4,
+        )  # fmt: skip
+
+
+def _prefill_partition(meta: AttentionMetadata, grid, tiles: PrefillTiles, device) -> int:
+    """Keys per split of a prefill, or 0 for none: on CUDA a split only pays when the
+    query tiles leave most of the device idle while each walks a long context."""
+    if tiles.partition:
+        if tiles.partition % tiles.block_n:
+            raise ValueError(
+                f"prefill partition {tiles.partition} is not a multiple of block_n {tiles.block_n}"
+            )
+        return tiles.partition
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    programs, longest = grid[0] * grid[1] * grid[2], max(meta.seq_lens_cpu)
+    splits = min(_cdiv(2 * _sm_count(index), programs), longest // MIN_PREFILL_PARTITION)
+    if splits < 2:
+        return 0
+    return _cdiv(_cdiv(longest, splits), tiles.block_n) * tiles.block_n
+
+
+def _split_args(query: torch.Tensor, out: torch.Tensor, parts: int, partition: int,
+                block_d: int) -> dict:  # fmt: skip
+    """The split prefill's scratch (partial outputs and log-sum-exps per row, head and
+    part) and its strides; placeholders when the prefill is not split."""
+    if parts == 1:
+        unused = {"part_out_ptr": out, "part_lse_ptr": out, "partition": 0, "num_parts": 1}
+        strides = dict.fromkeys(
+            ("stride_pt", "stride_ph", "stride_pp", "stride_lt", "stride_lh"), 0
+        )
+        return {**unused, **strides, "SPLIT": False}
+    tokens, heads = query.shape[:2]
+    part_out = query.new_empty((tokens, heads, parts, block_d), dtype=torch.float32)
+    part_lse = query.new_empty((tokens, heads, parts), dtype=torch.float32)
+    return {
+        "part_out_ptr": part_out, "part_lse_ptr": part_lse, "partition": partition,
+        "num_parts": parts, "stride_pt": part_out.stride(0), "stride_ph": part_out.stride(1),
+        "stride_pp": part_out.stride(2), "stride_lt": part_lse.stride(0),
+        "stride_lh": part_lse.stride(1), "SPLIT": True,
+    }  # fmt: skip
 
 
 def decode_attention(
