@@ -14,7 +14,8 @@ At Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16
    ours) on the same shape (goal: >= 0.6x SDPA's speed), and a chat turn's 32 new
    tokens over 200k with the kernel split over the keys against one part;
 4. runs an end-to-end second turn at 200k context on the Llama-3.1-8B config with
-   dummy weights (config written locally, nothing downloaded); when the prefill timing
+   dummy weights (config written locally, nothing downloaded), then 32 short prompts
+   decoding together, from CUDA graphs and eagerly; when the prefill timing
    of step 3 says turn one would take longer than ``--e2e-budget-s``, at the longest
    context that fits the budget (the JSON says which, and why);
 5. times onloading KV blocks of that shape from pinned host memory, alone and while
@@ -312,6 +313,12 @@ def run_e2e(shapes: Shapes, context: int) -> dict:
         count, length = (32, 512) if shapes.device == "cuda" else (4, 32)
         turns["batch"] = _timed_batch(engine, [words(length) for _ in range(count)], 32)
         _log(f"e2e batch: {turns['batch']}")
+        runner = engine.core.runner
+        graphs, runner.graphs = runner.graphs, None  # the same steps, eagerly
+        turns["batch_eager"] = _timed_batch(engine, [words(length) for _ in range(count)], 32)
+        runner.graphs = graphs
+        turns["cuda_graphs"] = graphs is not None
+        _log(f"e2e batch, eager: {turns['batch_eager']}")
         turns["batch_profile"] = _profile_decode(engine, [words(length) for _ in range(count)])
         return {"context": turns["turn2"]["prompt_tokens"], **turns}
     finally:
@@ -659,6 +666,9 @@ def _e2e_rows(e2e: dict) -> list[dict]:
         rows.append(_row(f"e2e {name} at {_k(t['prompt_tokens'])}", value, goal, ok))
     if batch := e2e.get("batch"):
         value = f"{batch['step_ms_p50']:.1f} ms per step (p50 of {batch['decode_steps']})"
+        if eager := e2e.get("batch_eager"):
+            graphs = "CUDA graphs" if e2e.get("cuda_graphs") else "no graphs captured"
+            value += f" ({graphs}); eager {eager['step_ms_p50']:.1f} ms"
         item = f"decode, {batch['sequences']} sequences of {batch['prompt_tokens']}"
         rows.append(_row(item, value))
     return rows

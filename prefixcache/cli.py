@@ -172,6 +172,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "nccl on CUDA with one device per rank)",
     )
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument(
         "--window-kv-cache-tokens",
@@ -207,6 +212,7 @@ def _engine_options(args: argparse.Namespace, **options) -> tuple[str, dict]:
         attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         load_format=args.load_format,
+        enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_prefix_caching,
         hybrid_kv_cache=False if args.no_hybrid_kv_cache else None,
         window_kv_cache_tokens=args.window_kv_cache_tokens,

@@ -50,6 +50,9 @@ class EngineConfig:
     # Ranks the model is sharded over: rank 0 in this process, the others in worker
     # processes (``prefixcache.engine.tensor_parallel``).
     tensor_parallel_size: int = 1
+    # Decode steps run eagerly even where CUDA graphs could replay them
+    # (``engine.cuda_graphs``).
+    enforce_eager: bool = False
     # Longest a tensor-parallel worker may take to start, or any collective to finish.
     tensor_parallel_timeout_s: float = 300.0
 

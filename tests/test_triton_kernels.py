@@ -246,6 +246,39 @@ def test_engine_greedy_output_with_triton_equals_torch(device, tiny_llama):
     assert results["triton"] == results["torch"]
 
 
+def _decode_transcripts(engine: Engine) -> list[tuple[list[int], list[float]]]:
+    """Three prompts decoding together (a bucket of 4: one padding row), then a turn
+    that extends one of them past a block boundary of its cached context."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
+    prompts = [list(range(3, 3 + n)) for n in (7, 40, 90)]
+    outs = engine.generate(prompts, params)
+    follow_up = prompts[1] + outs[1].token_ids + [11, 12, 13]
+    outs += engine.generate([follow_up], params)
+    return [(out.token_ids, out.logprobs) for out in outs]
+
+
+def test_decode_graphs_give_the_eager_output(device, tiny_llama):
+    """The static-buffer decode path (captured and replayed on CUDA, run as is on the
+    CPU) against eager decode steps: same ids, logprobs within float32 rounding."""
+    from prefixcache.engine.cuda_graphs import DecodeGraphs
+
+    results = {}
+    for graphs in (False, True):
+        engine = Engine.from_pretrained(
+            str(tiny_llama), device=device, dtype="float32", attention_backend="triton",
+            kv_cache_tokens=2048, max_model_len=512, enforce_eager=True,
+        )  # fmt: skip
+        if graphs:
+            runner = engine.core.runner
+            runner.graphs = DecodeGraphs(runner, 4, 512, capture=device == "cuda")
+            runner.graphs.capture_all()
+        results[graphs] = _decode_transcripts(engine)
+    for (ids, logprobs), (eager_ids, eager_logprobs) in zip(results[True], results[False],
+                                                            strict=True):  # fmt: skip
+        assert ids == eager_ids
+        assert max(abs(a - b) for a, b in zip(logprobs, eager_logprobs, strict=True)) < 1e-4
+
+
 LLAMA_CASES = (
     ([1, 1, 1], [1, 4097, 700]),
     ([300, 1, 64], [5000, 900, 64]),

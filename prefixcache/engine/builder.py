@@ -6,6 +6,8 @@ input processor and the limits it returns know nothing of how they were made.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -19,6 +21,7 @@ from prefixcache.cache.kv_cache import KVCache, bytes_per_token
 from prefixcache.cache.window_blocks import WindowBlocks
 from prefixcache.config import EngineConfig
 from prefixcache.engine.core import EngineCore
+from prefixcache.engine.cuda_graphs import DecodeGraphs, unsupported_reason
 from prefixcache.engine.model_runner import ModelRunner
 from prefixcache.engine.sizing import (
     default_batched_tokens,
@@ -40,6 +43,8 @@ from prefixcache.models.loader import load_model, resolve_dtype, resolve_model_p
 from prefixcache.models.parallel import TensorParallel, check_layout
 from prefixcache.structured import GrammarCache
 from prefixcache.tiers.tiered import build_tiers
+
+logger = logging.getLogger(__name__)
 
 
 class BuiltEngine(NamedTuple):
@@ -165,8 +170,30 @@ def build_runner(config: EngineConfig, rank: int, group: WorkerGroup | None = No
     )  # fmt: skip
     backend = get_backend(config.attention_backend, device)
     if group is None:
-        return ModelRunner(model, kv_cache, backend, device)
+        runner = ModelRunner(model, kv_cache, backend, device)
+        _capture_decode_graphs(config, runner)
+        return runner
     return TensorParallelRunner(model, kv_cache, backend, device, group)
+
+
+def _capture_decode_graphs(config: EngineConfig, runner: ModelRunner) -> None:
+    """Give the runner CUDA graphs of its decode steps, where they can be captured."""
+    reason = "enforce_eager is set" if config.enforce_eager else unsupported_reason(runner)
+    if reason is not None:
+        logger.debug("decode steps run eagerly: %s", reason)
+        return
+    started = time.perf_counter()
+    graphs = DecodeGraphs(runner, config.max_num_seqs, config.max_model_len)
+    try:
+        graphs.capture_all()
+    except Exception:  # the engine still serves, eagerly; the log says why
+        logger.exception("capturing CUDA graphs of decode steps failed: they run eagerly")
+        return
+    runner.graphs = graphs
+    logger.info(
+        "captured CUDA graphs of decode steps for %d batch sizes in %.1f s",
+        len(graphs.buckets), time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def _check_layout(config: EngineConfig) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from kernels import AttentionBackend, AttentionMetadata
 from prefixcache.cache.kv_cache import KVCache
 from prefixcache.engine.forward_context import ForwardContext
 from prefixcache.models.rope import longrope_salt, uses_long_factors
+
+if TYPE_CHECKING:
+    from prefixcache.engine.cuda_graphs import DecodeGraphs
 
 
 class SequenceChunk(NamedTuple):
@@ -35,6 +38,8 @@ class ModelRunner:
         self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, device: torch.device
     ) -> None:
         self.model, self.kv_cache, self.backend, self.device = model, kv_cache, backend, device
+        # Captured decode steps (``engine.cuda_graphs``), set by the builder where they apply.
+        self.graphs: DecodeGraphs | None = None
 
     def uses_long_rope(self, num_prompt_tokens: int) -> bool:
         """Whether a request with this prompt runs LongRoPE's long factors throughout."""
@@ -56,6 +61,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
         """Forward the step; logits of each chunk's last token (or of every token)."""
+        if not all_logits and self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks)
         input_ids, positions, ctx = self._prepare(chunks)
         hidden = self.model(input_ids, positions, ctx)
         if not all_logits:
