@@ -109,10 +109,12 @@ class DecodeGraphs:
         positions = np.fromiter((c.num_computed for c in chunks), np.int64, n)
         blocks = np.fromiter((c.block_ids[p // block_size] for c, p in zip(chunks, positions,
                               strict=True)), np.int64, n)  # fmt: skip
-        width = max(len(c.block_ids) for c in chunks)
+        # Blocks reserved past max_model_len's last one are never read: not copied.
+        width = min(max(len(c.block_ids) for c in chunks), self.max_blocks)
         tables = np.zeros((size, width), dtype=np.int32)
         for row, chunk in zip(tables, chunks, strict=False):
-            row[: len(chunk.block_ids)] = chunk.block_ids
+            ids = chunk.block_ids[:width]
+            row[: len(ids)] = ids
         host = np.zeros((4, size), dtype=np.int64)
         host[0, :n] = [c.token_ids[0] for c in chunks]
         host[1, :n] = positions
