@@ -169,16 +169,11 @@ def _prefill_partition(meta: AttentionMetadata, grid, tiles: PrefillTiles, devic
     """Keys per split of a prefill, or 0 for none: on CUDA a split only pays when the
     query tiles leave most of the device idle while each walks a long context."""
     if tiles.partition:
-        if tiles.partition % tiles.block_n:
-            raise ValueError(
-                f"prefill partition {tiles.partition} is not a multiple of block_n {tiles.block_n}"
-            )
-        return tiles.partition
+        return _asked_partition("prefill", tiles)
     if device.type != "cuda":
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
     programs, longest = grid[0] * grid[1] * grid[2], max(meta.seq_lens_cpu)
-    splits = min(_cdiv(2 * _sm_count(index), programs), longest // MIN_PREFILL_PARTITION)
+    splits = min(_cdiv(2 * _sm_count(device), programs), longest // MIN_PREFILL_PARTITION)
     if splits < 2:
         return 0
     return _cdiv(_cdiv(longest, splits), tiles.block_n) * tiles.block_n
@@ -359,22 +354,31 @@ def _quant_args(k_cache: torch.Tensor, v_cache: torch.Tensor):
 def _decode_partition(lens: list[int], kv_heads: int, tiles: DecodeTiles, device) -> int:
     """Keys per split: seqs x kv_heads x splits fills the GPU; one split on CPU."""
     if tiles.partition:
-        if tiles.partition % tiles.block_n:
-            raise ValueError(
-                f"decode partition {tiles.partition} is not a multiple of block_n {tiles.block_n}"
-            )
-        return tiles.partition
+        return _asked_partition("decode", tiles)
     if device.type != "cuda":
         return _cdiv(max(lens), tiles.block_n) * tiles.block_n
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    programs = _sm_count(index) * PROGRAMS_PER_SM
+    programs = _sm_count(device) * PROGRAMS_PER_SM
     splits = max(1, _cdiv(programs, len(lens) * kv_heads))
     size = _cdiv(_cdiv(max(lens), splits), tiles.block_n) * tiles.block_n
     return max(size, _cdiv(MIN_PARTITION, tiles.block_n) * tiles.block_n)
 
 
+def _asked_partition(kind: str, tiles: PrefillTiles | DecodeTiles) -> int:
+    """The keys per split the tiles fix; a ``ValueError`` unless a multiple of block_n."""
+    if tiles.partition % tiles.block_n:
+        raise ValueError(
+            f"{kind} partition {tiles.partition} is not a multiple of block_n {tiles.block_n}"
+        )
+    return tiles.partition
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_of(index)
+
+
 @functools.cache
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
