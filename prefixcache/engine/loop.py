@@ -19,11 +19,12 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from prefixcache.engine.errors import EngineDeadError
+from prefixcache.engine.output_processor import FinalOnly
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.sdk import Engine
@@ -53,13 +54,21 @@ class DeltaQueue(asyncio.Queue):
         return item
 
 
+class _Target(NamedTuple):
+    """Where a request's deltas go; ``final`` folds them when only the result is wanted."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: DeltaQueue
+    final: FinalOnly | None
+
+
 class EngineLoop:
     """Steps ``engine.core`` in a background thread and streams deltas to coroutines."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._commands: list[Callable[[], None]] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Target] = {}
         # Futures of ``call`` not yet settled, failed if the loop stops before running them.
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._wakeup = threading.Condition()
@@ -80,18 +89,23 @@ class EngineLoop:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
-        A dead or stopped loop raises EngineDeadError; a request the engine failed
-        raises its error (``RequestDelta.error``).
+        With ``final_only`` the loop thread folds the deltas (``FinalOnly``) and hands
+        over only the finishing one, holding the whole output: one wake-up per request
+        instead of one per step. A dead or stopped loop raises EngineDeadError; a
+        request the engine failed raises its error (``RequestDelta.error``).
         """
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue = DeltaQueue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        final = FinalOnly() if final_only else None
+        self._streams[request_id] = _Target(asyncio.get_running_loop(), queue, final)
         self._submit(lambda: self._add(tokens, params, request_id, salt))
         try:
             while not queue.finished:
@@ -190,7 +204,7 @@ class EngineLoop:
             logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)
             if target is not None:
-                target[0].call_soon_threadsafe(target[1].put_nowait, exc)
+                target.loop.call_soon_threadsafe(target.queue.put_nowait, exc)
 
     def _next_commands(self) -> bool:
         """Sleep while idle; False when asked to stop."""
@@ -213,13 +227,15 @@ class EngineLoop:
             if delta is None:
                 continue
             target = self._streams.get(delta.request_id)
-            if target is not None:
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            if target is None:
+                continue
+            if target.final is not None and (delta := target.final.add(delta)) is None:
+                continue  # the caller wants the finishing delta only
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, delta)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in list(self._streams.values()):
-            _call_soon(loop, queue.put_nowait, error)
+        for target in list(self._streams.values()):
+            _call_soon(target.loop, target.queue.put_nowait, error)
         while self._calls:
             _, (loop, future) = self._calls.popitem()
             _call_soon(loop, _settle, future, None, error)
