@@ -367,6 +367,8 @@ def _events(http: httpx.Client, path: str, body: dict) -> list[dict]:
 def _without_clock(body: dict) -> dict:
     """``body`` less what differs between any two requests: ids, clocks, timings."""
     body = {k: v for k, v in body.items() if k not in ("id", "created", "created_at")}
+    if "output" in body:  # a response's output items have ids of their own
+        body["output"] = [_without_clock(item) for item in body["output"]]
     if isinstance(body.get("usage"), dict):
         body["usage"] = {k: v for k, v in body["usage"].items() if k != "timings"}
     return body

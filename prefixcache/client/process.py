@@ -6,7 +6,9 @@ validating (its own ``InputProcessor`` over the tokenizer and the limits the eng
 sent when it was ready) and streaming. The two talk over a ``multiprocessing`` pipe in
 msgspec messages (``wire.py``); the engine sends one message per step with every
 request's new token ids; the front's reader thread detokenizes them and applies the
-stop strings (``DeltaText``), then hands each event loop one batch per message.
+stop strings (``DeltaText``), then hands each event loop one batch per message. A
+request answered in one body (``final_only``) costs the front nothing per step: the
+engine sends its finishing delta only (unless stop strings need each step's ids).
 
 The engine process dying (killed, crashed, its loop stopped) fails every pending
 stream and call with ``EngineDeadError``, as do all later calls; ``shutdown`` stops
@@ -58,10 +60,11 @@ _Target = tuple[asyncio.AbstractEventLoop, asyncio.Future]
 class _Stream:
     """A request being streamed: where its deltas go, and its text so far.
 
-    ``final`` (a caller that wants only the result) folds the deltas here, on the
-    reader thread. Without stop strings nothing can end the request early, so its
-    ids are detokenized once, at the end; with them, each step's ids are, as for a
-    stream, so that a stop string still aborts the request at once.
+    ``final`` (a caller that wants only the result) folds the deltas. Without stop
+    strings nothing can end the request early: the engine process folds its ids
+    (``Add.final_only``) and sends one delta at the end, which is detokenized once
+    here. With them, each step's ids come and are detokenized here as for a stream,
+    so that a stop string still aborts the request at once, and are folded here.
     """
 
     loop: asyncio.AbstractEventLoop
@@ -178,10 +181,12 @@ class ProcessEngineClient:
             self._raise_if_dead()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = self._stream(params, final_only)
-            queue = self._streams[request_id].queue
+            stream = self._streams[request_id] = self._stream(params, final_only)
+        queue = stream.queue
         try:
-            self._send(wire.Add(request_id, wire.prompt_bytes(prompt_ids), params, salt))
+            # Without stop strings the engine folds the request and sends its end only.
+            prompt = wire.prompt_bytes(prompt_ids)
+            self._send(wire.Add(request_id, prompt, params, salt, final_only=stream.text_at_end))
             while not queue.finished:
                 yield await queue.next_delta()
         finally:
