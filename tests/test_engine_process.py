@@ -33,6 +33,7 @@ from prefixcache.client import (
     StructuredOutput,
     wire,
 )
+from prefixcache.client.engine_process import ServedEngineLoop, _Outbox
 
 OPTIONS = {"device": "cpu", "kv_cache_tokens": 8192, "max_model_len": 2048}
 _BOUND_S = 120.0  # a bound on any one wait for the engine process, never a synchronization
@@ -360,3 +361,22 @@ def test_a_stop_string_ends_a_final_only_request_in_the_engine_at_once(process_c
     # those 8 tokens, not the 300 the request would have run to.
     assert info.device.cached * 16 <= len(prompt) + 8 + 16
     assert (info.running, info.waiting, info.device.locked) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("final_only", [True, False])
+def test_the_engine_process_sends_a_final_only_request_in_one_message(tiny_llama, final_only):
+    front, child = multiprocessing.Pipe()
+    loop = ServedEngineLoop(Engine.from_pretrained(str(tiny_llama), **OPTIONS), _Outbox(child))
+    try:
+        params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=True)
+        loop.add(wire.Add("r", wire.prompt_bytes(_ids(PROMPTS[0])), params, None, final_only))
+        messages = []
+        while not messages or messages[-1][-1].finish_reason is None:
+            assert front.poll(_BOUND_S)
+            messages.append(wire.to_front.decode(front.recv_bytes()).deltas)
+    finally:
+        loop.shutdown()
+    ids = [t for deltas in messages for d in deltas for t in d.token_ids]
+    assert len(ids) == 7 and len(messages) == (1 if final_only else 7)
+    assert len(messages[-1][-1].logprobs) == (7 if final_only else 1)
+    assert loop._finals == {}  # the folded request leaves nothing behind
