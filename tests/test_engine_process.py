@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import threading
 
 import httpx
 import numpy as np
@@ -367,6 +368,7 @@ def test_a_stop_string_ends_a_final_only_request_in_the_engine_at_once(process_c
 def test_the_engine_process_sends_a_final_only_request_in_one_message(tiny_llama, final_only):
     front, child = multiprocessing.Pipe()
     loop = ServedEngineLoop(Engine.from_pretrained(str(tiny_llama), **OPTIONS), _Outbox(child))
+    threading.Thread(target=loop.run, daemon=True).start()  # the engine process's main thread
     try:
         params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=True)
         loop.add(wire.Add("r", wire.prompt_bytes(_ids(PROMPTS[0])), params, None, final_only))

@@ -1,7 +1,7 @@
 """The engine process: an ``Engine`` stepped by its ``EngineLoop``, served over a pipe.
 
 ``run_engine_process`` is the child's whole life: load the engine (answering ``Ready``
-with its limits, or ``StartFailed``), then read commands on this thread while the loop
+with its limits, or ``StartFailed``), then read commands on a thread while the main
 thread steps the engine and writes one ``Deltas`` message per step. The child ends when
 asked to (``Shutdown``), when the front's end of the pipe closes (the front died: no
 orphan outlives it) or when its loop dies (after telling the front so with ``Dead``).
@@ -66,7 +66,7 @@ class ServedEngineLoop(EngineLoop):
         # Requests whose front wants the finishing delta only: folded here, so a step in
         # which every request is one of them sends nothing and wakes nobody.
         self._finals: dict[str, FinalOnly] = {}
-        super().__init__(engine)
+        super().__init__(engine, start=False)  # run_engine_process steps on its main thread
 
     def add(self, add: wire.Add) -> None:
         """Queue a request; a refusal comes back as its error delta."""
@@ -162,23 +162,31 @@ def run_engine_process(
     loop = ServedEngineLoop(engine, outbox)
     eos = sorted(engine.core.eos_token_ids)
     outbox.send(wire.Ready(engine.limits, str(engine.config.model_path), eos))
+    # The pipe is read on a thread and the engine steps on this, the main thread: the
+    # same steps from another thread took 25-30% longer here (docs/perf/http_path.md).
+    reader = threading.Thread(target=_serve, args=(conn, loop), name="prefixcache-pipe")
+    reader.daemon = True  # blocked in recv when the loop dies; the process exit ends it
+    reader.start()
     try:
-        _serve(conn, loop)
+        loop.run()
     finally:
         loop.shutdown()
 
 
 def _serve(conn: Connection, loop: ServedEngineLoop) -> None:
     """Hand each command to the loop until ``Shutdown``, the front going away, or the
-    loop dying."""
-    while loop.is_alive:
-        try:
-            message = wire.to_engine.decode(conn.recv_bytes())
-        except (EOFError, OSError):  # the front died or closed the pipe
-            return
-        if isinstance(message, wire.Shutdown):
-            return
-        _dispatch(loop, message)
+    loop dying; then stop the loop."""
+    try:
+        while loop.is_alive:
+            try:
+                message = wire.to_engine.decode(conn.recv_bytes())
+            except (EOFError, OSError):  # the front died or closed the pipe
+                return
+            if isinstance(message, wire.Shutdown):
+                return
+            _dispatch(loop, message)
+    finally:
+        loop.request_stop()
 
 
 def _dispatch(loop: ServedEngineLoop, message: wire.ToEngine) -> None:
