@@ -3,9 +3,15 @@
 ``--scenario tgi-long``: 20 synthetic reports of about 10k tokens each, sent at once
 as "Summarize this report: ```...```" (max_tokens 50, temperature 0); the same load
 twice, the second run's total time reported; against a server with prefix caching
-and one without. ``--scenario conversation``: turn 1 carries the whole context,
-turn 2 appends the reply and a short question; the time to first token of turn 2
-(streamed), warm and with the cache off, with the server's own stage timings.
+and one without. Each request is sent non-streamed and timed to its whole answer, as
+TGI's own load test for this case does (text-generation-inference
+``load_tests/long.js`` POSTs ``/v1/chat/completions`` without ``stream``); its decode
+figure is then the server's own per request (usage ``timings``: total less time to
+first token). ``--stream`` streams every request instead (SSE), and reports the
+median gap between a stream's tokens once all of them decode.
+``--scenario conversation``: turn 1 carries the whole context, turn 2 appends the
+reply and a short question; the time to first token of turn 2 (streamed), warm and
+with the cache off, with the server's own stage timings.
 ``--api responses`` sends the conversation through ``POST /v1/responses`` instead:
 turn 2 carries only the new question and ``previous_response_id``. On the same
 server, warm turns by id alternate with chat-completions turns over the same
@@ -57,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdk_backend  # noqa: E402
 from report import bar_chart, write_report  # noqa: E402
 from server_process import free_port, wait_healthy  # noqa: E402
-from sse_client import post_events  # noqa: E402
+from sse_client import post_events, post_json  # noqa: E402
 
 VOCABULARY = [
     "revenue",
@@ -247,18 +253,31 @@ async def respond(url: str, input, max_tokens: int, previous: str | None = None)
     return final["id"], text, first, final["usage"]
 
 
-async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str) -> dict:
+async def complete(url: str, messages: list[dict], max_tokens: int):
+    """One non-streamed chat completion: (text, seconds to the whole answer, usage)."""
+    body = {"model": _served_model(url), "messages": messages, "max_tokens": max_tokens}
+    body["temperature"] = 0
+    seconds, answer = await post_json(url, "/v1/chat/completions", json.dumps(body).encode())
+    return answer["choices"][0]["message"]["content"], seconds, answer["usage"]
+
+
+async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str, stream: bool):
     bar = tqdm(total=len(prompts), desc=desc, leave=False)
 
     streams: list[list[float]] = [[] for _ in prompts]
 
     async def one(text: str, times: list[float]):
-        result = await chat(url, [{"role": "user", "content": text}], max_tokens, times)
+        messages = [{"role": "user", "content": text}]
+        if stream:
+            result = await chat(url, messages, max_tokens, times)
+        else:
+            result = await complete(url, messages, max_tokens)
         bar.update(1)
         return result
 
     start = time.perf_counter()
     results = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, streams, strict=True)))
+    seconds = time.perf_counter() - start
     bar.close()
     cached = sum(r[2]["prompt_tokens_details"]["cached_tokens"] for r in results)
     prompt = sum(r[2]["prompt_tokens"] for r in results)
@@ -267,13 +286,22 @@ async def _send_all(url: str, prompts: list[str], max_tokens: int, desc: str) ->
     last_first = max((t[0] for t in streams if t), default=0.0)
     gaps = [b - a for t in streams for a, b in zip(t, t[1:], strict=False) if a >= last_first]
     info = httpx.get(url + "/v1/cache", timeout=30, trust_env=False).json()
-    return {
-        "seconds": time.perf_counter() - start,
-        "prompt_tokens": prompt,
-        "cached": cached,
-        "decode_step_ms": 1000 * _median(gaps) if gaps else None,
-        "kv_bytes_per_token": info.get("kv_bytes_per_token"),
-    }
+    row = {"seconds": seconds, "prompt_tokens": prompt, "cached": cached}
+    row["kv_bytes_per_token"] = info.get("kv_bytes_per_token")
+    if stream:
+        row["decode_step_ms"] = 1000 * _median(gaps) if gaps else None
+    elif decode := _server_decode_ms([r[2] for r in results]):
+        row["server_decode_ms"] = decode
+    return row
+
+
+def _server_decode_ms(usages: list[dict]) -> float | None:
+    """The median of the server's own decode time per request (first token to last),
+    from usage ``timings``; None when the server does not report them."""
+    timings = [u.get("timings") for u in usages]
+    if not timings or any(t is None for t in timings):
+        return None
+    return _median([t["total_ms"] - t["ttft_ms"] for t in timings])
 
 
 # ---------------------------------------------------------------- scenarios
@@ -311,7 +339,8 @@ def _tgi_rows(args: argparse.Namespace, backend: str, prompts: list[str]):
             continue
         with server_for(side, caching) as (url, proc):
             for run in (1, 2):
-                result = asyncio.run(_send_all(url, prompts, args.max_tokens, f"{name} #{run}"))
+                desc = f"{name} #{run}"
+                result = asyncio.run(_send_all(url, prompts, args.max_tokens, desc, args.stream))
                 rows.append({"server": name, "run": run, **result})
             peaks[name] = peak_rss_mib(proc)
     return rows, peaks
@@ -342,8 +371,11 @@ def _tgi_summary(args: argparse.Namespace, rows: list[dict], peaks: dict) -> dic
         "peak_rss_mib": peaks,
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_bytes_per_token": rows[1]["kv_bytes_per_token"],
-        "decode_step_ms_cache_on": rows[1]["decode_step_ms"],
+        "stream": args.stream,
     }
+    for key in ("decode_step_ms", "server_decode_ms"):  # whichever the runs measured
+        if key in rows[1]:
+            summary[f"{key}_cache_on"] = rows[1][key]
     if len(rows) > 4:
         summary.update(_kv_dtype_summary(args, rows[1], rows[5]))
     return summary
@@ -363,7 +395,7 @@ def _kv_dtype_summary(args: argparse.Namespace, quantized: dict, full: dict) -> 
     budget = args.kv_memory_budget
     per_token = {args.kv_cache_dtype: quantized["kv_bytes_per_token"]}
     per_token["auto"] = full["kv_bytes_per_token"]
-    decode = (quantized["decode_step_ms"], full["decode_step_ms"])
+    decode = (quantized.get("decode_step_ms"), full.get("decode_step_ms"))
     return {
         "kv_bytes_per_token_auto": full["kv_bytes_per_token"],
         "kv_bytes_ratio_vs_auto": full["kv_bytes_per_token"] / quantized["kv_bytes_per_token"],
@@ -759,6 +791,13 @@ def main(argv: list[str] | None = None) -> None:
         "--engine-in-process",
         action="store_true",
         help="http: servers started here keep the engine on a thread of the server process",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="tgi-long over http: stream every request (SSE) instead of sending it "
+        "non-streamed as TGI's load test does (text-generation-inference "
+        "load_tests/long.js); the conversation is always streamed (it measures TTFT)",
     )
     parser.add_argument("--url", default=None, help="http: a running server (cache on)")
     parser.add_argument(

@@ -8,13 +8,14 @@ from pathlib import Path
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """A GitHub markdown table of ``rows`` (same keys in each)."""
+    """A GitHub markdown table of ``rows``: a column per key of any row, in the order
+    first met; a row without a key has an empty cell there (a figure not measured)."""
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[k]) for k in keys) + " |")
+        lines.append("| " + " | ".join(_cell(row[k]) if k in row else "" for k in keys) + " |")
     return "\n".join(lines)
 
 

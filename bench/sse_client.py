@@ -1,4 +1,5 @@
-"""A lean streaming client for benchmarks: POST a JSON body, read server-sent events.
+"""A lean client for benchmarks: POST a JSON body, read server-sent events
+(``post_events``) or one JSON answer (``post_json``).
 
 The load generator shares the machine with the server it measures, so it should
 spend as little CPU per event as it can: one connection per request, plain asyncio
@@ -18,19 +19,40 @@ class HTTPStatusError(RuntimeError):
     """The server answered with a status other than 200."""
 
 
+async def post_json(url: str, path: str, payload: bytes) -> tuple[float, dict]:
+    """POST ``payload`` (JSON bytes) to ``url + path`` for a non-streamed answer:
+    (seconds from sending to the whole body read, the body parsed)."""
+    address = urlsplit(url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=1 << 22)
+    try:
+        request = _head(address, path, len(payload), "application/json") + payload
+        start = time.perf_counter()
+        writer.write(request)
+        await writer.drain()
+        chunked = await _read_head(reader)
+        body = b"".join([data async for data in _body(reader, chunked)])
+        return time.perf_counter() - start, json.loads(body)
+    finally:
+        writer.close()
+
+
+def _head(address, path: str, length: int, accept: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+        f"Content-Type: application/json\r\nAccept: {accept}\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
 async def post_events(url: str, path: str, payload: bytes) -> AsyncIterator[tuple[float, dict]]:
     """POST ``payload`` (JSON bytes) to ``url + path``; yield (seconds since sending,
     event) for each ``data: {...}`` event until the stream ends."""
     address = urlsplit(url)
     reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=1 << 22)
     try:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
-            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-        ).encode()
+        request = _head(address, path, len(payload), "text/event-stream") + payload
         start = time.perf_counter()
-        writer.write(head + payload)
+        writer.write(request)
         await writer.drain()
         chunked = await _read_head(reader)
         pending = b""

@@ -103,22 +103,30 @@ class Tally:
         )
 
 
-async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[RequestDelta]:
+async def tracked(
+    state: ServerState, prepared: Prepared, final_only: bool = False
+) -> AsyncIterator[RequestDelta]:
     """The engine's deltas for ``prepared``, recording tokens, TTFT, latency and outcome.
 
-    Raises ``EngineDeadError`` if the engine has stopped.
+    ``final_only``: one delta with the whole output (a reply sent in one body), so the
+    front does no work per step for it. Raises ``EngineDeadError`` if the engine has
+    stopped.
     """
     metrics = state.metrics
     metrics.prompt_tokens.inc(len(prepared.prompt_ids))
     outcome, first = "abort", True
     stream = state.client.generate(
-        prepared.prompt_ids, prepared.params, request_id=prepared.request_id, salt=prepared.salt
+        prepared.prompt_ids,
+        prepared.params,
+        request_id=prepared.request_id,
+        salt=prepared.salt,
+        final_only=final_only,
     )
     try:
         async with contextlib.aclosing(stream) as deltas:
             async for delta in deltas:
                 if first:
-                    metrics.ttft.observe(time.perf_counter() - prepared.arrival)
+                    metrics.ttft.observe(_ttft(prepared, delta, final_only))
                     first = False
                 metrics.generation_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason is not None:
@@ -133,6 +141,15 @@ async def tracked(state: ServerState, prepared: Prepared) -> AsyncIterator[Reque
         raise
     finally:
         metrics.requests.labels(outcome).inc()
+
+
+def _ttft(prepared: Prepared, delta: RequestDelta, final_only: bool) -> float:
+    """Seconds from arrival to the first token. A folded delta arrives at the end: its
+    first token came the engine's decode time earlier."""
+    elapsed = time.perf_counter() - prepared.arrival
+    if final_only and delta.timings is not None:
+        return max(elapsed - delta.timings.decode, 0.0)
+    return elapsed
 
 
 def stage_seconds(prepared: Prepared, engine: RequestTimings) -> dict[str, float]:
@@ -157,9 +174,10 @@ def timing_header(request: Request, tally: Tally) -> dict[str, str]:
 
 
 async def collect(state: ServerState, prepared: Prepared) -> Tally:
-    """Run ``prepared`` to the end and return its text and counts."""
+    """Run ``prepared`` to the end and return its text and counts (the engine hands
+    over the finishing delta only: nothing here runs per step)."""
     tally = Tally.of(prepared)
-    async with contextlib.aclosing(tracked(state, prepared)) as deltas:
+    async with contextlib.aclosing(tracked(state, prepared, final_only=True)) as deltas:
         async for delta in deltas:
             tally.add(delta)
     return tally

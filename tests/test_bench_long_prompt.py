@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -119,3 +120,28 @@ def test_tgi_long_sets_http_beside_in_process_on_the_same_load(tiny_llama, tmp_p
     assert summary["first_run_cache_on_vs_off_http"] == pytest.approx(
         first_on["seconds"] / first_off["seconds"]
     )
+
+
+def test_tgi_long_over_http_sends_non_streamed_requests_unless_asked_to_stream(
+    tiny_llama, monkeypatch
+):
+    prompts = [f"Summarize this report: ```{i} {'fiscal audit ' * 40}```" for i in range(3)]
+    options = {"kv_cache_tokens": 8192, "max_model_len": 2048}
+    with running_server(str(tiny_llama), engine_options=options) as server:
+        # The server asks the engine for the final delta only for a non-streamed request.
+        asked, generate = [], server.client.generate
+        monkeypatch.setattr(
+            server.client,
+            "generate",
+            lambda *a, **kw: asked.append(kw["final_only"]) or generate(*a, **kw),
+        )
+        rows = {
+            stream: asyncio.run(long_prompt._send_all(server.url, prompts, 4, "t", stream))
+            for stream in (False, True)
+        }
+    # Non-streamed: no token gaps to measure, the server's own decode time instead.
+    assert "decode_step_ms" not in rows[False] and rows[False]["server_decode_ms"] > 0
+    assert "server_decode_ms" not in rows[True] and rows[True]["decode_step_ms"] > 0
+    assert rows[False]["prompt_tokens"] == rows[True]["prompt_tokens"]
+    assert rows[True]["cached"] >= rows[True]["prompt_tokens"] - 3 * 16  # sent twice
+    assert asked == [True] * 3 + [False] * 3

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_detokenizer import ALPHABET, HF
 
-from prefixcache.engine.output_processor import DeltaText, RequestState
+from prefixcache.engine.output_processor import DeltaText, FinalOnly, RequestState
 from prefixcache.engine.sequence import Sequence
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
@@ -100,3 +100,37 @@ def test_abort_and_error_deltas_pass_through_with_no_text():
     for reason in ("abort", "error"):
         delta = RequestDelta("r", [], "", reason, 3, 0)
         assert text.apply(delta) == delta
+
+
+def _folded(deltas: list[RequestDelta]) -> RequestDelta:
+    final = FinalOnly()
+    folded = [whole for d in deltas if (whole := final.add(d)) is not None]
+    assert len(folded) == 1 and folded[0] is not None  # only the finishing delta
+    return folded[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    text=st.text(alphabet=ALPHABET, min_size=1, max_size=30),
+    max_tokens=st.integers(1, 40),
+    eos=st.booleans(),
+    abort_at=st.none() | st.integers(0, 30),
+)
+def test_a_folded_request_detokenized_once_equals_its_deltas_added_up(
+    text, max_tokens, eos, abort_at
+):
+    # What a front that wants only the result gets from an engine process that folds
+    # the id-only deltas (no stop strings), against the engine's own deltas added up.
+    ids = HF.encode(text) + ([EOS] if eos else [])
+    params = SamplingParams(max_tokens, logprobs=True)
+    expected, id_only = _engine_deltas(ids, params, HF), _engine_deltas(ids, params, None)
+    if abort_at is None or abort_at >= len(expected) - 1:
+        # Not aborted, unless the ids ran out before any finish.
+        abort_at = None if expected[-1].finish_reason is not None else len(expected)
+    if abort_at is not None:
+        expected, id_only = expected[:abort_at], id_only[:abort_at]
+        aborted = RequestDelta("r", [], "", "abort", 3, 0, logprobs=[])
+        expected, id_only = [*expected, aborted], [*id_only, aborted]
+    got = DeltaText(HF, ()).apply_whole(_folded(id_only))
+    assert _seen([got]) == _seen([_folded(expected)])
+    assert got.text == "".join(d.text for d in expected)

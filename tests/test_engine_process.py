@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import threading
 
 import httpx
 import numpy as np
@@ -33,6 +34,7 @@ from prefixcache.client import (
     StructuredOutput,
     wire,
 )
+from prefixcache.client.engine_process import ServedEngineLoop, _Outbox
 
 OPTIONS = {"device": "cpu", "kv_cache_tokens": 8192, "max_model_len": 2048}
 _BOUND_S = 120.0  # a bound on any one wait for the engine process, never a synchronization
@@ -308,3 +310,75 @@ def test_an_error_delta_crosses_the_pipe_with_its_class_message_and_attributes(e
 def test_an_unknown_error_class_arrives_as_a_runtime_error_naming_it():
     back = wire.decode_error(wire.encode_error(ZeroDivisionError("division by zero")))
     assert type(back) is RuntimeError and str(back) == "ZeroDivisionError: division by zero"
+
+
+async def _final_only(client, tokens, params) -> list:
+    async def run() -> list:
+        return [d async for d in client.generate(_ids(tokens), params, final_only=True)]
+
+    return await asyncio.wait_for(run(), _BOUND_S)
+
+
+def _final_only_cases(text: str) -> list[SamplingParams]:
+    """Logprobs (greedy and sampled), a stop string met mid-reply, and a reply cut by
+    max_tokens."""
+    cut = SamplingParams(max_tokens=11, ignore_eos=True, logprobs=True)
+    stop = dataclasses.replace(cut, max_tokens=40, stop=text[len(text) // 3 :][:3])
+    return [PARAMS[0], PARAMS[1], stop, dataclasses.replace(stop, temperature=0.8, seed=5), cut]
+
+
+def test_a_final_only_request_gets_one_delta_equal_to_its_deltas_added_up(
+    process_client, thread_client
+):
+    prompt, free = PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True)
+    text = "".join(d.text for d in asyncio.run(_collect(thread_client, prompt, free)))
+    asyncio.run(_collect(process_client, prompt, free))  # both engines cache the prompt
+    for params in _final_only_cases(text):
+        streamed = _summary(asyncio.run(_collect(thread_client, prompt, params)))
+        for client in (thread_client, process_client):
+            (final,) = asyncio.run(_final_only(client, prompt, params))
+            assert _summary([final]) == streamed, (params, client)
+            assert final.timings is not None
+        if params.stop and params.greedy:  # the stop string is met and cut off
+            assert streamed[3] == "stop" and len(streamed[1]) < len(text)
+    assert streamed[3] == "length" and len(streamed[0]) == 11  # the last case: cut
+
+
+def test_a_stop_string_ends_a_final_only_request_in_the_engine_at_once(process_client):
+    prompt, endless = PROMPTS[2], SamplingParams(max_tokens=300, ignore_eos=True)
+    first = asyncio.run(
+        _collect(process_client, prompt, dataclasses.replace(endless, max_tokens=8))
+    )
+    stop = "".join(d.text for d in first)[-2:]  # met within 8 tokens
+
+    async def run():
+        await process_client.flush()
+        deltas = await _final_only(process_client, prompt, dataclasses.replace(endless, stop=stop))
+        return deltas, await process_client.cache_info()
+
+    (final,), info = asyncio.run(asyncio.wait_for(run(), _BOUND_S))
+    assert final.finish_reason == "stop" and len(final.token_ids) <= 8
+    # Aborted where the stop string completed: the cache holds the prompt and at most
+    # those 8 tokens, not the 300 the request would have run to.
+    assert info.device.cached * 16 <= len(prompt) + 8 + 16
+    assert (info.running, info.waiting, info.device.locked) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("final_only", [True, False])
+def test_the_engine_process_sends_a_final_only_request_in_one_message(tiny_llama, final_only):
+    front, child = multiprocessing.Pipe()
+    loop = ServedEngineLoop(Engine.from_pretrained(str(tiny_llama), **OPTIONS), _Outbox(child))
+    threading.Thread(target=loop.run, daemon=True).start()  # the engine process's main thread
+    try:
+        params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=True)
+        loop.add(wire.Add("r", wire.prompt_bytes(_ids(PROMPTS[0])), params, None, final_only))
+        messages = []
+        while not messages or messages[-1][-1].finish_reason is None:
+            assert front.poll(_BOUND_S)
+            messages.append(wire.to_front.decode(front.recv_bytes()).deltas)
+    finally:
+        loop.shutdown()
+    ids = [t for deltas in messages for d in deltas for t in d.token_ids]
+    assert len(ids) == 7 and len(messages) == (1 if final_only else 7)
+    assert len(messages[-1][-1].logprobs) == (7 if final_only else 1)
+    assert loop._finals == {}  # the folded request leaves nothing behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import httpx
 import openai
@@ -50,9 +51,9 @@ def _client(served, key: str = KEY_A) -> openai.OpenAI:
     )
 
 
-def _http(key: str | None = KEY_A) -> httpx.Client:
+def _http(key: str | None = KEY_A, base_url: str = "") -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(trust_env=False, timeout=60, headers=headers)
+    return httpx.Client(trust_env=False, timeout=60, headers=headers, base_url=base_url)
 
 
 def _chat(client, messages, **kwargs):
@@ -349,3 +350,101 @@ def test_openapi_document_carries_the_msgspec_request_schemas(served):
     body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     ref = body["content"]["application/json"]["schema"]["$ref"]
     assert ref == "#/components/schemas/ChatCompletionRequest"
+
+
+# ------------------------------------------------- non-streamed = streamed, added up
+
+_ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def _events(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    return [json.loads(line[6:]) for line in lines]
+
+
+def _without_clock(body: dict) -> dict:
+    """``body`` less what differs between any two requests: ids, clocks, timings."""
+    body = {k: v for k, v in body.items() if k not in ("id", "created", "created_at")}
+    if "output" in body:  # a response's output items have ids of their own
+        body["output"] = [_without_clock(item) for item in body["output"]]
+    if isinstance(body.get("usage"), dict):
+        body["usage"] = {k: v for k, v in body["usage"].items() if k != "timings"}
+    return body
+
+
+def _streamed_body(kind: str, chunks: list[dict]) -> dict:
+    """The non-streamed body ``chunks`` add up to (chat or completions)."""
+    text_key = "content" if kind == "chat" else "text"
+    pieces = [c["choices"][0].get("delta", c["choices"][0]) for c in chunks if c["choices"]]
+    text = "".join(p.get(text_key) or "" for p in pieces)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    return {"text": text, "finish_reason": finish, "usage": _without_clock(chunks[-1])["usage"]}
+
+
+def _answered_body(kind: str, body: dict) -> dict:
+    choice = body["choices"][0]
+    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+    usage = _without_clock(body)["usage"]
+    return {"text": text, "finish_reason": choice["finish_reason"], "usage": usage}
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+@pytest.mark.parametrize("cut", ["stop string", "max_tokens"])
+def test_a_non_streamed_body_holds_what_the_same_request_streamed_adds_up_to(served, kind, cut):
+    # Non-streamed requests get only the finishing delta (final_only); nothing else may
+    # change: text, finish reason and usage, stop strings included.
+    body = {"model": "tiny", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    prompt = f"Once, as {kind} ending at {cut}. " + LONG_TEXT
+    body |= {"messages": [{"role": "user", "content": prompt}]} if kind == "chat" else {}
+    body |= {"prompt": prompt} if kind == "completions" else {}
+    with _http(base_url=served.url) as http:
+        full = _answered_body(kind, http.post(_ROUTES[kind], json=body).json())  # caches it
+        if cut == "stop string":
+            body["stop"] = [full["text"][len(full["text"]) // 2 :][:2]]
+        events = _events(http, _ROUTES[kind], {**body, "stream_options": {"include_usage": True}})
+        answered = _answered_body(kind, http.post(_ROUTES[kind], json=body).json())
+    assert answered == _streamed_body(kind, events)
+    assert answered["finish_reason"] == ("stop" if cut == "stop string" else "length")
+    assert (answered["usage"]["completion_tokens"] < 24) == (cut == "stop string")
+    assert answered["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert served.wait_until_idle()["locked_blocks"] == 0
+
+
+def test_a_non_streamed_response_equals_the_streamed_one_it_completes(served):
+    body = {"model": "tiny", "input": "Answer once. " + LONG_TEXT, "max_output_tokens": 12}
+    body |= {"temperature": 0, "store": False}
+    with _http(base_url=served.url) as http:
+        http.post("/v1/responses", json=body).raise_for_status()  # caches the prompt
+        events = _events(http, "/v1/responses", body)
+        answered = http.post("/v1/responses", json=body).json()
+    (completed,) = [e["response"] for e in events if e["type"] == "response.completed"]
+    assert _without_clock(answered) == _without_clock(completed)
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert answered["output"][0]["content"][0]["text"] == deltas
+    assert answered["usage"]["output_tokens"] == 12
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_only_non_streamed_requests_ask_the_engine_for_the_final_delta_only(
+    served, monkeypatch, stream
+):
+    asked, generate = [], served.client.generate
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("final_only", False))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(served.client, "generate", recording)
+    body = {"model": "tiny", "prompt": "Which way? " + LONG_TEXT, "max_tokens": 3}
+    with _http(base_url=served.url) as http:
+        for path, extra in (("/v1/completions", {}), ("/v1/responses", {"store": False})):
+            request = {**body, **extra, "stream": stream}
+            if path == "/v1/responses":
+                request = {"model": "tiny", "input": body["prompt"], "max_output_tokens": 3}
+                request |= {"stream": stream, **extra}
+            with http.stream("POST", path, json=request) as response:
+                assert response.status_code == 200, response.read()
+                response.read()
+    assert asked == [not stream, not stream]

@@ -1,7 +1,7 @@
 """The engine process: an ``Engine`` stepped by its ``EngineLoop``, served over a pipe.
 
 ``run_engine_process`` is the child's whole life: load the engine (answering ``Ready``
-with its limits, or ``StartFailed``), then read commands on this thread while the loop
+with its limits, or ``StartFailed``), then read commands on a thread while the main
 thread steps the engine and writes one ``Deltas`` message per step. The child ends when
 asked to (``Shutdown``), when the front's end of the pipe closes (the front died: no
 orphan outlives it) or when its loop dies (after telling the front so with ``Dead``).
@@ -23,6 +23,7 @@ import torch
 
 from prefixcache.client import wire
 from prefixcache.engine.loop import EngineLoop
+from prefixcache.engine.output_processor import FinalOnly
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.sdk import Engine
@@ -62,11 +63,21 @@ class ServedEngineLoop(EngineLoop):
     def __init__(self, engine: Engine, outbox: _Outbox) -> None:
         self.outbox = outbox
         self._unsubscribe: Callable[[], None] | None = None  # set while events are sent
-        super().__init__(engine)
+        # Requests whose front wants the finishing delta only: folded here, so a step in
+        # which every request is one of them sends nothing and wakes nobody.
+        self._finals: dict[str, FinalOnly] = {}
+        super().__init__(engine, start=False)  # run_engine_process steps on its main thread
 
-    def add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
+    def add(self, add: wire.Add) -> None:
         """Queue a request; a refusal comes back as its error delta."""
-        self._submit(lambda: self._add(tokens, params, request_id, salt))
+        tokens = wire.prompt_ids(add.prompt)
+
+        def run() -> None:
+            if add.final_only:
+                self._finals[add.request_id] = FinalOnly()
+            self._add(tokens, add.params, add.request_id, add.salt)
+
+        self._submit(run)
 
     def run_call(self, call: wire.Call) -> None:
         """Run ``call`` on the loop thread between steps; its ``Reply`` goes down the pipe."""
@@ -103,9 +114,17 @@ class ServedEngineLoop(EngineLoop):
 
     # One message per step: every request's new tokens together.
     def _deliver(self, deltas: Sequence[RequestDelta | None]) -> None:
-        batch = [wire.encode_delta(d) for d in deltas if d is not None]
+        batch = [wire.encode_delta(d) for d in map(self._fold, deltas) if d is not None]
         if batch:
             self.outbox.send(wire.Deltas(batch))
+
+    def _fold(self, delta: RequestDelta | None) -> RequestDelta | None:
+        """``delta``, or for a final-only request None until the whole of it."""
+        if delta is None or (final := self._finals.get(delta.request_id)) is None:
+            return delta
+        if delta.finish_reason is not None:
+            del self._finals[delta.request_id]
+        return final.add(delta)
 
     def _add(self, tokens: np.ndarray, params: SamplingParams, request_id: str, salt) -> None:
         try:
@@ -143,29 +162,37 @@ def run_engine_process(
     loop = ServedEngineLoop(engine, outbox)
     eos = sorted(engine.core.eos_token_ids)
     outbox.send(wire.Ready(engine.limits, str(engine.config.model_path), eos))
+    # The pipe is read on a thread and the engine steps on this, the main thread: the
+    # same steps from another thread took 25-30% longer here (docs/perf/http_path.md).
+    reader = threading.Thread(target=_serve, args=(conn, loop), name="prefixcache-pipe")
+    reader.daemon = True  # blocked in recv when the loop dies; the process exit ends it
+    reader.start()
     try:
-        _serve(conn, loop)
+        loop.run()
     finally:
         loop.shutdown()
 
 
 def _serve(conn: Connection, loop: ServedEngineLoop) -> None:
     """Hand each command to the loop until ``Shutdown``, the front going away, or the
-    loop dying."""
-    while loop.is_alive:
-        try:
-            message = wire.to_engine.decode(conn.recv_bytes())
-        except (EOFError, OSError):  # the front died or closed the pipe
-            return
-        if isinstance(message, wire.Shutdown):
-            return
-        _dispatch(loop, message)
+    loop dying; then stop the loop."""
+    try:
+        while loop.is_alive:
+            try:
+                message = wire.to_engine.decode(conn.recv_bytes())
+            except (EOFError, OSError):  # the front died or closed the pipe
+                return
+            if isinstance(message, wire.Shutdown):
+                return
+            _dispatch(loop, message)
+    finally:
+        loop.request_stop()
 
 
 def _dispatch(loop: ServedEngineLoop, message: wire.ToEngine) -> None:
     match message:
-        case wire.Add(request_id, prompt, params, salt):
-            loop.add(wire.prompt_ids(prompt), params, request_id, salt)
+        case wire.Add():
+            loop.add(message)
         case wire.Abort(request_id):
             loop.abort(request_id)
         case wire.Call():

@@ -52,9 +52,11 @@ class InProcessEngineClient:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated prompt ids (see ``EngineLoop.generate``)."""
-        return self.loop.generate(prompt_ids, params, request_id, salt)
+        return self.loop.generate(prompt_ids, params, request_id, salt, final_only=final_only)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request wherever it is."""

@@ -6,7 +6,9 @@ validating (its own ``InputProcessor`` over the tokenizer and the limits the eng
 sent when it was ready) and streaming. The two talk over a ``multiprocessing`` pipe in
 msgspec messages (``wire.py``); the engine sends one message per step with every
 request's new token ids; the front's reader thread detokenizes them and applies the
-stop strings (``DeltaText``), then hands each event loop one batch per message.
+stop strings (``DeltaText``), then hands each event loop one batch per message. A
+request answered in one body (``final_only``) costs the front nothing per step: the
+engine sends its finishing delta only (unless stop strings need each step's ids).
 
 The engine process dying (killed, crashed, its loop stopped) fails every pending
 stream and call with ``EngineDeadError``, as do all later calls; ``shutdown`` stops
@@ -38,7 +40,7 @@ from prefixcache.client.engine_process import run_engine_process
 from prefixcache.client.protocol import PrewarmResult
 from prefixcache.engine.errors import EngineDeadError, RequestFailedError
 from prefixcache.engine.loop import DeltaQueue
-from prefixcache.engine.output_processor import DeltaText
+from prefixcache.engine.output_processor import DeltaText, FinalOnly
 from prefixcache.engine.stats import EngineStats
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
@@ -56,11 +58,20 @@ _Target = tuple[asyncio.AbstractEventLoop, asyncio.Future]
 
 @dataclass(slots=True)
 class _Stream:
-    """A request being streamed: where its deltas go, and its text so far."""
+    """A request being streamed: where its deltas go, and its text so far.
+
+    ``final`` (a caller that wants only the result) folds the deltas. Without stop
+    strings nothing can end the request early: the engine process folds its ids
+    (``Add.final_only``) and sends one delta at the end, which is detokenized once
+    here. With them, each step's ids come and are detokenized here as for a stream,
+    so that a stop string still aborts the request at once, and are folded here.
+    """
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     text: DeltaText
+    final: FinalOnly | None = None
+    text_at_end: bool = False
 
 
 class ProcessEngineClient:
@@ -156,21 +167,26 @@ class ProcessEngineClient:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
-        A request the engine failed or refused raises its error (of its own class).
+        With ``final_only`` the reader thread folds the deltas and hands over only the
+        finishing one (see ``_Stream``). A request the engine failed or refused raises
+        its error (of its own class).
         """
         request_id = request_id or f"proc-{next(self._ids)}"
-        queue = DeltaQueue()
         with self._lock:
             self._raise_if_dead()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            text = DeltaText(self._tokenizer, params.stop_strings)
-            self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue, text)
+            stream = self._streams[request_id] = self._stream(params, final_only)
+        queue = stream.queue
         try:
-            self._send(wire.Add(request_id, wire.prompt_bytes(prompt_ids), params, salt))
+            # Without stop strings the engine folds the request and sends its end only.
+            prompt = wire.prompt_bytes(prompt_ids)
+            self._send(wire.Add(request_id, prompt, params, salt, final_only=stream.text_at_end))
             while not queue.finished:
                 yield await queue.next_delta()
         finally:
@@ -335,18 +351,29 @@ class ProcessEngineClient:
         with self._lock:
             streams = [(self._streams.get(d.request_id), d) for d in deltas]
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for stream, delta in streams:
-            if stream is not None:
-                batches[stream.loop].append((stream.queue, self._with_text(stream, delta)))
+        for stream, wired in streams:
+            if stream is not None and (delta := self._output(stream, wired)) is not None:
+                batches[stream.loop].append((stream.queue, delta))
         for loop, batch in batches.items():
             _call_soon(loop, _put_all, batch)
 
-    def _with_text(self, stream: _Stream, wired: wire.WireDelta) -> RequestDelta:
-        """The delta with its text. A request that a stop string (or a failure to
-        detokenize) ends here is aborted in the engine; its later deltas are dropped."""
+    def _output(self, stream: _Stream, wired: wire.WireDelta) -> RequestDelta | None:
+        """What ``stream``'s caller gets of this step: the delta with its text, or for
+        a caller that wants only the result, None until the finishing delta."""
         delta = wire.decode_delta(wired)
+        if stream.final is None:
+            return self._with_text(stream, delta)
+        if not stream.text_at_end:
+            return stream.final.add(self._with_text(stream, delta))
+        whole = stream.final.add(delta)
+        return None if whole is None else self._with_text(stream, whole, whole=True)
+
+    def _with_text(self, stream: _Stream, delta: RequestDelta, whole: bool = False) -> RequestDelta:
+        """The delta with its text (``whole``: the folded delta of a request without stop
+        strings). A request that a stop string (or a failure to detokenize) ends here is
+        aborted in the engine; its later deltas are dropped."""
         try:
-            delta = stream.text.apply(delta)
+            delta = stream.text.apply_whole(delta) if whole else stream.text.apply(delta)
         except Exception as exc:  # this request's failure only, as in the engine
             logger.exception("request %s failed while detokenizing", delta.request_id)
             error = RequestFailedError("the engine failed while running this request")
@@ -359,6 +386,13 @@ class ProcessEngineClient:
             with contextlib.suppress(EngineDeadError):
                 self._send(wire.Abort(delta.request_id))
         return delta
+
+    def _stream(self, params: SamplingParams, final_only: bool) -> _Stream:
+        text = DeltaText(self._tokenizer, params.stop_strings)
+        loop, queue = asyncio.get_running_loop(), DeltaQueue()
+        if not final_only:
+            return _Stream(loop, queue, text)
+        return _Stream(loop, queue, text, FinalOnly(), text_at_end=not params.stop_strings)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:

@@ -70,8 +70,16 @@ class EngineClient(Protocol):
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
-        """Stream the deltas of validated prompt ids; leaving early aborts the request."""
+        """Stream the deltas of validated prompt ids; leaving early aborts the request.
+
+        With ``final_only`` (a caller that answers with the whole output at once) the
+        stream is one delta, the finishing one, holding every id, the whole text and
+        every log-prob, as the deltas one by one would add up to (``FinalOnly``);
+        the client does no per-step work on the caller's event loop for it.
+        """
 
     async def abort(self, request_id: str) -> None:
         """Abort a request wherever it is."""

@@ -66,12 +66,14 @@ class WireDelta(msgspec.Struct, array_like=True):
 
 # Front -> engine
 class Add(msgspec.Struct, tag=True, array_like=True):
-    """Queue a validated prompt (int32 ids as bytes)."""
+    """Queue a validated prompt (int32 ids as bytes). ``final_only``: send the request's
+    finishing delta only, holding all its ids (see ``FinalOnly``)."""
 
     request_id: str
     prompt: bytes
     params: SamplingParams
     salt: str | None = None
+    final_only: bool = False
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

@@ -83,15 +83,22 @@ class RemoteEngineClient:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
-        """Stream the deltas from the replica the router picks (see the module doc)."""
+        """Stream the deltas from the replica the router picks (see the module doc);
+        with ``final_only`` the replica sends the finishing delta only."""
         self._check_open()
         if request_id is not None and request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         for attempt in range(MAX_RESENDS + 1):
             answered = finished = False
             stream = self.handle.options(stream=True).generate.remote(
-                prompt_ids=prompt_ids, params=params, request_id=request_id, salt=salt
+                prompt_ids=prompt_ids,
+                params=params,
+                request_id=request_id,
+                salt=salt,
+                final_only=final_only,
             )
             if request_id is not None:
                 self._streams[request_id] = stream

@@ -66,13 +66,16 @@ class EngineReplica:
         request_id: str | None = None,
         salt: str | None = None,
         replica: str | None = None,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated ids; the caller cancelling aborts the request.
 
-        ``replica`` is read by the router only (a request for one replica).
+        ``replica`` is read by the router only (a request for one replica);
+        ``final_only``: the finishing delta only (see ``EngineClient.generate``).
         """
         self.num_requests += 1
-        async for delta in self.client.generate(prompt_ids, params, request_id, salt):
+        stream = self.client.generate(prompt_ids, params, request_id, salt, final_only=final_only)
+        async for delta in stream:
             yield delta
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:

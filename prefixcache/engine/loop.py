@@ -19,11 +19,12 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from prefixcache.engine.errors import EngineDeadError
+from prefixcache.engine.output_processor import FinalOnly
 from prefixcache.outputs import RequestDelta
 from prefixcache.sampling_params import SamplingParams
 from prefixcache.sdk import Engine
@@ -53,21 +54,36 @@ class DeltaQueue(asyncio.Queue):
         return item
 
 
-class EngineLoop:
-    """Steps ``engine.core`` in a background thread and streams deltas to coroutines."""
+class _Target(NamedTuple):
+    """Where a request's deltas go; ``final`` folds them when only the result is wanted."""
 
-    def __init__(self, engine: Engine) -> None:
+    loop: asyncio.AbstractEventLoop
+    queue: DeltaQueue
+    final: FinalOnly | None
+
+
+class EngineLoop:
+    """Steps ``engine.core`` in a background thread and streams deltas to coroutines.
+
+    With ``start`` False no thread is started: the owner calls ``run`` on a thread of
+    its own (the engine process steps on its main thread: steps from any other thread
+    were measured 25-30% slower on CPU, docs/perf/http_path.md).
+    """
+
+    def __init__(self, engine: Engine, *, start: bool = True) -> None:
         self.engine = engine
         self._commands: list[Callable[[], None]] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Target] = {}
         # Futures of ``call`` not yet settled, failed if the loop stops before running them.
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._wakeup = threading.Condition()
         self._running = True
         self._error: BaseException | None = None
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="prefixcache-engine", daemon=True)
-        self._thread.start()
+        self._stopped = threading.Event()  # set when the loop has ended, however
+        if start:
+            name = "prefixcache-engine"
+            threading.Thread(target=self.run, name=name, daemon=True).start()
         # A runner that fails between steps (a tensor-parallel worker died) stops the
         # loop at once, not at the next request.
         engine.core.runner.on_failure(lambda error: self._submit(functools.partial(_raise, error)))
@@ -80,18 +96,23 @@ class EngineLoop:
         params: SamplingParams,
         request_id: str | None = None,
         salt: str | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
-        A dead or stopped loop raises EngineDeadError; a request the engine failed
-        raises its error (``RequestDelta.error``).
+        With ``final_only`` the loop thread folds the deltas (``FinalOnly``) and hands
+        over only the finishing one, holding the whole output: one wake-up per request
+        instead of one per step. A dead or stopped loop raises EngineDeadError; a
+        request the engine failed raises its error (``RequestDelta.error``).
         """
         self._raise_if_dead()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue = DeltaQueue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        final = FinalOnly() if final_only else None
+        self._streams[request_id] = _Target(asyncio.get_running_loop(), queue, final)
         self._submit(lambda: self._add(tokens, params, request_id, salt))
         try:
             while not queue.finished:
@@ -129,12 +150,24 @@ class EngineLoop:
         self._submit(run)
         return future
 
-    def shutdown(self) -> None:
-        """Stop the loop thread; pending streams and calls fail with EngineDeadError."""
+    def run(self) -> None:
+        """Step the engine on the calling thread until the loop stops (for a loop made
+        with ``start`` False; a started loop runs this on its own thread)."""
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after its current step (``shutdown`` also cleans up)."""
         with self._wakeup:
             self._running = False
             self._wakeup.notify()
-        self._thread.join(timeout=30)
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; pending streams and calls fail with EngineDeadError."""
+        self.request_stop()
+        self._stopped.wait(timeout=30)
         self.engine.close()  # e.g. stops tensor-parallel workers
         if self._error is None:
             self._error = EngineDeadError("the engine was shut down")
@@ -142,13 +175,12 @@ class EngineLoop:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until the loop thread has ended; False if ``timeout`` passed first."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._stopped.wait(timeout)
 
     @property
     def is_alive(self) -> bool:
         """False once the loop thread has died of an error or was shut down."""
-        return self._thread.is_alive() and self._error is None
+        return not self._stopped.is_set() and self._error is None
 
     # ------------------------------------------------------------ loop thread
 
@@ -190,7 +222,7 @@ class EngineLoop:
             logger.debug("request %s refused: %r", request_id, exc)
             target = self._streams.get(request_id)
             if target is not None:
-                target[0].call_soon_threadsafe(target[1].put_nowait, exc)
+                target.loop.call_soon_threadsafe(target.queue.put_nowait, exc)
 
     def _next_commands(self) -> bool:
         """Sleep while idle; False when asked to stop."""
@@ -213,13 +245,15 @@ class EngineLoop:
             if delta is None:
                 continue
             target = self._streams.get(delta.request_id)
-            if target is not None:
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            if target is None:
+                continue
+            if target.final is not None and (delta := target.final.add(delta)) is None:
+                continue  # the caller wants the finishing delta only
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, delta)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in list(self._streams.values()):
-            _call_soon(loop, queue.put_nowait, error)
+        for target in list(self._streams.values()):
+            _call_soon(target.loop, target.queue.put_nowait, error)
         while self._calls:
             _, (loop, future) = self._calls.popitem()
             _call_soon(loop, _settle, future, None, error)

@@ -170,6 +170,44 @@ class DeltaText:
         timings = delta.timings if delta.finish_reason is not None else None
         return delta._replace(text="".join(pieces), timings=timings)
 
+    def apply_whole(self, delta: RequestDelta) -> RequestDelta:
+        """``delta`` holding a request's every id at once (see ``FinalOnly``) with the
+        text ``apply`` gives its deltas one by one, concatenated. For a request without
+        stop strings only: nothing can end it early here."""
+        if delta.finish_reason != "abort":
+            return self.apply(delta)
+        # An aborted stream keeps the text of its earlier deltas; the abort adds none.
+        return delta._replace(text=self.apply(delta._replace(finish_reason=None)).text)
+
+
+class FinalOnly:
+    """Folds a request's deltas into one, for a caller that wants only the result
+    (vLLM's ``RequestOutputKind.FINAL_ONLY``): ``add`` keeps each delta's ids, text and
+    log-probs and returns None until the finishing delta, then the whole request as
+    that delta (its finish reason, counts, timings and error) with every id, the
+    text and the log-probs of all the deltas before it. So a caller sees the same
+    request whether it took the deltas one by one or this one."""
+
+    __slots__ = ("token_ids", "pieces", "logprobs")
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.pieces: list[str] = []
+        self.logprobs: list[float] | None = None
+
+    def add(self, delta: RequestDelta) -> RequestDelta | None:
+        """Keep ``delta``; the whole request once ``delta`` finishes it, else None."""
+        self.token_ids += delta.token_ids
+        self.pieces.append(delta.text)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += delta.logprobs
+        if delta.finish_reason is None:
+            return None
+        text = "".join(self.pieces)
+        return delta._replace(token_ids=self.token_ids, text=text, logprobs=self.logprobs)
+
 
 def _cut(delta: RequestDelta, num_tokens: int, text: str) -> RequestDelta:
     """``delta`` ended by a stop string after its first ``num_tokens`` ids."""
