@@ -9,6 +9,7 @@ streams, and no per-event machinery beyond splitting lines and parsing JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,39 +23,15 @@ class HTTPStatusError(RuntimeError):
 async def post_json(url: str, path: str, payload: bytes) -> tuple[float, dict]:
     """POST ``payload`` (JSON bytes) to ``url + path`` for a non-streamed answer:
     (seconds from sending to the whole body read, the body parsed)."""
-    address = urlsplit(url)
-    reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=1 << 22)
-    try:
-        request = _head(address, path, len(payload), "application/json") + payload
-        start = time.perf_counter()
-        writer.write(request)
-        await writer.drain()
-        chunked = await _read_head(reader)
+    async with _posted(url, path, payload, "application/json") as (reader, chunked, start):
         body = b"".join([data async for data in _body(reader, chunked)])
         return time.perf_counter() - start, json.loads(body)
-    finally:
-        writer.close()
-
-
-def _head(address, path: str, length: int, accept: str) -> bytes:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
-        f"Content-Type: application/json\r\nAccept: {accept}\r\n"
-        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
-    ).encode()
 
 
 async def post_events(url: str, path: str, payload: bytes) -> AsyncIterator[tuple[float, dict]]:
     """POST ``payload`` (JSON bytes) to ``url + path``; yield (seconds since sending,
     event) for each ``data: {...}`` event until the stream ends."""
-    address = urlsplit(url)
-    reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=1 << 22)
-    try:
-        request = _head(address, path, len(payload), "text/event-stream") + payload
-        start = time.perf_counter()
-        writer.write(request)
-        await writer.drain()
-        chunked = await _read_head(reader)
+    async with _posted(url, path, payload, "text/event-stream") as (reader, chunked, start):
         pending = b""
         async for data in _body(reader, chunked):
             pending += data
@@ -63,6 +40,24 @@ async def post_events(url: str, path: str, payload: bytes) -> AsyncIterator[tupl
                 for line in event.split(b"\n"):
                     if line.startswith(b"data: {"):
                         yield time.perf_counter() - start, json.loads(line[6:])
+
+
+@contextlib.asynccontextmanager
+async def _posted(url: str, path: str, payload: bytes, accept: str):
+    """One connection with the POST sent and the response head read: (reader, whether
+    the body is chunked, when the request was sent)."""
+    address = urlsplit(url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=1 << 22)
+    try:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+            f"Content-Type: application/json\r\nAccept: {accept}\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        start = time.perf_counter()
+        writer.write(head + payload)
+        await writer.drain()
+        yield reader, await _read_head(reader), start
     finally:
         writer.close()
 
