@@ -26,7 +26,6 @@ import multiprocessing
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,8 @@ from prefixcache.cache.pins import PinHandle
 from prefixcache.client import wire
 from prefixcache.client.engine_process import run_engine_process
 from prefixcache.client.protocol import PrewarmResult
-from prefixcache.engine.errors import EngineDeadError, RequestFailedError
-from prefixcache.engine.loop import DeltaQueue
-from prefixcache.engine.output_processor import DeltaText, FinalOnly
+from prefixcache.client.request_stream import RequestStream
+from prefixcache.engine.errors import EngineDeadError
 from prefixcache.engine.stats import EngineStats
 from prefixcache.inputs.limits import EngineLimits
 from prefixcache.inputs.processor import InputProcessor
@@ -54,24 +52,6 @@ logger = logging.getLogger(__name__)
 _PREFILL_ONLY = SamplingParams(max_tokens=1)
 _STOP_WAIT_S = 30.0  # how long shutdown waits for the child before killing it
 _Target = tuple[asyncio.AbstractEventLoop, asyncio.Future]
-
-
-@dataclass(slots=True)
-class _Stream:
-    """A request being streamed: where its deltas go, and its text so far.
-
-    ``final`` (a caller that wants only the result) folds the deltas. Without stop
-    strings nothing can end the request early: the engine process folds its ids
-    (``Add.final_only``) and sends one delta at the end, which is detokenized once
-    here. With them, each step's ids come and are detokenized here as for a stream,
-    so that a stop string still aborts the request at once, and are folded here.
-    """
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    text: DeltaText
-    final: FinalOnly | None = None
-    text_at_end: bool = False
 
 
 class ProcessEngineClient:
@@ -92,7 +72,7 @@ class ProcessEngineClient:
         grammars = GrammarCache(tokenizer, ready.limits.vocab_size, frozenset(ready.eos_token_ids))
         self._inputs = InputProcessor(tokenizer, ready.limits, grammars)
         self._lock = threading.Lock()  # guards the tables below and _error
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._calls: dict[int, _Target] = {}
         self._subscribers: list[CacheEventCallback] = []
         self._error: EngineDeadError | None = None
@@ -173,7 +153,7 @@ class ProcessEngineClient:
         """Stream the deltas of validated prompt ids; leaving early aborts the request.
 
         With ``final_only`` the reader thread folds the deltas and hands over only the
-        finishing one (see ``_Stream``). A request the engine failed or refused raises
+        finishing one (see ``RequestStream``). A request the engine failed or refused raises
         its error (of its own class).
         """
         request_id = request_id or f"proc-{next(self._ids)}"
@@ -181,7 +161,9 @@ class ProcessEngineClient:
             self._raise_if_dead()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            stream = self._streams[request_id] = self._stream(params, final_only)
+            stream = self._streams[request_id] = RequestStream.open(
+                self._tokenizer, params, final_only
+            )
         queue = stream.queue
         try:
             # Without stop strings the engine folds the request and sends its end only.
@@ -357,42 +339,15 @@ class ProcessEngineClient:
         for loop, batch in batches.items():
             _call_soon(loop, _put_all, batch)
 
-    def _output(self, stream: _Stream, wired: wire.WireDelta) -> RequestDelta | None:
-        """What ``stream``'s caller gets of this step: the delta with its text, or for
-        a caller that wants only the result, None until the finishing delta."""
-        delta = wire.decode_delta(wired)
-        if stream.final is None:
-            return self._with_text(stream, delta)
-        if not stream.text_at_end:
-            return stream.final.add(self._with_text(stream, delta))
-        whole = stream.final.add(delta)
-        return None if whole is None else self._with_text(stream, whole, whole=True)
-
-    def _with_text(self, stream: _Stream, delta: RequestDelta, whole: bool = False) -> RequestDelta:
-        """The delta with its text (``whole``: the folded delta of a request without stop
-        strings). A request that a stop string (or a failure to detokenize) ends here is
-        aborted in the engine; its later deltas are dropped."""
-        try:
-            delta = stream.text.apply_whole(delta) if whole else stream.text.apply(delta)
-        except Exception as exc:  # this request's failure only, as in the engine
-            logger.exception("request %s failed while detokenizing", delta.request_id)
-            error = RequestFailedError("the engine failed while running this request")
-            error.__cause__ = exc
-            delta = delta._replace(token_ids=[], text="", finish_reason="error", error=error)
-            stream.text.stopped = True  # aborting a request the engine ended is a no-op
-        if stream.text.stopped:
+    def _output(self, stream: RequestStream, wired: wire.WireDelta) -> RequestDelta | None:
+        """``stream``'s share of the step; a request ended here is aborted in the engine."""
+        delta = stream.output(wire.decode_delta(wired))
+        if stream.stopped:
             with self._lock:
-                self._streams.pop(delta.request_id, None)
+                self._streams.pop(wired.request_id, None)
             with contextlib.suppress(EngineDeadError):
-                self._send(wire.Abort(delta.request_id))
+                self._send(wire.Abort(wired.request_id))
         return delta
-
-    def _stream(self, params: SamplingParams, final_only: bool) -> _Stream:
-        text = DeltaText(self._tokenizer, params.stop_strings)
-        loop, queue = asyncio.get_running_loop(), DeltaQueue()
-        if not final_only:
-            return _Stream(loop, queue, text)
-        return _Stream(loop, queue, text, FinalOnly(), text_at_end=not params.stop_strings)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
