@@ -4,7 +4,16 @@
 #   OUT=/some/folder scripts/gpu_check.sh
 #
 # 1. installs the wheels in .whl/ when there are any (packages this project needs that
-#    the machine lacks, downloaded beforehand where the registry can be reached);
+#    the machine lacks, downloaded beforehand where the registry can be reached, e.g.
+#    for a Python 3.12 machine with PyTorch, Triton and transformers already there:
+#      for p in msgspec xgrammar apache-tvm-ffi pydantic pydantic-core annotated-types \
+#               typing-inspection typing-extensions fastapi starlette uvicorn httptools \
+#               bm25s opentelemetry-api; do
+#        pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#          --implementation cp --platform manylinux_2_28_x86_64 \
+#          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$p"
+#      done
+#    );
 # 2. runs the CUDA-only tests (they skip on CPU): the compiled Triton kernels against
 #    the reference, the engine against HF transformers, cache on against cache off,
 #    host-tier onloads over the side stream;
