@@ -12,7 +12,6 @@ from typing import TextIO
 
 import uvicorn
 
-from prefixcache import Engine
 from prefixcache.client import (
     EngineLimits,
     InProcessEngineClient,
@@ -153,7 +152,7 @@ def start_engine(
 ) -> InProcessEngineClient | ProcessEngineClient:
     """The engine's client once the engine is loaded: in a child process, or in this one."""
     if in_process:
-        return InProcessEngineClient(Engine.from_pretrained(model, **options))
+        return InProcessEngineClient.start(model, **options)
     level = "DEBUG" if log_level == "trace" else log_level.upper()
     return ProcessEngineClient.start(model, log_level=level, **options)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,9 +29,34 @@ class InProcessEngineClient:
     Cache control runs on the loop thread between steps, so it never races a step.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, loop: EngineLoop | None = None) -> None:
         self.engine = engine
-        self.loop = EngineLoop(engine)
+        self.loop = loop or EngineLoop(engine)
+
+    @classmethod
+    def start(cls, model: str, **options: Any) -> InProcessEngineClient:
+        """Load ``model`` (``Engine.from_pretrained`` options) on a new thread and step
+        it there. The thread that steps the engine is then the only one that has run
+        its parallel CPU ops: stepping on another thread than the one that loaded the
+        model made every decode step ~30% slower on CPU (each thread gets an OpenMP pool
+        of its own; docs/perf/http_path.md). Raises what loading raised."""
+        built: queue.Queue = queue.Queue(maxsize=1)
+
+        def load_and_step() -> None:
+            try:
+                engine = Engine.from_pretrained(model, **options)
+                loop = EngineLoop(engine, start=False)
+            except BaseException as exc:  # raised again in the caller's thread
+                built.put(exc)
+                return
+            built.put((engine, loop))
+            loop.run()
+
+        threading.Thread(target=load_and_step, name="prefixcache-engine", daemon=True).start()
+        outcome = built.get()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return cls(*outcome)
 
     @property
     def limits(self) -> EngineLimits:

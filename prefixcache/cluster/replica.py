@@ -40,10 +40,9 @@ class EngineReplica:
     """
 
     def __init__(self, engine_options: dict[str, Any]) -> None:
-        from prefixcache import Engine
 
         options = dict(engine_options)
-        self.client = InProcessEngineClient(Engine.from_pretrained(options.pop("model"), **options))
+        self.client = InProcessEngineClient.start(options.pop("model"), **options)
         self.replica_id = replica_id()
         self.events = CacheEventLog()
         self._unsubscribe = self.client.subscribe_cache_events(self.events.add)
