@@ -162,8 +162,9 @@ def run_engine_process(
     loop = ServedEngineLoop(engine, outbox)
     eos = sorted(engine.core.eos_token_ids)
     outbox.send(wire.Ready(engine.limits, str(engine.config.model_path), eos))
-    # The pipe is read on a thread and the engine steps on this, the main thread: the
-    # same steps from another thread took 25-30% longer here (docs/perf/http_path.md).
+    # The pipe is read on a thread and the engine steps on this, the main thread, which
+    # loaded it: steps on another thread took 25-30% longer (a second OpenMP pool;
+    # docs/perf/http_path.md).
     reader = threading.Thread(target=_serve, args=(conn, loop), name="prefixcache-pipe")
     reader.daemon = True  # blocked in recv when the loop dies; the process exit ends it
     reader.start()

@@ -40,7 +40,6 @@ class EngineReplica:
     """
 
     def __init__(self, engine_options: dict[str, Any]) -> None:
-
         options = dict(engine_options)
         self.client = InProcessEngineClient.start(options.pop("model"), **options)
         self.replica_id = replica_id()

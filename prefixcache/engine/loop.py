@@ -66,8 +66,9 @@ class EngineLoop:
     """Steps ``engine.core`` in a background thread and streams deltas to coroutines.
 
     With ``start`` False no thread is started: the owner calls ``run`` on a thread of
-    its own (the engine process steps on its main thread: steps from any other thread
-    were measured 25-30% slower on CPU, docs/perf/http_path.md).
+    its own. On CPU the engine should step on the thread that loaded it (the engine
+    process's main thread, ``InProcessEngineClient.start``'s thread): on any other,
+    a second OpenMP pool made steps 25-30% slower (docs/perf/http_path.md).
     """
 
     def __init__(self, engine: Engine, *, start: bool = True) -> None:
